@@ -1,0 +1,3 @@
+from defectlab.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""Load samples into arrays, reporting and skipping files that cannot be read.
+
+Decoding runs in a thread pool (OpenCV releases the GIL), so a folder loads on every core.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from defectlab.data.io import ImageReadError, read_image, read_mask
+from defectlab.data.layouts import Sample
+from defectlab.data.transforms import resize_image, resize_mask
+from defectlab.errors import DataError
+
+
+@dataclass
+class LoadedImages:
+    """Images (N, H, W, C) float32 in [0, 1], masks (N, H, W) bool, the samples kept, and
+    the files that were skipped with the reason."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    samples: list[Sample]
+    original_sizes: list[tuple[int, int]]
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples], dtype=np.int64)
+
+    @property
+    def has_masks(self) -> np.ndarray:
+        return np.array([s.mask_path is not None or s.label == 0 for s in self.samples])
+
+
+def _load_one(
+    sample: Sample, size: int, channels: int, mask_threshold: int
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    image = read_image(sample.path, channels)
+    original = image.shape[:2]
+    if sample.mask_path is not None:
+        mask = read_mask(sample.mask_path, mask_threshold)
+        if mask.shape != original:
+            raise DataError(
+                f"{sample.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+                f"{sample.path} is {original[1]}x{original[0]}"
+            )
+        mask = resize_mask(mask, size)
+    else:
+        mask = np.zeros((size, size), dtype=bool)
+    return resize_image(image, size), mask, original
+
+
+def report_failures(failures: Sequence[tuple[str, str]], total: int) -> None:
+    """Print skipped files and a one-line summary to stderr."""
+    for path, reason in failures[:20]:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if len(failures) > 20:
+        print(f"... and {len(failures) - 20} more unreadable files", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} of {total} files skipped as unreadable", file=sys.stderr)
+
+
+def load_samples(
+    samples: Sequence[Sample],
+    size: int,
+    channels: int = 1,
+    mask_threshold: int = 127,
+    workers: int = 2,
+    desc: str = "loading",
+    progress: bool = True,
+) -> LoadedImages:
+    """Read, resize and stack samples. Unreadable images are skipped and reported; a mask that
+    does not fit its image is an error (it means the labels are wrong, not the file)."""
+    if not samples:
+        raise DataError(f"{desc}: no images to load")
+    results: list = [None] * len(samples)
+    failures: list[tuple[str, str]] = []
+
+    def task(i: int) -> None:
+        try:
+            results[i] = _load_one(samples[i], size, channels, mask_threshold)
+        except ImageReadError as exc:
+            if samples[i].mask_path is not None and exc.path == str(samples[i].mask_path):
+                raise
+            failures.append((exc.path, exc.reason))
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(
+            tqdm(
+                pool.map(task, range(len(samples))),
+                total=len(samples),
+                desc=desc,
+                disable=not progress,
+                leave=False,
+                file=sys.stderr,
+            )
+        )
+    kept = [i for i, r in enumerate(results) if r is not None]
+    report_failures(sorted(failures), len(samples))
+    if not kept:
+        raise DataError(f"{desc}: none of the {len(samples)} images could be read")
+    return LoadedImages(
+        images=np.stack([results[i][0] for i in kept]),
+        masks=np.stack([results[i][1] for i in kept]),
+        samples=[samples[i] for i in kept],
+        original_sizes=[results[i][2] for i in kept],
+        failures=sorted(failures),
+    )
+
+
+def iter_files(
+    paths: Sequence[Path], channels: int, batch_size: int, workers: int = 2
+) -> Iterator[tuple[list[Path], list[np.ndarray], list[tuple[str, str]]]]:
+    """Stream full-resolution images in batches: (paths read, images, failures in batch)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+
+            def read(p: Path) -> np.ndarray | tuple[str, str]:
+                try:
+                    return read_image(p, channels)
+                except ImageReadError as exc:
+                    return (exc.path, exc.reason)
+
+            out = list(pool.map(read, chunk))
+            good = [(p, o) for p, o in zip(chunk, out, strict=True) if isinstance(o, np.ndarray)]
+            bad = [o for o in out if isinstance(o, tuple)]
+            yield [p for p, _ in good], [o for _, o in good], bad

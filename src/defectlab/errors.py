@@ -1,0 +1,21 @@
+"""Errors a user can act on. The CLI prints them as one line, never as a traceback."""
+
+
+class DefectlabError(Exception):
+    """Base class of every error defectlab raises on purpose."""
+
+
+class DataError(DefectlabError):
+    """Input data is missing, unreadable or inconsistent; the message names the path."""
+
+
+class CheckpointError(DefectlabError):
+    """A checkpoint or run directory is missing, corrupt, or from another model/version."""
+
+
+class TrainingError(DefectlabError):
+    """Training cannot go on (for example a NaN loss); the message says where it stopped."""
+
+
+class ConfigError(DefectlabError):
+    """A configuration value is unknown or has the wrong type."""
