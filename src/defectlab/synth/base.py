@@ -6,9 +6,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+
+from defectlab.errors import ConfigError
 
 
 @dataclass
@@ -40,6 +43,11 @@ class Synthesizer(ABC):
         self.config = config if config is not None else self.Config()
         if not isinstance(self.config, self.Config):
             raise TypeError(f"{self.name} needs a {self.Config.__name__}, got {type(config)}")
+
+    @classmethod
+    def from_run(cls, run_dir: Path) -> Synthesizer:
+        """Load a trained synthesizer from its run directory (learned synthesizers only)."""
+        raise ConfigError(f"{cls.name} is procedural and has no trained run to load")
 
     @abstractmethod
     def synthesize(self, image: np.ndarray, rng: np.random.Generator) -> SynthSample:

@@ -1,0 +1,638 @@
+"""The Python API: the same operations as the command line, returning Python objects.
+
+>>> import defectlab.api as dl
+>>> run = dl.train("pixelstats", "elpv", "runs/elpv")          # normal images only
+>>> metrics = dl.evaluate("runs/elpv", "elpv", "runs/elpv/eval")  # held-out test split
+>>> dl.predict("runs/elpv", "some/folder", "runs/elpv/pred")      # scores.csv, masks, overlays
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from defectlab import registry
+from defectlab.base import Model
+from defectlab.config import (
+    CalibrationConfig,
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    parse_set_options,
+)
+from defectlab.data.io import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    atomic_write_text,
+    read_image,
+    read_mask,
+    to_uint8,
+    write_png,
+)
+from defectlab.data.layouts import DEFECT, NORMAL, Dataset, LayoutOptions, load_dataset
+from defectlab.data.loading import LoadedImages, iter_files, load_samples, report_failures
+from defectlab.data.splits import Split, make_split
+from defectlab.data.transforms import extract_tiles, resize_image, resize_map, stitch_tiles
+from defectlab.errors import CheckpointError, ConfigError, DataError
+from defectlab.evaluate.metrics import calibrate_threshold, compute_metrics
+from defectlab.evaluate.report import ReportImage, write_report
+from defectlab.evaluate.visualize import heatmap_overlay, mask_outline
+from defectlab.runs import (
+    environment_info,
+    load_checkpoint,
+    read_json,
+    resolve_device,
+    restore_model,
+    run_logger,
+    save_checkpoint,
+    seed_everything,
+    write_json,
+)
+from defectlab.synth.base import Synthesizer
+from defectlab.training import fit
+
+MODEL_FILE = "model.pt"
+
+
+@dataclass
+class TrainedRun:
+    """A trained model with its run directory, resolved config and calibrated thresholds."""
+
+    run_dir: Path
+    config: RunConfig
+    model: Model
+    calibration: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def image_threshold(self) -> float:
+        return self.calibration["image_threshold"]
+
+    @property
+    def pixel_threshold(self) -> float:
+        return self.calibration["pixel_threshold"]
+
+    @property
+    def map_range(self) -> tuple[float, float]:
+        """Heat-map display range: normal median → twice the pixel threshold's excess."""
+        low = self.calibration["map_median"]
+        return low, low + 2.0 * max(self.pixel_threshold - low, 1e-6)
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def build_config(
+    model: str,
+    data: str | Path,
+    *,
+    category: str | None = None,
+    image_size: int | None = None,
+    device: str = "auto",
+    seed: int | None = None,
+    overrides: Sequence[str] = (),
+) -> RunConfig:
+    """Resolve defaults, named options and ``--set`` overrides into one validated config."""
+    cls = registry.get(model, ("detector", "segmenter"))
+    sections = parse_set_options(list(overrides))
+    data_cfg = apply_overrides(DataConfig(path=str(data)), sections.get("data", {}), "data.")
+    if category is not None:
+        data_cfg = apply_overrides(data_cfg, {"category": category}, "data.")
+    if image_size is not None:
+        data_cfg = apply_overrides(data_cfg, {"image_size": str(image_size)}, "data.")
+    train_cfg = apply_overrides(TrainConfig(device=device), sections.get("train", {}), "train.")
+    if seed is not None:
+        train_cfg = apply_overrides(train_cfg, {"seed": str(seed)}, "train.")
+    calibration = apply_overrides(
+        CalibrationConfig(), sections.get("calibration", {}), "calibration."
+    )
+    model_cfg = apply_overrides(cls.Config(), sections.get("model", {}), "model.")
+    return RunConfig(model, data_cfg, train_cfg, calibration, _dataclass_dict(model_cfg))
+
+
+def _dataclass_dict(instance: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(instance)
+
+
+def _make_model(config: RunConfig, device: torch.device) -> Model:
+    cls = registry.get(config.model, ("detector", "segmenter"))
+    try:
+        model_cfg = cls.Config(**config.model_config)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{config.model}: invalid model settings: {exc}") from exc
+    return cls(
+        model_cfg,
+        image_size=config.data.image_size,
+        channels=config.data.channels,
+        device=device,
+    )
+
+
+def _layout_options(data: DataConfig) -> LayoutOptions:
+    return LayoutOptions(category=data.category, include_uncertain=data.include_uncertain)
+
+
+def _dataset_and_split(data: DataConfig) -> tuple[Dataset, Split]:
+    dataset = load_dataset(data.path, data.layout, _layout_options(data))
+    split = make_split(
+        dataset,
+        seed=data.split_seed,
+        train_fraction=data.train_fraction,
+        val_fraction=data.val_fraction,
+        defects_per_class=data.defects_per_class,
+    )
+    return dataset, split
+
+
+def _load(samples: list, data: DataConfig, desc: str, progress: bool) -> LoadedImages:
+    return load_samples(
+        samples,
+        data.image_size,
+        data.channels,
+        data.mask_threshold,
+        workers=data.workers,
+        desc=desc,
+        progress=progress,
+    )
+
+
+# --- prediction core -------------------------------------------------------------------------
+
+
+def predict_arrays(
+    model: Model, images: np.ndarray, batch_size: int = 32, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (N,) and maps (N, H, W) for float images (N, H, W, C) at model resolution."""
+    scores, maps = [], []
+    with torch.inference_mode():
+        for start in tqdm(
+            range(0, len(images), batch_size),
+            desc="predicting",
+            disable=not progress,
+            leave=False,
+            file=sys.stderr,
+        ):
+            chunk = np.ascontiguousarray(images[start : start + batch_size].transpose(0, 3, 1, 2))
+            out = model.predict(torch.from_numpy(chunk).to(model.device))
+            scores.append(out.scores.float().cpu().numpy())
+            maps.append(out.maps.float().cpu().numpy())
+    score_array, map_array = np.concatenate(scores), np.concatenate(maps)
+    if not (np.isfinite(score_array).all() and np.isfinite(map_array).all()):
+        raise DataError(f"{model.name} produced non-finite scores; the model is broken")
+    return score_array, map_array
+
+
+def _calibrate(model: Model, val: LoadedImages, config: CalibrationConfig) -> dict[str, float]:
+    scores, maps = predict_arrays(model, val.images)
+    return {
+        "image_threshold": calibrate_threshold(scores, config.image_quantile),
+        "pixel_threshold": calibrate_threshold(maps.ravel(), config.pixel_quantile),
+        "image_quantile": config.image_quantile,
+        "pixel_quantile": config.pixel_quantile,
+        "normal_score_mean": float(scores.mean()),
+        "normal_score_std": float(scores.std()),
+        "map_median": float(np.median(maps)),
+        "n_val": len(scores),
+    }
+
+
+# --- train -----------------------------------------------------------------------------------
+
+
+def train(
+    model: str,
+    data: str | Path,
+    out: str | Path,
+    *,
+    category: str | None = None,
+    image_size: int | None = None,
+    device: str = "auto",
+    seed: int | None = None,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainedRun:
+    """Train a detector or segmenter into run directory ``out`` and calibrate its thresholds.
+
+    With ``resume=True`` the stored config of ``out`` is used and training continues from
+    ``out/checkpoints/last.pt``.
+    """
+    run_dir = Path(out)
+    started = time.perf_counter()
+    if resume:
+        config = RunConfig.from_dict(read_json(run_dir / "config.json"))
+        if config.model != model:
+            raise ConfigError(f"{run_dir} trains {config.model!r}; cannot resume it as {model!r}")
+    else:
+        config = build_config(
+            model,
+            data,
+            category=category,
+            image_size=image_size,
+            device=device,
+            seed=seed,
+            overrides=overrides,
+        )
+        if (run_dir / MODEL_FILE).exists() or (run_dir / "checkpoints" / "last.pt").exists():
+            raise ConfigError(
+                f"{run_dir} already holds a run; use a new --out folder (or --resume to continue)"
+            )
+    torch_device = resolve_device(config.train.device)
+    seed_everything(config.train.seed)
+    log = run_logger(run_dir)
+    log.info("train %s on %s (resume=%s)", config.model, config.data.path, resume)
+
+    dataset, split = _dataset_and_split(config.data)
+    write_json(run_dir / "config.json", config.to_dict())
+    write_json(run_dir / "environment.json", environment_info(torch_device))
+    split.save(run_dir / "split.json")
+
+    net = _make_model(config, torch_device)
+    train_samples = split["train"]
+    if net.family == "segmenter":
+        train_samples = train_samples + split["train_defect"]
+    train_data = _load(train_samples, config.data, "loading train images", progress)
+    val_data = _load(split["val"], config.data, "loading validation images", progress)
+    history = fit(
+        net,
+        train_data.images,
+        masks=train_data.masks,
+        labels=train_data.labels,
+        run_dir=run_dir,
+        batch_size=config.train.batch_size,
+        seed=config.train.seed,
+        checkpoint_every=config.train.checkpoint_every,
+        resume=resume,
+        progress=progress,
+    )
+    calibration = _calibrate(net, val_data, config.calibration)
+    save_checkpoint(run_dir / MODEL_FILE, net, calibration=calibration, run_config=config.to_dict())
+    write_json(run_dir / "calibration.json", calibration)
+    last_losses = {k: v for k, v in (history[-1] if history else {}).items() if k not in ("epoch", "step")}
+    metrics = {
+        "model": config.model,
+        "dataset": dataset.summary(),
+        "split": split.name,
+        "n_train": len(train_data.samples),
+        "n_val": len(val_data.samples),
+        "skipped_files": [f"{p}: {r}" for p, r in train_data.failures + val_data.failures],
+        "final_losses": last_losses,
+        "calibration": calibration,
+        "train_seconds": round(time.perf_counter() - started, 2),
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    log.info("trained in %.1f s; calibration %s", metrics["train_seconds"], calibration)
+    return TrainedRun(run_dir, config, net, calibration)
+
+
+def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
+    """Load a trained run (model weights, config, thresholds) for prediction."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: run directory does not exist")
+    path = run_dir / MODEL_FILE
+    if not path.exists():
+        hint = " (training was interrupted: resume it with --resume)" if (
+            run_dir / "checkpoints" / "last.pt"
+        ).exists() else ""
+        raise CheckpointError(f"{path}: no trained model in this run{hint}")
+    payload = load_checkpoint(path)
+    config = RunConfig.from_dict(payload["run_config"])
+    net = _make_model(config, resolve_device(device))
+    restore_model(payload, net, path)
+    return TrainedRun(run_dir, config, net, dict(payload["calibration"]))
+
+
+# --- predict ---------------------------------------------------------------------------------
+
+
+def _list_inputs(path: Path) -> list[Path]:
+    if not path.exists():
+        raise DataError(f"{path}: does not exist")
+    if path.is_file():
+        return [path]
+    files = sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    if not files:
+        raise DataError(f"{path}: folder has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def _output_name(path: Path, root: Path) -> str:
+    relative = path.relative_to(root) if root.is_dir() else Path(path.name)
+    return "__".join(relative.with_suffix("").parts)
+
+
+def _score_full_image(run: TrainedRun, image: np.ndarray, tile: bool) -> tuple[float, np.ndarray]:
+    size = run.config.data.image_size
+    if tile:
+        tiles, positions = extract_tiles(image, size, overlap=size // 4)
+        scores, maps = predict_arrays(run.model, tiles)
+        return float(scores.max()), stitch_tiles(maps, positions, image.shape[:2])
+    scores, maps = predict_arrays(run.model, resize_image(image, size)[None])
+    return float(scores[0]), resize_map(maps[0], image.shape[:2])
+
+
+def predict(
+    run_dir: str | Path,
+    input_path: str | Path,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    tile: bool = False,
+    batch_size: int = 16,
+    overlays: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score images; write ``scores.csv``, a mask and an overlay PNG per image.
+
+    Images are scored at the run's resolution and maps are resized back to each image's own
+    size; with ``tile=True`` large images are cut into overlapping model-size tiles instead
+    and the tile maps stitched (score = the highest tile score).
+    """
+    run = load_run(run_dir, device)
+    input_path, out = Path(input_path), Path(out)
+    files = _list_inputs(input_path)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, failures = [], []
+    started = time.perf_counter()
+    bar = tqdm(total=len(files), desc="inspecting", unit="img", disable=not progress,
+               file=sys.stderr)
+    low, high = run.map_range
+    for paths, images, bad in iter_files(files, run.config.data.channels, batch_size):
+        failures += bad
+        for path, image in zip(paths, images, strict=True):
+            score, heat = _score_full_image(run, image, tile)
+            mask = heat >= run.pixel_threshold
+            name = _output_name(path, input_path)
+            write_png(out / "masks" / f"{name}.png", mask.astype(np.uint8) * 255)
+            if overlays:
+                overlay = mask_outline(heatmap_overlay(image, heat, low, high), mask)
+                write_png(out / "overlays" / f"{name}.png", overlay)
+            rows.append(
+                {"path": str(path), "score": f"{score:.6g}",
+                 "is_defect": int(score >= run.image_threshold)}
+            )
+        bar.update(len(paths) + len(bad))
+    bar.close()
+    report_failures(failures, len(files))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["path", "score", "is_defect"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "scores.csv", buf.getvalue())
+    elapsed = time.perf_counter() - started
+    return {
+        "n_images": len(rows),
+        "n_defect": sum(r["is_defect"] for r in rows),
+        "n_skipped": len(failures),
+        "images_per_second": len(rows) / elapsed if elapsed > 0 else 0.0,
+        "out": str(out),
+    }
+
+
+# --- evaluate --------------------------------------------------------------------------------
+
+
+def evaluate(
+    run_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    category: str | None = None,
+    device: str = "auto",
+    include_uncertain: bool = False,
+    progress: bool = True,
+    galleries: list[tuple[str, list[np.ndarray]]] | None = None,
+) -> dict[str, Any]:
+    """Evaluate on the test split of ``data`` (never on images the run trained or calibrated
+    on); write ``metrics.json``, ``scores.csv`` and ``report.html`` into ``out``."""
+    run = load_run(run_dir, device)
+    out = Path(out)
+    data_cfg = apply_overrides(run.config.data, {"path": str(data)}, "data.")
+    if category is not None:
+        data_cfg = apply_overrides(data_cfg, {"category": category}, "data.")
+    if include_uncertain:
+        data_cfg = apply_overrides(data_cfg, {"include_uncertain": "true"}, "data.")
+    _, split = _dataset_and_split(data_cfg)
+    seen = Split.load(run.run_dir / "split.json").seen_in_training()
+    test = [s for s in split["test"] if s.label in (NORMAL, DEFECT)]
+    leaked = [s for s in test if str(s.path) in seen]
+    if leaked:
+        raise DataError(
+            f"{leaked[0].path}: {len(leaked)} test images were used to train or calibrate "
+            f"{run.run_dir}; evaluate with the split the run was trained with"
+        )
+    if not any(s.label == DEFECT for s in test) or not any(s.label == NORMAL for s in test):
+        raise DataError(f"{data_cfg.path}: test split needs both normal and defect images")
+    loaded = _load(test, data_cfg, "loading test images", progress)
+    scores, maps = predict_arrays(run.model, loaded.images, progress=progress)
+    labels = loaded.labels
+    has_mask = np.array([s.mask_path is not None or s.label == NORMAL for s in loaded.samples])
+    any_masks = bool(has_mask[labels == DEFECT].any())
+    metrics = compute_metrics(
+        labels,
+        scores,
+        image_threshold=run.image_threshold,
+        masks=loaded.masks if any_masks else None,
+        maps=maps if any_masks else None,
+        pixel_threshold=run.pixel_threshold,
+        has_mask=has_mask,
+    )
+    metrics |= {"split": split.name, "data": str(data_cfg.path), "model": run.config.model,
+                "run": str(run.run_dir), "n_skipped": len(loaded.failures)}
+    write_json(out / "metrics.json", metrics)
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "label", "defect_type", "score", "is_defect"])
+    for s, score in zip(loaded.samples, scores, strict=True):
+        writer.writerow([s.path, s.label, s.defect_type, f"{score:.6g}",
+                         int(score >= run.image_threshold)])
+    atomic_write_text(out / "scores.csv", buf.getvalue())
+
+    items = [
+        ReportImage(
+            name=s.path.name if s.label == NORMAL else f"{s.defect_type}/{s.path.name}",
+            image=loaded.images[i],
+            heat=maps[i],
+            predicted_mask=maps[i] >= run.pixel_threshold,
+            true_mask=loaded.masks[i] if has_mask[i] and s.label == DEFECT else None,
+            score=float(scores[i]),
+            label=s.label,
+        )
+        for i, s in enumerate(loaded.samples)
+    ]
+    write_report(
+        out / "report.html",
+        title=f"defectlab: {run.config.model} on {Path(str(data_cfg.path)).name}",
+        metrics=metrics,
+        labels=labels,
+        scores=scores,
+        image_threshold=run.image_threshold,
+        items=items,
+        heat_range=run.map_range,
+        info={
+            "run": str(run.run_dir),
+            "model": run.config.model,
+            "data": str(data_cfg.path),
+            "split": split.name,
+            "image size": run.config.data.image_size,
+            "defectlab": environment_info()["defectlab"],
+            "torch": torch.__version__,
+        },
+        galleries=galleries,
+    )
+    return metrics
+
+
+# --- data check ------------------------------------------------------------------------------
+
+
+def check_data(
+    path: str | Path,
+    *,
+    layout: str = "auto",
+    category: str | None = None,
+    mask_threshold: int = 127,
+    workers: int = 2,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Detect the layout, count images and masks, and read every file to find bad ones."""
+    dataset = load_dataset(path, layout, LayoutOptions(category=category))
+    problems: list[tuple[str, str]] = []
+
+    def check(sample: Any) -> list[tuple[str, str]]:
+        try:
+            shape = read_image(sample.path).shape[:2]
+        except ImageReadError as exc:
+            return [(exc.path, exc.reason)]
+        if sample.mask_path is None:
+            return [] if sample.label != DEFECT else [(str(sample.path), "defect image has no mask")]
+        try:
+            mask = read_mask(sample.mask_path, mask_threshold)
+        except ImageReadError as exc:
+            return [(exc.path, f"mask: {exc.reason}")]
+        if mask.shape != shape:
+            return [(str(sample.mask_path),
+                     f"mask is {mask.shape[1]}x{mask.shape[0]}, image is {shape[1]}x{shape[0]}")]
+        if not mask.any():
+            return [(str(sample.mask_path), "mask is empty (no pixel above the threshold)")]
+        return []
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for found in tqdm(pool.map(check, dataset.samples), total=len(dataset.samples),
+                          desc="checking files", disable=not progress, leave=False,
+                          file=sys.stderr):
+            problems += found
+    summary = dataset.summary()
+    summary["problems"] = [f"{p}: {r}" for p, r in problems]
+    return summary
+
+
+# --- synthesize ------------------------------------------------------------------------------
+
+
+def _normal_images_for_synthesis(
+    normal: str | Path, channels: int, limit: int
+) -> list[tuple[Path, np.ndarray]]:
+    """Up to ``limit`` images of a plain folder, or the normal images of a recognised dataset
+    layout (sorted by path), read at native resolution."""
+    path = Path(normal)
+    try:
+        dataset = load_dataset(path)
+        paths = [s.path for s in dataset.normal]
+    except DataError:
+        paths = _list_inputs(path)
+    paths = sorted(paths)[:limit]
+    images, failures = [], []
+    for p in paths:
+        try:
+            images.append((p, read_image(p, channels)))
+        except ImageReadError as exc:
+            failures.append((exc.path, exc.reason))
+    report_failures(failures, len(paths))
+    if not images:
+        raise DataError(f"{path}: no readable normal images")
+    return images
+
+
+def make_synthesizer(method: str, run: str | Path | None = None, overrides: Sequence[str] = ()) -> Synthesizer:
+    cls = registry.get(method, "synthesizer")
+    config = apply_overrides(cls.Config(), parse_set_options(list(overrides)).get("model", {}), "")
+    if cls.needs_training:
+        if run is None:
+            raise ConfigError(f"synthesizer {method!r} is learned: give its trained --run folder")
+        return cls.from_run(Path(run))
+    return cls(config)
+
+
+def synthesize(
+    method: str,
+    normal: str | Path,
+    out: str | Path,
+    n: int,
+    *,
+    run: str | Path | None = None,
+    defects: str | Path | None = None,
+    seed: int = 0,
+    image_size: int | None = None,
+    channels: int = 1,
+    overrides: Sequence[str] = (),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write ``n`` synthetic defect images, their exact masks and ``manifest.csv`` to ``out``."""
+    if n < 1:
+        raise ConfigError(f"--n must be at least 1, got {n}")
+    synthesizer = make_synthesizer(method, run, overrides)
+    if defects is not None and not synthesizer.needs_training:
+        raise ConfigError(f"{method} paints defects procedurally and takes no --defects examples")
+    sources = _normal_images_for_synthesis(normal, channels, limit=n)
+    images = [resize_image(img, image_size) if image_size else img for _, img in sources]
+    out = Path(out)
+    rows = []
+    for i, (source, sample) in tqdm(
+        enumerate(synthesizer.generate(images, n, seed)), total=n, desc=f"synth {method}",
+        disable=not progress, file=sys.stderr,
+    ):
+        image_name, mask_name = f"images/{i:06d}.png", f"masks/{i:06d}.png"
+        write_png(out / image_name, to_uint8(sample.image))
+        write_png(out / mask_name, sample.mask.astype(np.uint8) * 255)
+        rows.append({"index": i, "image": image_name, "mask": mask_name,
+                     "source": str(sources[source][0]), "seed": seed, **sample.record})
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "manifest.csv", buf.getvalue())
+    write_json(out / "synth_config.json", {"method": method, "n": n, "seed": seed,
+                                          "normal": str(normal), "image_size": image_size,
+                                          "config": _dataclass_dict(synthesizer.config),
+                                          "environment": environment_info()})
+    return {"n": n, "out": str(out)}
+
+
+def synthesis_gallery(
+    method: str, images: Sequence[np.ndarray], n: int, seed: int = 0
+) -> list[np.ndarray]:
+    """RGB uint8 thumbnails of synthetic defects with their mask outlined, for reports."""
+    synthesizer = make_synthesizer(method)
+    return [mask_outline(sample.image, sample.mask)
+            for _, sample in synthesizer.generate(list(images), n, seed)]

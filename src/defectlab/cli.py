@@ -1,0 +1,208 @@
+"""``defectlab`` command line. Every command ends with one summary line saying where its
+outputs went; errors are one line naming the file and the problem (exit code 2)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from defectlab import __version__, api, registry
+from defectlab.errors import DefectlabError
+
+
+def _fmt(value: object) -> str:
+    return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def cmd_models(args: argparse.Namespace) -> str:
+    entries = registry.available(args.family)
+    width = max(len(e.name) for e in entries)
+    for e in entries:
+        print(f"{e.name:<{width}}  {e.family:<11}  {e.description}")
+    return f"{len(entries)} models registered"
+
+
+def cmd_data_check(args: argparse.Namespace) -> str:
+    summary = api.check_data(
+        args.path, layout=args.layout, category=args.category,
+        mask_threshold=args.mask_threshold, workers=args.workers,
+    )
+    print(f"layout:   {summary['layout']}" + (f" (category {summary['category']})"
+                                              if summary["category"] else ""))
+    print(f"root:     {summary['root']}")
+    print(f"normal:   {summary['n_normal']}")
+    print(f"defect:   {summary['n_defect']} ({summary['n_defect_with_mask']} with masks)")
+    if summary["n_uncertain"]:
+        print(f"uncertain (kept out of metrics): {summary['n_uncertain']}")
+    for kind, count in summary["defect_types"].items():
+        print(f"  {kind}: {count}")
+    for problem in summary["problems"]:
+        print(f"problem: {problem}")
+    return (
+        f"{summary['layout']}: {summary['n_normal']} normal, {summary['n_defect']} defect "
+        f"images ({summary['n_defect_with_mask']} with masks), {len(summary['problems'])} problems"
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> str:
+    run = api.train(
+        args.model, args.data, args.out, category=args.category, image_size=args.image_size,
+        device=args.device, seed=args.seed, overrides=args.set, resume=args.resume,
+    )
+    return (
+        f"trained {run.config.model} → {run.run_dir} (image threshold "
+        f"{run.image_threshold:.4g}, pixel threshold {run.pixel_threshold:.4g})"
+    )
+
+
+def cmd_predict(args: argparse.Namespace) -> str:
+    result = api.predict(
+        args.run, args.input, args.out, device=args.device, tile=args.tile,
+        batch_size=args.batch_size, overlays=not args.no_overlays,
+    )
+    return (
+        f"{result['n_images']} images inspected ({result['images_per_second']:.1f} img/s), "
+        f"{result['n_defect']} flagged defective, {result['n_skipped']} skipped → "
+        f"{result['out']}/scores.csv"
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> str:
+    metrics = api.evaluate(
+        args.run, args.data, args.out, category=args.category, device=args.device,
+        include_uncertain=args.include_uncertain,
+    )
+    for key in ("image_auroc", "image_ap", "pixel_auroc", "aupro", "dice", "iou", "f1"):
+        print(f"{key:<12} {_fmt(metrics.get(key))}")
+    return (
+        f"image AUROC {_fmt(metrics['image_auroc'])} on {metrics['n_normal']} normal + "
+        f"{metrics['n_defect']} defect test images ({metrics['split']}) → {args.out}/report.html"
+    )
+
+
+def cmd_synth(args: argparse.Namespace) -> str:
+    result = api.synthesize(
+        args.method, args.normal, args.out, args.n, run=args.run, defects=args.defects, seed=args.seed,
+        image_size=args.image_size, channels=args.channels, overrides=args.set,
+    )
+    return f"{result['n']} {args.method} defect images with masks → {result['out']}/manifest.csv"
+
+
+def cmd_demo(args: argparse.Namespace) -> str:
+    from defectlab.demo import run_demo
+
+    result = run_demo(Path(args.out), device=args.device)
+    return (
+        f"demo: pixelstats on ELPV solar cells, image AUROC {_fmt(result['image_auroc'])} "
+        f"({result['seconds']:.0f} s) → {result['report']}"
+    )
+
+
+def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
+    if device:
+        p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="defectlab",
+        description="Visual inspection when defect images are scarce.",
+    )
+    parser.add_argument("--version", action="version", version=f"defectlab {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list registered models")
+    p.add_argument("--family", choices=registry.FAMILIES)
+    p.set_defaults(func=cmd_models)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command",
+                                                                       required=True)
+    p = data.add_parser("check", help="detect the layout, count images/masks, find bad files")
+    p.add_argument("path", help="dataset folder, or 'elpv' for the bundled solar cells")
+    p.add_argument("--layout", default="auto", help="auto, mvtec, folder, magnetic-tile, elpv")
+    p.add_argument("--category", help="MVTec AD category")
+    p.add_argument("--mask-threshold", type=int, default=127,
+                   help="mask pixels above this (8-bit scale) are defect")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("train", help="train a detector or segmenter into a run directory")
+    p.add_argument("--model", required=True, help="a name from `defectlab models`")
+    p.add_argument("--data", required=True, help="dataset folder, or 'elpv'")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--category", help="MVTec AD category")
+    p.add_argument("--image-size", type=int, help="model input size in pixels (default 128)")
+    p.add_argument("--seed", type=int, help="training seed (default 0)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting: data.image_size=64, train.batch_size=8, "
+                        "calibration.image_quantile=0.995, or a model field (epochs=3)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last checkpoint")
+    _add_common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="score images with a trained run")
+    p.add_argument("--run", required=True)
+    p.add_argument("--input", required=True, help="an image file or a folder (searched recursively)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tile", action="store_true",
+                   help="score large images as overlapping model-size tiles")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-overlays", action="store_true", help="write masks and scores only")
+    _add_common(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="metrics and report on the test split of a dataset")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--category")
+    p.add_argument("--include-uncertain", action="store_true",
+                   help="ELPV: count probability 1/3 and 2/3 cells as defective")
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("synth", help="synthesize defect images with exact masks")
+    p.add_argument("--method", required=True, help="a synthesizer from `defectlab models`")
+    p.add_argument("--normal", required=True, help="folder of normal images or a dataset")
+    p.add_argument("--defects", help="folder of real defect examples (learned methods)")
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--run", help="trained run directory (learned methods)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, help="resize normal images first (default: native)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=1)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a synthesizer setting, e.g. shapes=scratch")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("demo", help="the main job on the bundled ELPV solar cells")
+    p.add_argument("--out", default="demo-output")
+    _add_common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], str] = args.func
+    started = time.perf_counter()
+    try:
+        summary = func(args)
+    except DefectlabError as exc:
+        if args.traceback:
+            raise
+        print(f"defectlab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = " (resume training with --resume)" if args.command == "train" else ""
+        print(f"defectlab {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    print(f"{summary} [{time.perf_counter() - started:.1f} s]")
+    return 0
+

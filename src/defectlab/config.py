@@ -1,0 +1,163 @@
+"""Typed run configuration and ``--set key=value`` overrides.
+
+Keys are dotted: ``data.image_size=256``, ``train.batch_size=8``,
+``calibration.image_quantile=0.995``; ``model.<field>`` (or a bare ``<field>``) goes to the
+model's own config dataclass. Values are converted to the field's declared type, and an
+unknown key is an error that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from defectlab.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    layout: str = "auto"
+    category: str | None = None
+    image_size: int = 128
+    channels: int = 1
+    split_seed: int = 0
+    train_fraction: float = 0.7
+    val_fraction: float = 0.15
+    defects_per_class: int = 0
+    mask_threshold: int = 127
+    include_uncertain: bool = False
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
+        if self.image_size < 16:
+            raise ConfigError(f"data.image_size must be at least 16, got {self.image_size}")
+        if not 0 <= self.mask_threshold < 255:
+            raise ConfigError(f"data.mask_threshold must be in [0, 255), got {self.mask_threshold}")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be positive, got {self.batch_size}")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"train.checkpoint_every must be positive, got {self.checkpoint_every}")
+
+
+@dataclass
+class CalibrationConfig:
+    """Thresholds are quantiles of scores on normal validation images: no defect labels."""
+
+    image_quantile: float = 0.99
+    pixel_quantile: float = 0.999
+
+    def __post_init__(self) -> None:
+        for name in ("image_quantile", "pixel_quantile"):
+            q = getattr(self, name)
+            if not 0 < q <= 1:
+                raise ConfigError(f"calibration.{name} must be in (0, 1], got {q}")
+
+
+@dataclass
+class RunConfig:
+    model: str
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    model_config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        try:
+            return cls(
+                model=d["model"],
+                data=DataConfig(**d.get("data", {})),
+                train=TrainConfig(**d.get("train", {})),
+                calibration=CalibrationConfig(**d.get("calibration", {})),
+                model_config=dict(d.get("model_config", {})),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"not a defectlab run config: {exc}") from exc
+
+
+def _convert(value: str, annotation: Any, key: str) -> Any:
+    """Parse a command-line string into ``annotation`` (int, float, bool, str, tuples, unions)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value.lower() in ("none", "null"):
+            return None
+        for option in options:
+            try:
+                return _convert(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: cannot read {value!r} as {annotation}")
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        parts = [p for p in value.strip("()[]").split(",") if p.strip()]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(p.strip(), args[0], key) for p in parts)
+        if len(parts) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} comma-separated values, got {value!r}")
+        return tuple(_convert(p.strip(), a, key) for p, a in zip(parts, args, strict=True))
+    try:
+        if annotation is bool:
+            lowered = value.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if annotation in (int, float, str):
+            return annotation(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: cannot read {value!r} as {annotation.__name__}") from exc
+    raise ConfigError(f"{key}: cannot set a value of type {annotation} from the command line")
+
+
+def apply_overrides(instance: Any, overrides: dict[str, str], prefix: str = "") -> Any:
+    """Return a copy of dataclass ``instance`` with string ``overrides`` applied by field name."""
+    fields = {f.name for f in dataclasses.fields(instance)}
+    hints = typing.get_type_hints(type(instance))
+    changes = {}
+    for key, raw in overrides.items():
+        if key not in fields:
+            valid = ", ".join(f"{prefix}{name}" for name in fields)
+            raise ConfigError(f"unknown setting {prefix}{key!r}; valid: {valid}")
+        changes[key] = _convert(raw, hints[key], f"{prefix}{key}")
+    try:
+        return dataclasses.replace(instance, **changes)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from exc
+
+
+def parse_set_options(items: list[str]) -> dict[str, dict[str, str]]:
+    """``["data.image_size=64", "epochs=3"]`` → {"data": {...}, "model": {"epochs": "3"}}."""
+    sections: dict[str, dict[str, str]] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        section, _, name = key.strip().rpartition(".")
+        section = section or "model"
+        if section not in ("data", "train", "calibration", "model"):
+            raise ConfigError(
+                f"--set {key!r}: section must be data, train, calibration or model"
+            )
+        sections.setdefault(section, {})[name] = value.strip()
+    return sections

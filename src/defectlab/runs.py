@@ -1,0 +1,159 @@
+"""Run directories and checkpoints.
+
+A run directory holds everything needed to reproduce or reuse a training run::
+
+    config.json       resolved RunConfig (data, train, calibration, model settings)
+    environment.json  defectlab/torch/numpy/OpenCV/Python versions, platform, device
+    split.json        the exact train/val/test samples (reloadable)
+    train_log.csv     losses per step
+    log.txt           what the commands printed
+    checkpoints/last.pt  resumable training state (atomic, every N steps and each epoch)
+    model.pt          the trained model plus its calibrated thresholds
+    metrics.json      training-side metrics (validation score statistics, timings)
+
+Checkpoints are ``torch.save`` dicts of tensors and plain values, read back with
+``torch.load(weights_only=True)``: nothing is unpickled. A checkpoint whose model name,
+model state version or checkpoint format differ from what is asked for is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from defectlab import __version__
+from defectlab.base import Model
+from defectlab.data.io import atomic_path, atomic_write_text
+from defectlab.errors import CheckpointError, ConfigError
+
+CHECKPOINT_FORMAT = "defectlab-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU. Asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA GPU; use cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def environment_info(device: torch.device | None = None) -> dict[str, Any]:
+    import cv2
+
+    info = {
+        "defectlab": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "opencv": cv2.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device is not None:
+        info["device"] = str(device)
+        if device.type == "cuda":
+            info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def write_json(path: Path, payload: Any) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: missing; is {path.parent} a defectlab run?") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: corrupt JSON ({exc})") from exc
+
+
+def save_checkpoint(path: Path, model: Model, **extra: Any) -> None:
+    """Write model state (+ ``extra``: training progress, calibration) atomically."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "defectlab_version": __version__,
+        "model": model.name,
+        "family": model.family,
+        "state_version": model.state_version,
+        "model_config": model.config_dict(),
+        "image_size": model.image_size,
+        "channels": model.channels,
+        "state": model.state_dict(),
+        **extra,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path, expected_model: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint safely and check it belongs to the model and version asked for."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or unsafe files
+        raise CheckpointError(
+            f"{path}: not a readable defectlab checkpoint (corrupt, truncated, or containing "
+            f"objects that are refused for safety): {str(exc).splitlines()[0]}"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a defectlab checkpoint")
+    if payload.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {payload.get('format_version')} written by defectlab "
+            f"{payload.get('defectlab_version')}; this defectlab {__version__} reads format "
+            f"{CHECKPOINT_FORMAT_VERSION}"
+        )
+    if expected_model is not None and payload.get("model") != expected_model:
+        raise CheckpointError(
+            f"{path}: checkpoint is for model {payload.get('model')!r}, not {expected_model!r}"
+        )
+    return payload
+
+
+def restore_model(payload: dict[str, Any], model: Model, path: Path) -> None:
+    if payload.get("state_version") != model.state_version:
+        raise CheckpointError(
+            f"{path}: {model.name} checkpoint has state version {payload.get('state_version')} "
+            f"(defectlab {payload.get('defectlab_version')}); this defectlab {__version__} "
+            f"expects {model.state_version}. Retrain the model."
+        )
+    try:
+        model.load_state_dict(payload["state"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: state does not fit model {model.name}: {exc}") from exc
+
+
+def run_logger(run_dir: Path) -> logging.Logger:
+    """A logger writing to ``run_dir/log.txt`` (and nothing else): the CLI prints separately."""
+    logger = logging.getLogger(f"defectlab.run.{run_dir.resolve()}")
+    if not logger.handlers:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger

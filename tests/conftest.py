@@ -1,0 +1,74 @@
+"""Shared fixtures: small real image files in the layouts defectlab reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MAGNETIC_TILE = SHARED_DATA / "magnetic-tile"
+
+
+def write_image(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if array.ndim == 3 and array.shape[2] == 3:
+        array = array[:, :, ::-1]
+    assert cv2.imwrite(str(path), array), path
+    return path
+
+
+def textured(rng: np.random.Generator, size: int = 48) -> np.ndarray:
+    """A normal-looking 8-bit grey image: smooth gradient plus fine noise."""
+    y, x = np.mgrid[0:size, 0:size]
+    base = 100 + 40 * np.sin(x / 7.0) + 20 * np.cos(y / 5.0)
+    return np.clip(base + rng.normal(0, 4, (size, size)), 0, 255).astype(np.uint8)
+
+
+def with_defect(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    size = image.shape[0]
+    cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+    mask = np.zeros_like(image)
+    cv2.circle(mask, (int(cx), int(cy)), size // 8, 255, -1)
+    out = image.copy()
+    out[mask > 0] = 250
+    return out, mask
+
+
+@pytest.fixture
+def mvtec_root(tmp_path: Path) -> Path:
+    """An MVTec AD category folder ``bottle/`` with 12 train, 4 good and 4 defect test images."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "mvtec" / "bottle"
+    for i in range(12):
+        write_image(root / "train" / "good" / f"{i:03d}.png", textured(rng))
+    for i in range(4):
+        write_image(root / "test" / "good" / f"{i:03d}.png", textured(rng))
+        image, mask = with_defect(textured(rng), rng)
+        write_image(root / "test" / "crack" / f"{i:03d}.png", image)
+        write_image(root / "ground_truth" / "crack" / f"{i:03d}_mask.png", mask)
+    return root
+
+
+@pytest.fixture
+def folder_root(tmp_path: Path) -> Path:
+    """A plain folder layout: normal/, defect/ and masks/ (matched by stem)."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "folder"
+    for i in range(20):
+        write_image(root / "normal" / f"n{i:02d}.png", textured(rng))
+    for i in range(6):
+        image, mask = with_defect(textured(rng), rng)
+        write_image(root / "defect" / f"d{i:02d}.png", image)
+        write_image(root / "masks" / f"d{i:02d}.png", mask)
+    return root
+
+
+# Outside CI the real data may be absent; in CI (CI set) a missing folder fails the tests.
+requires_magnetic_tile = pytest.mark.skipif(
+    not (MAGNETIC_TILE / "MT_Free").is_dir() and not os.environ.get("CI"),
+    reason="needs ../shared/data/magnetic-tile",
+)

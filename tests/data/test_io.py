@@ -1,0 +1,93 @@
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from defectlab.data.io import ImageReadError, atomic_write_text, read_image, read_mask
+from tests.conftest import write_image
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".tif"])
+def test_reads_8bit_grey_in_every_format(tmp_path: Path, ext: str) -> None:
+    array = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (16, 1))
+    path = write_image(tmp_path / f"img{ext}", array)
+    image = read_image(path)
+    assert image.shape == (16, 64, 1) and image.dtype == np.float32
+    tolerance = 3 / 255 if ext == ".jpg" else 1e-6
+    np.testing.assert_allclose(image[:, :, 0], array / 255.0, atol=tolerance)
+
+
+@pytest.mark.parametrize("ext", [".png", ".tif"])
+def test_16bit_keeps_full_precision(tmp_path: Path, ext: str) -> None:
+    array = np.array([[0, 1, 2, 65534, 65535, 30001]], dtype=np.uint16)
+    path = write_image(tmp_path / f"x{ext}", array)
+    image = read_image(path)
+    # neighbouring 16-bit codes stay distinct: no 8-bit round trip anywhere
+    np.testing.assert_allclose(image[0, :, 0] * 65535.0, array[0].astype(np.float64), atol=1e-2)
+    assert len(np.unique(image)) == 6
+
+
+def test_rgb_and_rgba_conversions(tmp_path: Path) -> None:
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[..., 0] = 255  # pure red
+    path = write_image(tmp_path / "red.png", rgb)
+    colour = read_image(path, channels=3)
+    np.testing.assert_allclose(colour[0, 0], [1.0, 0.0, 0.0])
+    grey = read_image(path, channels=1)
+    np.testing.assert_allclose(grey[0, 0, 0], 0.299, atol=1e-6)
+    rgba = np.dstack([rgb[..., ::-1], np.full((4, 4), 7, np.uint8)])  # BGRA on disk
+    cv2.imwrite(str(tmp_path / "a.png"), rgba)
+    np.testing.assert_allclose(read_image(tmp_path / "a.png", channels=3)[0, 0], [1.0, 0.0, 0.0])
+    grey_path = write_image(tmp_path / "g.png", np.full((2, 2), 128, np.uint8))
+    assert read_image(grey_path, channels=3).shape == (2, 2, 3)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(b"", "empty file"), (b"not an image at all", "not a decodable image")],
+)
+def test_bad_files_name_path_and_reason(tmp_path: Path, content: bytes, reason: str) -> None:
+    path = tmp_path / "bad.png"
+    path.write_bytes(content)
+    with pytest.raises(ImageReadError, match=reason) as info:
+        read_image(path)
+    assert info.value.path == str(path)
+
+
+def test_truncated_png_is_reported(tmp_path: Path) -> None:
+    path = write_image(tmp_path / "t.png", np.random.default_rng(0).integers(0, 255, (64, 64),
+                                                                              dtype=np.uint8))
+    path.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(ImageReadError, match="t.png"):
+        read_image(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ImageReadError, match="does not exist"):
+        read_image(tmp_path / "nope.png")
+
+
+def test_mask_threshold_8_and_16_bit(tmp_path: Path) -> None:
+    values = np.array([[0, 127, 128, 255]], dtype=np.uint8)
+    mask = read_mask(write_image(tmp_path / "m.png", values))
+    assert mask.tolist() == [[False, False, True, True]]
+    assert read_mask(tmp_path / "m.png", threshold=0).tolist() == [[False, True, True, True]]
+    wide = (values.astype(np.uint16) * 257)
+    assert read_mask(write_image(tmp_path / "m16.png", wide)).tolist() == mask.tolist()
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path: Path) -> None:
+    target = tmp_path / "out.txt"
+    atomic_write_text(target, "first")
+
+    class Boom(Exception):
+        pass
+
+    from defectlab.data.io import atomic_path
+
+    with pytest.raises(Boom), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise Boom
+    assert target.read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
