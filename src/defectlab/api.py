@@ -281,7 +281,9 @@ def train(
     calibration = _calibrate(net, val_data, config.calibration)
     save_checkpoint(run_dir / MODEL_FILE, net, calibration=calibration, run_config=config.to_dict())
     write_json(run_dir / "calibration.json", calibration)
-    last_losses = {k: v for k, v in (history[-1] if history else {}).items() if k not in ("epoch", "step")}
+    last_losses = {
+        k: v for k, v in (history[-1] if history else {}).items() if k not in ("epoch", "step")
+    }
     metrics = {
         "model": config.model,
         "dataset": dataset.summary(),
@@ -305,9 +307,11 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
         raise CheckpointError(f"{run_dir}: run directory does not exist")
     path = run_dir / MODEL_FILE
     if not path.exists():
-        hint = " (training was interrupted: resume it with --resume)" if (
-            run_dir / "checkpoints" / "last.pt"
-        ).exists() else ""
+        hint = (
+            " (training was interrupted: resume it with --resume)"
+            if (run_dir / "checkpoints" / "last.pt").exists()
+            else ""
+        )
         raise CheckpointError(f"{path}: no trained model in this run{hint}")
     payload = load_checkpoint(path)
     config = RunConfig.from_dict(payload["run_config"])
@@ -370,8 +374,9 @@ def predict(
     out.mkdir(parents=True, exist_ok=True)
     rows, failures = [], []
     started = time.perf_counter()
-    bar = tqdm(total=len(files), desc="inspecting", unit="img", disable=not progress,
-               file=sys.stderr)
+    bar = tqdm(
+        total=len(files), desc="inspecting", unit="img", disable=not progress, file=sys.stderr
+    )
     low, high = run.map_range
     for paths, images, bad in iter_files(files, run.config.data.channels, batch_size):
         failures += bad
@@ -384,8 +389,11 @@ def predict(
                 overlay = mask_outline(heatmap_overlay(image, heat, low, high), mask)
                 write_png(out / "overlays" / f"{name}.png", overlay)
             rows.append(
-                {"path": str(path), "score": f"{score:.6g}",
-                 "is_defect": int(score >= run.image_threshold)}
+                {
+                    "path": str(path),
+                    "score": f"{score:.6g}",
+                    "is_defect": int(score >= run.image_threshold),
+                }
             )
         bar.update(len(paths) + len(bad))
     bar.close()
@@ -453,16 +461,22 @@ def evaluate(
         pixel_threshold=run.pixel_threshold,
         has_mask=has_mask,
     )
-    metrics |= {"split": split.name, "data": str(data_cfg.path), "model": run.config.model,
-                "run": str(run.run_dir), "n_skipped": len(loaded.failures)}
+    metrics |= {
+        "split": split.name,
+        "data": str(data_cfg.path),
+        "model": run.config.model,
+        "run": str(run.run_dir),
+        "n_skipped": len(loaded.failures),
+    }
     write_json(out / "metrics.json", metrics)
 
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["path", "label", "defect_type", "score", "is_defect"])
     for s, score in zip(loaded.samples, scores, strict=True):
-        writer.writerow([s.path, s.label, s.defect_type, f"{score:.6g}",
-                         int(score >= run.image_threshold)])
+        writer.writerow(
+            [s.path, s.label, s.defect_type, f"{score:.6g}", int(score >= run.image_threshold)]
+        )
     atomic_write_text(out / "scores.csv", buf.getvalue())
 
     items = [
@@ -522,22 +536,33 @@ def check_data(
         except ImageReadError as exc:
             return [(exc.path, exc.reason)]
         if sample.mask_path is None:
-            return [] if sample.label != DEFECT else [(str(sample.path), "defect image has no mask")]
+            return (
+                [] if sample.label != DEFECT else [(str(sample.path), "defect image has no mask")]
+            )
         try:
             mask = read_mask(sample.mask_path, mask_threshold)
         except ImageReadError as exc:
             return [(exc.path, f"mask: {exc.reason}")]
         if mask.shape != shape:
-            return [(str(sample.mask_path),
-                     f"mask is {mask.shape[1]}x{mask.shape[0]}, image is {shape[1]}x{shape[0]}")]
+            return [
+                (
+                    str(sample.mask_path),
+                    f"mask is {mask.shape[1]}x{mask.shape[0]}, image is {shape[1]}x{shape[0]}",
+                )
+            ]
         if not mask.any():
             return [(str(sample.mask_path), "mask is empty (no pixel above the threshold)")]
         return []
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for found in tqdm(pool.map(check, dataset.samples), total=len(dataset.samples),
-                          desc="checking files", disable=not progress, leave=False,
-                          file=sys.stderr):
+        for found in tqdm(
+            pool.map(check, dataset.samples),
+            total=len(dataset.samples),
+            desc="checking files",
+            disable=not progress,
+            leave=False,
+            file=sys.stderr,
+        ):
             problems += found
     summary = dataset.summary()
     summary["problems"] = [f"{p}: {r}" for p, r in problems]
@@ -571,7 +596,9 @@ def _normal_images_for_synthesis(
     return images
 
 
-def make_synthesizer(method: str, run: str | Path | None = None, overrides: Sequence[str] = ()) -> Synthesizer:
+def make_synthesizer(
+    method: str, run: str | Path | None = None, overrides: Sequence[str] = ()
+) -> Synthesizer:
     cls = registry.get(method, "synthesizer")
     config = apply_overrides(cls.Config(), parse_set_options(list(overrides)).get("model", {}), "")
     if cls.needs_training:
@@ -606,14 +633,25 @@ def synthesize(
     out = Path(out)
     rows = []
     for i, (source, sample) in tqdm(
-        enumerate(synthesizer.generate(images, n, seed)), total=n, desc=f"synth {method}",
-        disable=not progress, file=sys.stderr,
+        enumerate(synthesizer.generate(images, n, seed)),
+        total=n,
+        desc=f"synth {method}",
+        disable=not progress,
+        file=sys.stderr,
     ):
         image_name, mask_name = f"images/{i:06d}.png", f"masks/{i:06d}.png"
         write_png(out / image_name, to_uint8(sample.image))
         write_png(out / mask_name, sample.mask.astype(np.uint8) * 255)
-        rows.append({"index": i, "image": image_name, "mask": mask_name,
-                     "source": str(sources[source][0]), "seed": seed, **sample.record})
+        rows.append(
+            {
+                "index": i,
+                "image": image_name,
+                "mask": mask_name,
+                "source": str(sources[source][0]),
+                "seed": seed,
+                **sample.record,
+            }
+        )
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys]
@@ -622,10 +660,18 @@ def synthesize(
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "manifest.csv", buf.getvalue())
-    write_json(out / "synth_config.json", {"method": method, "n": n, "seed": seed,
-                                          "normal": str(normal), "image_size": image_size,
-                                          "config": _dataclass_dict(synthesizer.config),
-                                          "environment": environment_info()})
+    write_json(
+        out / "synth_config.json",
+        {
+            "method": method,
+            "n": n,
+            "seed": seed,
+            "normal": str(normal),
+            "image_size": image_size,
+            "config": _dataclass_dict(synthesizer.config),
+            "environment": environment_info(),
+        },
+    )
     return {"n": n, "out": str(out)}
 
 
@@ -634,5 +680,7 @@ def synthesis_gallery(
 ) -> list[np.ndarray]:
     """RGB uint8 thumbnails of synthetic defects with their mask outlined, for reports."""
     synthesizer = make_synthesizer(method)
-    return [mask_outline(sample.image, sample.mask)
-            for _, sample in synthesizer.generate(list(images), n, seed)]
+    return [
+        mask_outline(sample.image, sample.mask)
+        for _, sample in synthesizer.generate(list(images), n, seed)
+    ]

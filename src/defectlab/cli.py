@@ -27,11 +27,16 @@ def cmd_models(args: argparse.Namespace) -> str:
 
 def cmd_data_check(args: argparse.Namespace) -> str:
     summary = api.check_data(
-        args.path, layout=args.layout, category=args.category,
-        mask_threshold=args.mask_threshold, workers=args.workers,
+        args.path,
+        layout=args.layout,
+        category=args.category,
+        mask_threshold=args.mask_threshold,
+        workers=args.workers,
     )
-    print(f"layout:   {summary['layout']}" + (f" (category {summary['category']})"
-                                              if summary["category"] else ""))
+    print(
+        f"layout:   {summary['layout']}"
+        + (f" (category {summary['category']})" if summary["category"] else "")
+    )
     print(f"root:     {summary['root']}")
     print(f"normal:   {summary['n_normal']}")
     print(f"defect:   {summary['n_defect']} ({summary['n_defect_with_mask']} with masks)")
@@ -49,8 +54,15 @@ def cmd_data_check(args: argparse.Namespace) -> str:
 
 def cmd_train(args: argparse.Namespace) -> str:
     run = api.train(
-        args.model, args.data, args.out, category=args.category, image_size=args.image_size,
-        device=args.device, seed=args.seed, overrides=args.set, resume=args.resume,
+        args.model,
+        args.data,
+        args.out,
+        category=args.category,
+        image_size=args.image_size,
+        device=args.device,
+        seed=args.seed,
+        overrides=args.set,
+        resume=args.resume,
     )
     return (
         f"trained {run.config.model} → {run.run_dir} (image threshold "
@@ -60,8 +72,13 @@ def cmd_train(args: argparse.Namespace) -> str:
 
 def cmd_predict(args: argparse.Namespace) -> str:
     result = api.predict(
-        args.run, args.input, args.out, device=args.device, tile=args.tile,
-        batch_size=args.batch_size, overlays=not args.no_overlays,
+        args.run,
+        args.input,
+        args.out,
+        device=args.device,
+        tile=args.tile,
+        batch_size=args.batch_size,
+        overlays=not args.no_overlays,
     )
     return (
         f"{result['n_images']} images inspected ({result['images_per_second']:.1f} img/s), "
@@ -72,7 +89,11 @@ def cmd_predict(args: argparse.Namespace) -> str:
 
 def cmd_evaluate(args: argparse.Namespace) -> str:
     metrics = api.evaluate(
-        args.run, args.data, args.out, category=args.category, device=args.device,
+        args.run,
+        args.data,
+        args.out,
+        category=args.category,
+        device=args.device,
         include_uncertain=args.include_uncertain,
     )
     for key in ("image_auroc", "image_ap", "pixel_auroc", "aupro", "dice", "iou", "f1"):
@@ -85,8 +106,16 @@ def cmd_evaluate(args: argparse.Namespace) -> str:
 
 def cmd_synth(args: argparse.Namespace) -> str:
     result = api.synthesize(
-        args.method, args.normal, args.out, args.n, run=args.run, defects=args.defects, seed=args.seed,
-        image_size=args.image_size, channels=args.channels, overrides=args.set,
+        args.method,
+        args.normal,
+        args.out,
+        args.n,
+        run=args.run,
+        defects=args.defects,
+        seed=args.seed,
+        image_size=args.image_size,
+        channels=args.channels,
+        overrides=args.set,
     )
     return f"{result['n']} {args.method} defect images with masks → {result['out']}/manifest.csv"
 
@@ -119,14 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", choices=registry.FAMILIES)
     p.set_defaults(func=cmd_models)
 
-    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command",
-                                                                       required=True)
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(
+        dest="data_command", required=True
+    )
     p = data.add_parser("check", help="detect the layout, count images/masks, find bad files")
     p.add_argument("path", help="dataset folder, or 'elpv' for the bundled solar cells")
     p.add_argument("--layout", default="auto", help="auto, mvtec, folder, magnetic-tile, elpv")
     p.add_argument("--category", help="MVTec AD category")
-    p.add_argument("--mask-threshold", type=int, default=127,
-                   help="mask pixels above this (8-bit scale) are defect")
+    p.add_argument(
+        "--mask-threshold",
+        type=int,
+        default=127,
+        help="mask pixels above this (8-bit scale) are defect",
+    )
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_data_check)
 
@@ -137,20 +171,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", help="MVTec AD category")
     p.add_argument("--image-size", type=int, help="model input size in pixels (default 128)")
     p.add_argument("--seed", type=int, help="training seed (default 0)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting: data.image_size=64, train.batch_size=8, "
-                        "calibration.image_quantile=0.995, or a model field (epochs=3)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its last checkpoint")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting: data.image_size=64, train.batch_size=8, "
+        "calibration.image_quantile=0.995, or a model field (epochs=3)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from its last checkpoint"
+    )
     _add_common(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="score images with a trained run")
     p.add_argument("--run", required=True)
-    p.add_argument("--input", required=True, help="an image file or a folder (searched recursively)")
+    p.add_argument(
+        "--input", required=True, help="an image file or a folder (searched recursively)"
+    )
     p.add_argument("--out", required=True)
-    p.add_argument("--tile", action="store_true",
-                   help="score large images as overlapping model-size tiles")
+    p.add_argument(
+        "--tile", action="store_true", help="score large images as overlapping model-size tiles"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-overlays", action="store_true", help="write masks and scores only")
     _add_common(p)
@@ -161,8 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--category")
-    p.add_argument("--include-uncertain", action="store_true",
-                   help="ELPV: count probability 1/3 and 2/3 cells as defective")
+    p.add_argument(
+        "--include-uncertain",
+        action="store_true",
+        help="ELPV: count probability 1/3 and 2/3 cells as defective",
+    )
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -176,8 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, help="resize normal images first (default: native)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=1)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a synthesizer setting, e.g. shapes=scratch")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a synthesizer setting, e.g. shapes=scratch",
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("demo", help="the main job on the bundled ELPV solar cells")
@@ -205,4 +256,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     print(f"{summary} [{time.perf_counter() - started:.1f} s]")
     return 0
-

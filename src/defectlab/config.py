@@ -52,7 +52,9 @@ class TrainConfig:
         if self.batch_size < 1:
             raise ConfigError(f"train.batch_size must be positive, got {self.batch_size}")
         if self.checkpoint_every < 1:
-            raise ConfigError(f"train.checkpoint_every must be positive, got {self.checkpoint_every}")
+            raise ConfigError(
+                f"train.checkpoint_every must be positive, got {self.checkpoint_every}"
+            )
 
 
 @dataclass
@@ -138,7 +140,7 @@ def apply_overrides(instance: Any, overrides: dict[str, str], prefix: str = "") 
     for key, raw in overrides.items():
         if key not in fields:
             valid = ", ".join(f"{prefix}{name}" for name in fields)
-            raise ConfigError(f"unknown setting {prefix}{key!r}; valid: {valid}")
+            raise ConfigError(f"unknown setting {prefix + key!r}; valid: {valid}")
         changes[key] = _convert(raw, hints[key], f"{prefix}{key}")
     try:
         return dataclasses.replace(instance, **changes)
@@ -156,8 +158,6 @@ def parse_set_options(items: list[str]) -> dict[str, dict[str, str]]:
         section, _, name = key.strip().rpartition(".")
         section = section or "model"
         if section not in ("data", "train", "calibration", "model"):
-            raise ConfigError(
-                f"--set {key!r}: section must be data, train, calibration or model"
-            )
+            raise ConfigError(f"--set {key!r}: section must be data, train, calibration or model")
         sections.setdefault(section, {})[name] = value.strip()
     return sections

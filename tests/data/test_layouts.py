@@ -70,7 +70,15 @@ def test_magnetic_tile_counts() -> None:
     summary = ds.summary()
     assert summary["layout"] == "magnetic-tile"
     assert (summary["n_normal"], summary["n_defect"], summary["n_defect_with_mask"]) == (
-        952, 392, 392)
+        952,
+        392,
+        392,
+    )
     assert summary["defect_types"] == {
-        "Blowhole": 115, "Break": 85, "Crack": 57, "Fray": 32, "Uneven": 103}
+        "Blowhole": 115,
+        "Break": 85,
+        "Crack": 57,
+        "Fray": 32,
+        "Uneven": 103,
+    }
     assert all(s.path.suffix == ".jpg" for s in ds.samples)

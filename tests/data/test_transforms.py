@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 
@@ -31,7 +33,7 @@ def test_tiles_cover_everything(length: int, tile: int, overlap: int) -> None:
     for s in starts:
         covered[s : s + tile] = True
     assert covered.all() and starts[-1] + tile == max(length, tile)
-    assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:], strict=False))
+    assert all(b - a <= tile - overlap for a, b in itertools.pairwise(starts))
 
 
 def test_stitching_reconstructs_a_map_seen_through_tiles() -> None:

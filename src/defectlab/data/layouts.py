@@ -211,7 +211,9 @@ def _load_elpv(path: Path, options: LayoutOptions) -> Dataset:
             if not parts:
                 continue
             if len(parts) != 3:
-                raise DataError(f"{path / 'labels.csv'}:{line_no}: expected 'path probability type'")
+                raise DataError(
+                    f"{path / 'labels.csv'}:{line_no}: expected 'path probability type'"
+                )
             rel, prob_text, module_type = parts
             prob = float(prob_text)
             if prob == 0.0:
@@ -346,4 +348,3 @@ def load_dataset(
     if not dataset.samples:
         raise DataError(f"{root}: dataset is empty")
     return dataset
-

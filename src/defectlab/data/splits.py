@@ -66,8 +66,9 @@ class Split:
         try:
             payload = json.loads(path.read_text(encoding="utf-8"))
             parts = {k: [Sample.from_dict(d) for d in v] for k, v in payload["parts"].items()}
-            return cls(payload["name"], int(payload["seed"]), parts, payload["root"],
-                       payload["layout"])
+            return cls(
+                payload["name"], int(payload["seed"]), parts, payload["root"], payload["layout"]
+            )
         except FileNotFoundError as exc:
             raise DataError(f"{path}: split file does not exist") from exc
         except (KeyError, TypeError, ValueError) as exc:
@@ -106,7 +107,7 @@ def make_split(
         test = shuffled[n_train:]
         shuffled = shuffled[:n_train]
         name = f"{dataset.layout}-normal-only-v1"
-    n_val = int(round(len(shuffled) * val_fraction))
+    n_val = round(len(shuffled) * val_fraction)
     if len(shuffled) - n_val < 1:
         raise DataError(f"{dataset.root}: too few normal images ({len(shuffled)}) to split")
     train, val = shuffled[: len(shuffled) - n_val], shuffled[len(shuffled) - n_val :]

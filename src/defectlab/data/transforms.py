@@ -55,9 +55,7 @@ def extract_tiles(
     padded by edge replication. Returns the tiles and their (top, left) positions."""
     h, w = image.shape[:2]
     if h < tile or w < tile:
-        image = np.pad(
-            image, ((0, max(0, tile - h)), (0, max(0, tile - w)), (0, 0)), mode="edge"
-        )
+        image = np.pad(image, ((0, max(0, tile - h)), (0, max(0, tile - w)), (0, 0)), mode="edge")
     positions = [
         (top, left)
         for top in tile_starts(image.shape[0], tile, overlap)
