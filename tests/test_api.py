@@ -1,0 +1,81 @@
+"""Python API behaviours the CLI tests do not reach: tiling, reproducibility, versions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import defectlab.api as dl
+from defectlab.detect.pixelstats import PixelStats
+from defectlab.errors import CheckpointError
+from tests.conftest import write_image
+
+
+def _flat_folder(root: Path, n: int = 16, size: int = 40) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        write_image(root / "good" / f"{i}.png", rng.integers(95, 105, (size, size), dtype=np.uint8))
+    return root
+
+
+@pytest.fixture
+def flat_run(tmp_path: Path) -> Path:
+    """Trained at native resolution (32 px images, 32 px model), as tiling assumes."""
+    data = _flat_folder(tmp_path / "data", n=80, size=32)
+    dl.train("pixelstats", data, tmp_path / "run", image_size=32, device="cpu", progress=False)
+    return tmp_path / "run"
+
+
+def test_tiled_prediction_keeps_size_and_finds_the_defect(flat_run: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    panel = rng.integers(95, 105, (96, 160), dtype=np.uint8)
+    cv2.circle(panel, (130, 70), 5, 255, -1)
+    write_image(tmp_path / "panel" / "p.png", panel)
+    result = dl.predict(flat_run, tmp_path / "panel", tmp_path / "out", tile=True, progress=False)
+    assert result["n_images"] == 1 and result["n_defect"] == 1
+    mask = cv2.imread(str(tmp_path / "out" / "masks" / "p.png"), cv2.IMREAD_GRAYSCALE)
+    assert mask.shape == (96, 160)
+    ys, xs = np.nonzero(mask)
+    assert abs(ys.mean() - 70) < 6 and abs(xs.mean() - 130) < 6
+
+
+def test_same_seed_same_numbers(tmp_path: Path) -> None:
+    data = _flat_folder(tmp_path / "data")
+    a = dl.train("pixelstats", data, tmp_path / "a", image_size=32, progress=False)
+    b = dl.train("pixelstats", data, tmp_path / "b", image_size=32, progress=False)
+    assert a.calibration == b.calibration
+    assert json.loads((tmp_path / "a" / "split.json").read_text())["parts"] == json.loads(
+        (tmp_path / "b" / "split.json").read_text()
+    )["parts"]
+
+
+def test_resume_of_a_finished_run_reproduces_it(flat_run: Path) -> None:
+    before = json.loads((flat_run / "calibration.json").read_text())
+    again = dl.train("pixelstats", "ignored", flat_run, resume=True, progress=False)
+    assert again.calibration == before
+
+
+def test_model_state_version_mismatch_is_refused(flat_run: Path, monkeypatch) -> None:
+    monkeypatch.setattr(PixelStats, "state_version", 2)
+    with pytest.raises(CheckpointError, match="state version 1 .* expects 2. Retrain"):
+        dl.load_run(flat_run)
+
+
+def test_interrupted_run_hints_resume(tmp_path: Path, flat_run: Path) -> None:
+    (flat_run / "model.pt").unlink()
+    with pytest.raises(CheckpointError, match="resume it with --resume"):
+        dl.load_run(flat_run)
+
+
+def test_predict_arrays_matches_model(flat_run: Path) -> None:
+    run = dl.load_run(flat_run, device="cpu")
+    images = np.random.default_rng(2).random((3, 32, 32, 1), dtype=np.float32)
+    scores, maps = dl.predict_arrays(run.model, images, batch_size=2)
+    direct = run.model.predict(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    np.testing.assert_allclose(scores, direct.scores.numpy(), rtol=1e-6)
+    assert maps.shape == (3, 32, 32)
