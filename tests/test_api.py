@@ -49,9 +49,10 @@ def test_same_seed_same_numbers(tmp_path: Path) -> None:
     a = dl.train("pixelstats", data, tmp_path / "a", image_size=32, progress=False)
     b = dl.train("pixelstats", data, tmp_path / "b", image_size=32, progress=False)
     assert a.calibration == b.calibration
-    assert json.loads((tmp_path / "a" / "split.json").read_text())["parts"] == json.loads(
-        (tmp_path / "b" / "split.json").read_text()
-    )["parts"]
+    assert (
+        json.loads((tmp_path / "a" / "split.json").read_text())["parts"]
+        == json.loads((tmp_path / "b" / "split.json").read_text())["parts"]
+    )
 
 
 def test_resume_of_a_finished_run_reproduces_it(flat_run: Path) -> None:
@@ -62,7 +63,7 @@ def test_resume_of_a_finished_run_reproduces_it(flat_run: Path) -> None:
 
 def test_model_state_version_mismatch_is_refused(flat_run: Path, monkeypatch) -> None:
     monkeypatch.setattr(PixelStats, "state_version", 2)
-    with pytest.raises(CheckpointError, match="state version 1 .* expects 2. Retrain"):
+    with pytest.raises(CheckpointError, match=r"state version 1 .* expects 2\. Retrain"):
         dl.load_run(flat_run)
 
 

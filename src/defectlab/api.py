@@ -41,7 +41,14 @@ from defectlab.data.io import (
     to_uint8,
     write_png,
 )
-from defectlab.data.layouts import DEFECT, NORMAL, Dataset, LayoutOptions, load_dataset
+from defectlab.data.layouts import (
+    DEFECT,
+    NORMAL,
+    Dataset,
+    LayoutOptions,
+    is_mask_name,
+    load_dataset,
+)
 from defectlab.data.loading import LoadedImages, iter_files, load_samples, report_failures
 from defectlab.data.splits import Split, make_split
 from defectlab.data.transforms import extract_tiles, resize_image, resize_map, stitch_tiles
@@ -328,8 +335,15 @@ def _list_inputs(path: Path) -> list[Path]:
         raise DataError(f"{path}: does not exist")
     if path.is_file():
         return [path]
+    found = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    stems = {(p.parent, p.stem) for p in found if p.suffix.lower() != ".png"}
+    # masks are not inputs: <stem>_mask.* files, and a PNG beside a same-stem JPEG/TIFF/BMP
+    # (the magnetic-tile convention)
     files = sorted(
-        p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        p
+        for p in found
+        if not is_mask_name(p.stem)
+        and not (p.suffix.lower() == ".png" and (p.parent, p.stem) in stems)
     )
     if not files:
         raise DataError(f"{path}: folder has no images ({', '.join(IMAGE_EXTENSIONS)})")

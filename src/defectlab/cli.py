@@ -19,7 +19,7 @@ def _fmt(value: object) -> str:
 
 def cmd_models(args: argparse.Namespace) -> str:
     entries = registry.available(args.family)
-    width = max(len(e.name) for e in entries)
+    width = max((len(e.name) for e in entries), default=0)
     for e in entries:
         print(f"{e.name:<{width}}  {e.family:<11}  {e.description}")
     return f"{len(entries)} models registered"

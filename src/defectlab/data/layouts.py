@@ -246,7 +246,8 @@ def _detect_folder(path: Path) -> bool:
     return bool(_subdirs(path, NORMAL_DIR_NAMES) or _subdirs(path, DEFECT_DIR_NAMES))
 
 
-def _is_mask_name(stem: str) -> bool:
+def is_mask_name(stem: str) -> bool:
+    """File stems that name masks by convention (``<stem>_mask``, ``_gt``, ``_label``)."""
     return any(stem.endswith(s) for s in MASK_SUFFIXES if s)
 
 
@@ -289,7 +290,7 @@ def _load_folder(path: Path, options: LayoutOptions) -> Dataset:
         found = [(p, "") for p in list_images(folder)]
         for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
             found += [(p, sub.name) for p in list_images(sub)]
-        return [(p, t) for p, t in found if not _is_mask_name(p.stem)]
+        return [(p, t) for p, t in found if not is_mask_name(p.stem)]
 
     samples = [Sample(p, NORMAL) for d in normal_dirs for p, _ in images_in(d)]
     for d in defect_dirs:
