@@ -80,3 +80,29 @@ def test_predict_arrays_matches_model(flat_run: Path) -> None:
     direct = run.model.predict(torch.from_numpy(images.transpose(0, 3, 1, 2)))
     np.testing.assert_allclose(scores, direct.scores.numpy(), rtol=1e-6)
     assert maps.shape == (3, 32, 32)
+
+
+def test_folder_layout_names_from_settings(tmp_path: Path) -> None:
+    """Non-standard folder names and mask suffixes are set with --set data.*."""
+    rng = np.random.default_rng(4)
+    root = tmp_path / "line3"
+    for i in range(12):
+        write_image(root / "pass" / f"{i}.png", rng.integers(95, 105, (32, 32), dtype=np.uint8))
+    for i in range(2):
+        image = rng.integers(95, 105, (32, 32), dtype=np.uint8)
+        image[8:16, 8:16] = 250
+        mask = np.zeros((32, 32), np.uint8)
+        mask[8:16, 8:16] = 255
+        write_image(root / "fail" / f"f{i}.png", image)
+        write_image(root / "labels" / f"f{i}-gt.png", mask)
+    settings = [
+        "data.normal_dirs=pass",
+        "data.defect_dirs=fail",
+        "data.mask_dir=labels",
+        "data.mask_suffix=-gt",
+    ]
+    dl.train(
+        "pixelstats", root, tmp_path / "run", image_size=32, overrides=settings, progress=False
+    )
+    metrics = dl.evaluate(tmp_path / "run", root, tmp_path / "ev", progress=False)
+    assert metrics["n_defect"] == 2 and metrics["pixel_auroc"] is not None

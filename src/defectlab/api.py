@@ -149,7 +149,14 @@ def _make_model(config: RunConfig, device: torch.device) -> Model:
 
 
 def _layout_options(data: DataConfig) -> LayoutOptions:
-    return LayoutOptions(category=data.category, include_uncertain=data.include_uncertain)
+    return LayoutOptions(
+        category=data.category,
+        normal_dirs=data.normal_dirs,
+        defect_dirs=data.defect_dirs,
+        mask_dir=data.mask_dir,
+        mask_suffix=data.mask_suffix,
+        include_uncertain=data.include_uncertain,
+    )
 
 
 def _dataset_and_split(data: DataConfig) -> tuple[Dataset, Split]:

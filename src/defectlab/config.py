@@ -30,6 +30,12 @@ class DataConfig:
     defects_per_class: int = 0
     mask_threshold: int = 127
     include_uncertain: bool = False
+    #: folder layout: names of the normal / defect sub-folders and of the mask folder, and
+    #: the stem suffix of masks (e.g. "_mask"); empty/None = auto-detect
+    normal_dirs: tuple[str, ...] = ()
+    defect_dirs: tuple[str, ...] = ()
+    mask_dir: str | None = None
+    mask_suffix: str | None = None
     workers: int = 2
 
     def __post_init__(self) -> None:
@@ -87,13 +93,18 @@ class RunConfig:
         try:
             return cls(
                 model=d["model"],
-                data=DataConfig(**d.get("data", {})),
+                data=DataConfig(**_tuples(d.get("data", {}))),
                 train=TrainConfig(**d.get("train", {})),
                 calibration=CalibrationConfig(**d.get("calibration", {})),
                 model_config=dict(d.get("model_config", {})),
             )
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"not a defectlab run config: {exc}") from exc
+
+
+def _tuples(d: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no tuples: turn lists read back from config.json into tuples again."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 def _convert(value: str, annotation: Any, key: str) -> Any:

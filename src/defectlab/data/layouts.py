@@ -342,7 +342,8 @@ def load_dataset(
     options = options or LayoutOptions()
     root = resolve_data_path(path)
     if layout == "auto":
-        layout = detect_layout(root)
+        named = options.normal_dirs or options.defect_dirs
+        layout = "folder" if named else detect_layout(root)
     if layout not in LAYOUTS:
         raise DataError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
     dataset = LAYOUTS[layout][1](root, options)
