@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import sys
 import time
 from collections.abc import Sequence
@@ -35,10 +33,10 @@ from defectlab.config import (
 from defectlab.data.io import (
     IMAGE_EXTENSIONS,
     ImageReadError,
-    atomic_write_text,
     read_image,
     read_mask,
     to_uint8,
+    write_csv,
     write_png,
 )
 from defectlab.data.layouts import (
@@ -419,11 +417,7 @@ def predict(
         bar.update(len(paths) + len(bad))
     bar.close()
     report_failures(failures, len(files))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["path", "score", "is_defect"])
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "scores.csv", buf.getvalue())
+    write_csv(out / "scores.csv", rows)
     elapsed = time.perf_counter() - started
     return {
         "n_images": len(rows),
@@ -491,14 +485,19 @@ def evaluate(
     }
     write_json(out / "metrics.json", metrics)
 
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["path", "label", "defect_type", "score", "is_defect"])
-    for s, score in zip(loaded.samples, scores, strict=True):
-        writer.writerow(
-            [s.path, s.label, s.defect_type, f"{score:.6g}", int(score >= run.image_threshold)]
-        )
-    atomic_write_text(out / "scores.csv", buf.getvalue())
+    write_csv(
+        out / "scores.csv",
+        [
+            {
+                "path": s.path,
+                "label": s.label,
+                "defect_type": s.defect_type,
+                "score": f"{score:.6g}",
+                "is_defect": int(score >= run.image_threshold),
+            }
+            for s, score in zip(loaded.samples, scores, strict=True)
+        ],
+    )
 
     items = [
         ReportImage(
@@ -673,14 +672,7 @@ def synthesize(
                 **sample.record,
             }
         )
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "manifest.csv", buf.getvalue())
+    write_csv(out / "manifest.csv", rows)
     write_json(
         out / "synth_config.json",
         {

@@ -9,8 +9,6 @@ batch order depends only on (seed, epoch), and saves model, optimiser and RNG st
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import sys
 from pathlib import Path
@@ -21,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from defectlab.base import Model
-from defectlab.data.io import atomic_write_text
+from defectlab.data.io import write_csv
 from defectlab.errors import CheckpointError, TrainingError
 from defectlab.runs import load_checkpoint, restore_model, save_checkpoint
 
@@ -29,17 +27,6 @@ from defectlab.runs import load_checkpoint, restore_model, save_checkpoint
 def _batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return list(torch.randperm(n, generator=generator).split(batch_size))
-
-
-def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
-    keys: list[str] = []
-    for row in history:
-        keys += [k for k in row if k not in keys]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(path, buf.getvalue())
 
 
 def fit(
@@ -114,7 +101,7 @@ def fit(
                 "model": model.training_state(),
             },
         )
-        _write_log(log_path, history)
+        write_csv(log_path, history)
 
     steps_per_epoch = math.ceil(n / batch_size)
     bar = tqdm(
