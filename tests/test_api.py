@@ -106,3 +106,12 @@ def test_folder_layout_names_from_settings(tmp_path: Path) -> None:
     )
     metrics = dl.evaluate(tmp_path / "run", root, tmp_path / "ev", progress=False)
     assert metrics["n_defect"] == 2 and metrics["pixel_auroc"] is not None
+
+
+def test_elpv_uncertain_cells_only_when_asked(tmp_path: Path) -> None:
+    """ELPV 1/3 and 2/3 cells are kept out of metrics unless --include-uncertain."""
+    run = dl.train("pixelstats", "elpv", tmp_path / "run", image_size=32, progress=False)
+    plain = dl.evaluate(run.run_dir, "elpv", tmp_path / "a", progress=False)
+    assert (plain["n_normal"], plain["n_defect"]) == (453, 715)
+    wider = dl.evaluate(run.run_dir, "elpv", tmp_path / "b", include_uncertain=True, progress=False)
+    assert (wider["n_normal"], wider["n_defect"]) == (453, 715 + 401)

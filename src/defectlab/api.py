@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from defectlab.config import (
     TrainConfig,
     apply_overrides,
     parse_set_options,
+    restore_tuples,
 )
 from defectlab.data.io import (
     IMAGE_EXTENSIONS,
@@ -123,19 +124,13 @@ def build_config(
         CalibrationConfig(), sections.get("calibration", {}), "calibration."
     )
     model_cfg = apply_overrides(cls.Config(), sections.get("model", {}), "model.")
-    return RunConfig(model, data_cfg, train_cfg, calibration, _dataclass_dict(model_cfg))
-
-
-def _dataclass_dict(instance: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(instance)
+    return RunConfig(model, data_cfg, train_cfg, calibration, asdict(model_cfg))
 
 
 def _make_model(config: RunConfig, device: torch.device) -> Model:
     cls = registry.get(config.model, ("detector", "segmenter"))
     try:
-        model_cfg = cls.Config(**config.model_config)
+        model_cfg = cls.Config(**restore_tuples(config.model_config))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{config.model}: invalid model settings: {exc}") from exc
     return cls(
@@ -268,9 +263,12 @@ def train(
     log.info("train %s on %s (resume=%s)", config.model, config.data.path, resume)
 
     dataset, split = _dataset_and_split(config.data)
-    write_json(run_dir / "config.json", config.to_dict())
+    if resume:  # the stored split is the one the run started with, whatever changed since
+        split = Split.load(run_dir / "split.json")
+    else:
+        write_json(run_dir / "config.json", config.to_dict())
+        split.save(run_dir / "split.json")
     write_json(run_dir / "environment.json", environment_info(torch_device))
-    split.save(run_dir / "split.json")
 
     net = _make_model(config, torch_device)
     train_samples = split["train"]
@@ -451,8 +449,12 @@ def evaluate(
         data_cfg = apply_overrides(data_cfg, {"category": category}, "data.")
     if include_uncertain:
         data_cfg = apply_overrides(data_cfg, {"include_uncertain": "true"}, "data.")
-    _, split = _dataset_and_split(data_cfg)
-    seen = Split.load(run.run_dir / "split.json").seen_in_training()
+    dataset, split = _dataset_and_split(data_cfg)
+    trained_split = Split.load(run.run_dir / "split.json")
+    same_data = replace(data_cfg, path="") == replace(run.config.data, path="")
+    if same_data and trained_split.root == str(dataset.root):
+        split = trained_split  # exactly the test images written down at training time
+    seen = trained_split.seen_in_training()
     test = [s for s in split["test"] if s.label in (NORMAL, DEFECT)]
     leaked = [s for s in test if str(s.path) in seen]
     if leaked:
@@ -681,7 +683,7 @@ def synthesize(
             "seed": seed,
             "normal": str(normal),
             "image_size": image_size,
-            "config": _dataclass_dict(synthesizer.config),
+            "config": asdict(synthesizer.config),
             "environment": environment_info(),
         },
     )

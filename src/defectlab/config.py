@@ -93,7 +93,7 @@ class RunConfig:
         try:
             return cls(
                 model=d["model"],
-                data=DataConfig(**_tuples(d.get("data", {}))),
+                data=DataConfig(**restore_tuples(d.get("data", {}))),
                 train=TrainConfig(**d.get("train", {})),
                 calibration=CalibrationConfig(**d.get("calibration", {})),
                 model_config=dict(d.get("model_config", {})),
@@ -102,7 +102,7 @@ class RunConfig:
             raise ConfigError(f"not a defectlab run config: {exc}") from exc
 
 
-def _tuples(d: dict[str, Any]) -> dict[str, Any]:
+def restore_tuples(d: dict[str, Any]) -> dict[str, Any]:
     """JSON has no tuples: turn lists read back from config.json into tuples again."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
