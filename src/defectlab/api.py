@@ -130,15 +130,14 @@ def build_config(
 def _make_model(config: RunConfig, device: torch.device) -> Model:
     cls = registry.get(config.model, ("detector", "segmenter"))
     try:
-        model_cfg = cls.Config(**restore_tuples(config.model_config))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{config.model}: invalid model settings: {exc}") from exc
-    return cls(
-        model_cfg,
-        image_size=config.data.image_size,
-        channels=config.data.channels,
-        device=device,
-    )
+        return cls(
+            cls.Config(**restore_tuples(config.model_config)),
+            image_size=config.data.image_size,
+            channels=config.data.channels,
+            device=device,
+        )
+    except (TypeError, ValueError) as exc:  # e.g. an image size the network cannot take
+        raise ConfigError(f"{config.model}: invalid settings: {exc}") from exc
 
 
 def _layout_options(data: DataConfig) -> LayoutOptions:
@@ -184,7 +183,8 @@ def predict_arrays(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scores (N,) and maps (N, H, W) for float images (N, H, W, C) at model resolution."""
     scores, maps = [], []
-    with torch.inference_mode():
+    # no_grad, not inference_mode: a model may re-enable autograd (gradient anomaly maps)
+    with torch.no_grad():
         for start in tqdm(
             range(0, len(images), batch_size),
             desc="predicting",

@@ -17,6 +17,7 @@ FAMILIES = ("detector", "segmenter", "synthesizer")
 
 BUILTIN_MODULES = (
     "defectlab.detect.pixelstats",
+    "defectlab.detect.ensemble",
     "defectlab.synth.procedural",
 )
 
