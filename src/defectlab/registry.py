@@ -17,6 +17,12 @@ FAMILIES = ("detector", "segmenter", "synthesizer")
 
 BUILTIN_MODULES = (
     "defectlab.detect.pixelstats",
+    "defectlab.detect.classical",
+    "defectlab.detect.autoencoder",
+    "defectlab.detect.mlaae",
+    "defectlab.detect.deepsvdd",
+    "defectlab.detect.flow",
+    "defectlab.detect.patchmemory",
     "defectlab.detect.ensemble",
     "defectlab.synth.procedural",
 )

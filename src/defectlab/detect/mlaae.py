@@ -1,0 +1,496 @@
+"""Multi-level, distribution-constrained adversarial autoencoder (MISSION S3, seed 003).
+
+An autoencoder trained on normal images only, whose latent space has two levels, each pulled
+towards a prior N(0, I) by its own feature discriminator (an adversarial autoencoder). The
+constraint makes the normal feature space compact and limits what the decoder can
+reconstruct, so defects reconstruct badly and score high.
+
+Architecture (``C = round(64 * width)``; seed sizes are ``width=1``)::
+
+    encoder   x (c, H) ─ConvDown C ─ConvDown 2C ─ConvDown 4C ─ConvDown 8C   each 3×3 stride 2 + ReLU
+                           E1 (H/2)    E2 (H/4)     E3 (H/8)     E4 (H/16)
+    low code  E2 ─pool─ FC low_hidden ─ReLU─ FC low_dim             (seed FC1024 / FC128)
+    high code E4 ─pool─ FC high_hidden ─ReLU─ FC high_dim           (seed FC2048 / FC256)
+    decoder   high code ─FC─ReLU─FC─ReLU→ (8C, H/16) ─ConvUp 4C ─ConvUp 2C → (2C, H/4)
+              low code  ─FC─ReLU─FC─ReLU→ (2C, H/4), concatenated there (the level it came from)
+              ─ConvUp C ─ConvUp c (no ReLU) ─ sigmoid → x̂              ConvUp = 3×3 stride-2
+                                                                       transposed conv + ReLU
+    discriminators, one per code: FC disc_hidden ─LeakyReLU─ FC ─LeakyReLU─ FC 1 ─ sigmoid
+
+Design choices the seed leaves open:
+
+* **Pooling before the embeddings.** A feature map larger than ``embed_grid``² cells is
+  average-pooled to that grid before it is flattened, and the decoder's FC layers produce
+  maps on the same grid, bilinearly up-sampled to the level's size. With the default grid 4
+  at 128 px the 32×32 shallow map and the 8×8 deep map both become 4×4 cells; the FC sizes
+  are then independent of the image size (the seed's literal flatten of the shallow map
+  would need a 131072×1024 layer at 128 px). ``embed_grid=H/4`` flattens without pooling.
+* **Where the low-level code enters the decoder**: at the decoder stage with the resolution
+  it was taken from (H/4), concatenated with the up-sampled deep features — a mirror of the
+  encoder, so the low-level code carries structure and the high-level code semantics.
+* The last ConvUp has no ReLU: a sigmoid follows so x̂ lies in [0, 1] like the input.
+* **CPU defaults**: ``width=0.25`` (channels 16/32/64/128) with the seed's FC sizes gives
+  about 11 M parameters (most in the FC layers); a training step at 128 px, batch 16, takes
+  about 0.17 s on one CPU thread. On a busy machine run with ``OMP_NUM_THREADS=1``: two
+  contended threads were ten times slower.
+* ``adv_weight`` is small (0.003) because the L2 term is a per-pixel *mean* (≈ 1e-2 on
+  normal images) while each BCE is ≈ 0.7: at 0.1 the adversarial term stopped the codes from
+  carrying information and the decoder produced the mean image; at 0.001–0.003 the
+  discriminators end near chance (codes indistinguishable from prior samples) and the
+  reconstruction still converges.
+
+Training (one call of :meth:`MLAAE.training_step`): the autoencoder (encoder, embeddings,
+decoder; Adam, ``lr``) minimises the L2 reconstruction loss (MSE, plus ``ssim_weight`` ×
+(1 − SSIM) if set) plus ``adv_weight`` × the BCE that its two codes are taken for prior
+samples; then the discriminators (their own Adam, ``disc_lr``) minimise BCE on prior
+samples (label 1) vs the detached codes (label 0). Prior samples come from torch's global
+CPU generator, which the trainer seeds and checkpoints, so resumed runs are exact.
+
+Score. The seed's ``A(x) = α‖x − x̂‖₂ + β Σᵢ ‖Eᵢ(x) − Eᵢ(x̂)‖₂`` over the four encoder levels.
+Raw norms of the levels differ by orders of magnitude (element counts and activation scales
+differ), so every term is normalised: it is the root of the **mean over elements** of the
+squared residual divided by that mean on normal training batches (an exponential moving
+average kept during training, ``norm_momentum``). Each term is therefore ≈ 1 on normal
+images, and α, β weigh comparable quantities. With ``feature_residual="relative"`` each
+level's squared residual is first divided by the image's own mean squared activation of
+that level (see the ELPV note below). The map is built the same way per location
+(channel mean of squared residuals, normalised, rooted), the level maps up-sampled
+bilinearly to the image size, weighted ``α·pixel + β·Σ levels`` and Gaussian-smoothed with
+``map_sigma``.
+
+ELPV note (128 px, 25 epochs, test split ``elpv-normal-only-v1``): defective cells are darker
+on average, so their shallow ReLU activations — and the absolute feature residuals of
+levels 1–2 — are *smaller* than those of normal cells; those two terms rank defects below
+normal cells (AUROC < 0.5) and pull the seed's sum towards chance, while the pixel term
+alone ranks well. See the benchmark report for the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defectlab.base import ModelConfig, Prediction
+from defectlab.detect.base import Detector
+from defectlab.ops import gaussian_blur
+from defectlab.registry import register
+
+#: four stride-2 ConvDown blocks: the image side must be divisible by 2**4
+DOWNSAMPLING = 16
+#: encoder channel counts at width 1 (ConvDown64 … ConvDown512)
+BASE_CHANNELS = (64, 128, 256, 512)
+#: encoder level (1-based) whose output feeds the low-level code, and the high-level one
+LOW_LEVEL, HIGH_LEVEL = 2, 4
+
+
+@dataclass
+class MLAAEConfig(ModelConfig):
+    epochs: int = 20
+    #: channel multiplier of the encoder/decoder (seed: 1.0 → 64/128/256/512)
+    width: float = 0.25
+    #: low-level code size (from the ConvDown128 output) and its FC hidden size (seed 128/1024)
+    low_dim: int = 128
+    low_hidden: int = 1024
+    #: high-level code size (from the ConvDown512 output) and its FC hidden size (seed 256/2048)
+    high_dim: int = 256
+    high_hidden: int = 2048
+    #: feature maps are average-pooled to at most this many cells per side before an FC layer
+    embed_grid: int = 4
+    #: hidden width of each feature discriminator
+    disc_hidden: int = 256
+    #: weight of the encoder's "fool the discriminators" BCE in the autoencoder loss
+    adv_weight: float = 0.003
+    #: weight of an extra (1 − SSIM) reconstruction term; 0 = plain L2 as in the seed
+    ssim_weight: float = 0.0
+    #: Adam learning rates of the autoencoder and of the discriminators
+    lr: float = 1e-3
+    disc_lr: float = 1e-3
+    #: score weights: α on the pixel residual, β on the sum of the feature residuals
+    alpha: float = 1.0
+    beta: float = 1.0
+    #: feature residual per level: "absolute" ‖Eᵢ(x) − Eᵢ(x̂)‖ as in the seed, or "relative"
+    #: (divided by the image's own ‖Eᵢ(x)‖: invariant to the brightness-driven activation scale)
+    feature_residual: str = "absolute"
+    #: smoothing of the anomaly map, in pixels
+    map_sigma: float = 2.0
+    #: momentum of the moving averages that normalise the score terms
+    norm_momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.beta < 0:
+            raise ValueError(
+                f"alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}"
+            )
+        if self.alpha == 0 and self.beta == 0:
+            raise ValueError("alpha and beta are both 0: the anomaly score would always be 0")
+        if self.feature_residual not in ("absolute", "relative"):
+            raise ValueError(
+                f"feature_residual must be 'absolute' or 'relative', got {self.feature_residual!r}"
+            )
+        if self.width <= 0:
+            raise ValueError(f"width must be positive, got {self.width}")
+        for key in ("low_dim", "low_hidden", "high_dim", "high_hidden", "embed_grid"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.disc_hidden < 1:
+            raise ValueError(f"disc_hidden must be at least 1, got {self.disc_hidden}")
+        for key in ("adv_weight", "ssim_weight", "map_sigma"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.lr <= 0 or self.disc_lr <= 0:
+            raise ValueError(f"lr and disc_lr must be positive, got {self.lr}, {self.disc_lr}")
+        if not 0 <= self.norm_momentum < 1:
+            raise ValueError(f"norm_momentum must be in [0, 1), got {self.norm_momentum}")
+
+
+def _conv_down(c_in: int, c_out: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.ReLU())
+
+
+def _conv_up(c_in: int, c_out: int, relu: bool = True) -> nn.Module:
+    conv = nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1)
+    return nn.Sequential(conv, nn.ReLU()) if relu else conv
+
+
+class _Embedding(nn.Module):
+    """Feature map (B, C, h, w) → pool to ≤ grid² cells → FC hidden → ReLU → FC code."""
+
+    def __init__(self, channels: int, side: int, grid: int, hidden: int, dim: int) -> None:
+        super().__init__()
+        self.grid = min(grid, side)
+        self.fc = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * self.grid**2, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, dim),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.shape[-1] != self.grid:
+            features = F.adaptive_avg_pool2d(features, self.grid)
+        return self.fc(features)
+
+
+class _Unembedding(nn.Module):
+    """Code → FC hidden → ReLU → FC → ReLU → map (C, grid, grid) → bilinear to (side, side)."""
+
+    def __init__(self, dim: int, hidden: int, channels: int, side: int, grid: int) -> None:
+        super().__init__()
+        self.channels, self.side, self.grid = channels, side, min(grid, side)
+        self.fc = nn.Sequential(
+            nn.Linear(dim, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, channels * self.grid**2),
+            nn.ReLU(),
+        )
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        maps = self.fc(code).view(-1, self.channels, self.grid, self.grid)
+        if self.grid != self.side:
+            maps = F.interpolate(maps, size=self.side, mode="bilinear", align_corners=False)
+        return maps
+
+
+def _discriminator(dim: int, hidden: int) -> nn.Module:
+    """FC layers → one logit (the probability that a code is a prior sample is its sigmoid)."""
+    return nn.Sequential(
+        nn.Linear(dim, hidden),
+        nn.LeakyReLU(0.2),
+        nn.Linear(hidden, hidden),
+        nn.LeakyReLU(0.2),
+        nn.Linear(hidden, 1),
+    )
+
+
+class _Network(nn.Module):
+    def __init__(self, config: MLAAEConfig, image_size: int, channels: int) -> None:
+        super().__init__()
+        widths = [max(1, round(c * config.width)) for c in BASE_CHANNELS]
+        sides = [image_size // 2**k for k in range(1, 5)]
+        self.encoder = nn.ModuleList(
+            _conv_down(c_in, c_out)
+            for c_in, c_out in zip([channels, *widths[:-1]], widths, strict=True)
+        )
+        lo, hi = LOW_LEVEL - 1, HIGH_LEVEL - 1
+        grid = config.embed_grid
+        self.low_embed = _Embedding(widths[lo], sides[lo], grid, config.low_hidden, config.low_dim)
+        self.high_embed = _Embedding(
+            widths[hi], sides[hi], grid, config.high_hidden, config.high_dim
+        )
+        self.high_unembed = _Unembedding(
+            config.high_dim, config.high_hidden, widths[hi], sides[hi], grid
+        )
+        self.low_unembed = _Unembedding(
+            config.low_dim, config.low_hidden, widths[lo], sides[lo], grid
+        )
+        # decoder: H/16 → H/8 → H/4, then [features, low map] → H/2 → H
+        self.up_deep = nn.Sequential(_conv_up(widths[3], widths[2]), _conv_up(widths[2], widths[1]))
+        self.up_shallow = nn.Sequential(
+            _conv_up(2 * widths[1], widths[0]), _conv_up(widths[0], channels, relu=False)
+        )
+        self.discriminators = nn.ModuleList(
+            [
+                _discriminator(config.low_dim, config.disc_hidden),
+                _discriminator(config.high_dim, config.disc_hidden),
+            ]
+        )
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The four encoder levels E1..E4."""
+        out = []
+        for block in self.encoder:
+            images = block(images)
+            out.append(images)
+        return out
+
+    def embed(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.low_embed(features[LOW_LEVEL - 1]), self.high_embed(features[HIGH_LEVEL - 1])
+
+    def decode(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        deep = self.up_deep(self.high_unembed(high))
+        merged = torch.cat([deep, self.low_unembed(low)], dim=1)
+        return torch.sigmoid(self.up_shallow(merged))
+
+    def autoencoder_parameters(self) -> list[nn.Parameter]:
+        skip = {id(p) for p in self.discriminators.parameters()}
+        return [p for p in self.parameters() if id(p) not in skip]
+
+
+def _ssim(a: torch.Tensor, b: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
+    """Mean structural similarity per image (Gaussian window), images in [0, 1]."""
+    c1, c2 = 0.01**2, 0.03**2
+    mu_a, mu_b = gaussian_blur(a, sigma), gaussian_blur(b, sigma)
+    var_a = gaussian_blur(a * a, sigma) - mu_a**2
+    var_b = gaussian_blur(b * b, sigma) - mu_b**2
+    cov = gaussian_blur(a * b, sigma) - mu_a * mu_b
+    ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+        (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    )
+    return ssim.flatten(1).mean(dim=1)
+
+
+@register
+class MLAAE(Detector):
+    """See the module docstring for architecture, training and score."""
+
+    name: ClassVar[str] = "mlaae"
+    description: ClassVar[str] = (
+        "multi-level adversarial autoencoder (codes constrained to N(0,I)); "
+        "score = α pixel + β feature residuals"
+    )
+    Config = MLAAEConfig
+    config: MLAAEConfig
+
+    def __init__(self, config: MLAAEConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        if self.image_size < DOWNSAMPLING or self.image_size % DOWNSAMPLING:
+            raise ValueError(
+                f"mlaae: image size {self.image_size} is not a positive multiple of "
+                f"{DOWNSAMPLING} (four stride-2 ConvDown blocks); use e.g. "
+                f"{max(DOWNSAMPLING, round(self.image_size / DOWNSAMPLING) * DOWNSAMPLING)}"
+            )
+        if self.channels not in (1, 3):
+            raise ValueError(f"mlaae: channels must be 1 or 3, got {self.channels}")
+        self.net = _Network(self.config, self.image_size, self.channels).to(self.device)
+        #: moving mean squared residual on normal training batches: [pixel, E1, E2, E3, E4]
+        self.norms = torch.ones(1 + len(BASE_CHANNELS), device=self.device)
+        self.steps = 0
+        self.ae_optimizer: torch.optim.Optimizer | None = None
+        self.disc_optimizer: torch.optim.Optimizer | None = None
+
+    # --- building blocks (public for tests and inspection) ------------------------------------
+    def encode(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Encoder levels [E1..E4], low-level code (B, low_dim), high-level code (B, high_dim)."""
+        features = self.net.features(images)
+        low, high = self.net.embed(features)
+        return features, low, high
+
+    def decode(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        return self.net.decode(low, high)
+
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        _, low, high = self.encode(images)
+        return self.decode(low, high)
+
+    def discriminate(
+        self, codes: list[torch.Tensor] | tuple[torch.Tensor, ...]
+    ) -> list[torch.Tensor]:
+        """Probability (B,) per level that each code is a prior sample rather than an encoding."""
+        return [
+            torch.sigmoid(d(c)).squeeze(1)
+            for d, c in zip(self.net.discriminators, codes, strict=True)
+        ]
+
+    # --- training ------------------------------------------------------------------------------
+    def setup_training(self, n_train: int) -> None:
+        self.ae_optimizer = torch.optim.Adam(
+            self.net.autoencoder_parameters(), lr=self.config.lr, betas=(0.5, 0.999)
+        )
+        self.disc_optimizer = torch.optim.Adam(
+            self.net.discriminators.parameters(), lr=self.config.disc_lr, betas=(0.5, 0.999)
+        )
+
+    def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        if self.ae_optimizer is None or self.disc_optimizer is None:
+            self.setup_training(0)
+        assert self.ae_optimizer is not None and self.disc_optimizer is not None
+        cfg = self.config
+        images = batch["image"].to(self.device)
+        features, low, high = self.encode(images)
+        recon = self.decode(low, high)
+        codes = [low, high]
+        with torch.no_grad():  # the normalisers' residuals, with the weights that made recon
+            levels = self._level_residuals(features, self.net.features(recon))
+            current = [(images - recon).pow(2).mean()] + [r.mean() for r in levels]
+
+        # autoencoder: reconstruct, and make both codes look like prior samples
+        rec_loss = F.mse_loss(recon, images)
+        loss = rec_loss
+        losses: dict[str, float] = {"recon": rec_loss.item()}
+        if cfg.ssim_weight > 0:
+            ssim_loss = 1 - _ssim(recon, images).mean()
+            loss = loss + cfg.ssim_weight * ssim_loss
+            losses["ssim"] = ssim_loss.item()
+        fool = torch.stack(
+            [
+                F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
+                for logit in (d(c) for d, c in zip(self.net.discriminators, codes, strict=True))
+            ]
+        ).mean()
+        loss = loss + cfg.adv_weight * fool
+        self.ae_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.ae_optimizer.step()
+
+        # discriminators: prior samples (real, 1) vs encoder codes (fake, 0)
+        d_losses, p_real, p_fake = [], [], []
+        for d, code in zip(self.net.discriminators, codes, strict=True):
+            prior = torch.randn(code.shape).to(self.device)  # CPU generator: checkpointed
+            real, fake = d(prior), d(code.detach())
+            d_losses.append(
+                F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+                + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+            )
+            p_real.append(torch.sigmoid(real).mean())
+            p_fake.append(torch.sigmoid(fake).mean())
+        disc_loss = torch.stack(d_losses).mean()
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        disc_loss.backward()
+        self.disc_optimizer.step()
+
+        # score normalisers: moving mean squared residual of each term on normal images
+        with torch.no_grad():
+            current_t = torch.stack(current).clamp_min(1e-10)
+            m = cfg.norm_momentum if self.steps > 0 else 0.0
+            self.norms = m * self.norms + (1 - m) * current_t
+        self.steps += 1
+
+        return losses | {
+            "adv": fool.item(),
+            "disc": disc_loss.item(),
+            "p_real": torch.stack(p_real).mean().item(),
+            "p_fake": torch.stack(p_fake).mean().item(),
+        }
+
+    # --- inference -----------------------------------------------------------------------------
+    def _level_residuals(
+        self, features: list[torch.Tensor], rec_features: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Channel mean of squared feature residuals per level (B, h_i, w_i), not normalised."""
+        out = []
+        for f, g in zip(features, rec_features, strict=True):
+            residual = (f - g).pow(2).mean(dim=1)
+            if self.config.feature_residual == "relative":
+                energy = f.pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+                residual = residual / energy[:, None, None]
+            out.append(residual)
+        return out
+
+    @torch.no_grad()
+    def residuals(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Normalised squared residuals (channel means divided by the training normalisers):
+        pixel (B, H, W), the reconstruction (B, C, H, W), and per level [(B, h_i, w_i)]."""
+        images = images.to(self.device)
+        features, low, high = self.encode(images)
+        recon = self.decode(low, high)
+        pixel = (images - recon).pow(2).mean(dim=1) / self.norms[0]
+        raw = self._level_residuals(features, self.net.features(recon))
+        levels = [r / self.norms[i + 1] for i, r in enumerate(raw)]
+        return pixel, recon, levels
+
+    @staticmethod
+    def _terms(
+        pixel: torch.Tensor, levels: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pixel_term = pixel.flatten(1).mean(dim=1).sqrt()
+        feature_terms = torch.stack([lv.flatten(1).mean(dim=1).sqrt() for lv in levels], dim=1)
+        return pixel_term, feature_terms
+
+    @torch.no_grad()
+    def score_terms(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel term (B,) and feature terms (B, 4): normalised RMS residuals (see module doc).
+        The score is ``alpha * pixel + beta * features.sum(1)``."""
+        pixel, _, levels = self.residuals(images)
+        return self._terms(pixel, levels)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> Prediction:
+        cfg = self.config
+        pixel, _, levels = self.residuals(images)
+        pixel_term, feature_terms = self._terms(pixel, levels)
+        scores = cfg.alpha * pixel_term + cfg.beta * feature_terms.sum(dim=1)
+        size = (self.image_size, self.image_size)
+        maps = cfg.alpha * pixel.sqrt()
+        if cfg.beta > 0:
+            for level in levels:
+                up = F.interpolate(
+                    level.sqrt()[:, None], size=size, mode="bilinear", align_corners=False
+                )
+                maps = maps + cfg.beta * up[:, 0]
+        maps = gaussian_blur(maps[:, None], cfg.map_sigma)[:, 0]
+        return Prediction(scores, maps)
+
+    # --- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "net": dict(self.net.state_dict()),
+            "norms": self.norms,
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        norms = state["norms"]
+        if tuple(norms.shape) != tuple(self.norms.shape):
+            raise ValueError(f"mlaae: normalisers have shape {tuple(norms.shape)}")
+        try:
+            self.net.load_state_dict(state["net"])
+        except RuntimeError as exc:
+            raise ValueError(
+                f"mlaae: weights do not fit this model (image size {self.image_size}, "
+                f"{self.channels} channels, width {self.config.width}, code sizes): {exc}"
+            ) from exc
+        self.norms = norms.to(self.device, torch.float32).clone()
+        self.steps = int(state["steps"])
+
+    def training_state(self) -> dict[str, Any]:
+        if self.ae_optimizer is None or self.disc_optimizer is None:
+            return {}
+        return {
+            "ae_optimizer": self.ae_optimizer.state_dict(),
+            "disc_optimizer": self.disc_optimizer.state_dict(),
+        }
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if self.ae_optimizer is None or self.disc_optimizer is None:
+            self.setup_training(0)
+        assert self.ae_optimizer is not None and self.disc_optimizer is not None
+        self.ae_optimizer.load_state_dict(state["ae_optimizer"])
+        self.disc_optimizer.load_state_dict(state["disc_optimizer"])

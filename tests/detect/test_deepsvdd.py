@@ -1,0 +1,266 @@
+"""Deep SVDD: bias-free network, fixed centre, both objectives, maps, state and resume."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from defectlab.detect.deepsvdd import DeepSVDD, DeepSVDDConfig
+from defectlab.training import fit
+
+SIZE = 32
+SMALL = {"width": 8, "depth": 2, "rep_dim": 16, "kernel_size": 3}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convolutions: one thread avoids thread oversubscription on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _normals(n: int, seed: int = 0) -> np.ndarray:
+    """Smooth images (N, H, W, 1): a random-phase gentle wave plus slight noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    images = []
+    for _ in range(n):
+        phase, level = rng.uniform(0, 2 * np.pi), rng.uniform(0.35, 0.5)
+        image = level + 0.1 * np.sin(2 * np.pi * x + phase) + 0.05 * y
+        images.append(image + rng.normal(0, 0.01, (SIZE, SIZE)))
+    return np.clip(np.stack(images), 0, 1)[..., None].astype(np.float32)
+
+
+def _with_square(images: np.ndarray, top: int = 18, left: int = 8, side: int = 6) -> np.ndarray:
+    out = images.copy()
+    out[:, top : top + side, left : left + side] = 1.0
+    return out
+
+
+def _tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+
+
+def _model(**overrides) -> DeepSVDD:
+    torch.manual_seed(0)
+    return DeepSVDD(DeepSVDDConfig(**(SMALL | overrides)), image_size=SIZE)
+
+
+def _fit(model: DeepSVDD, run_dir: Path, n: int = 48, **kwargs) -> list[dict]:
+    return fit(model, _normals(n), run_dir=run_dir, batch_size=16, progress=False, **kwargs)
+
+
+def test_network_is_bias_free_with_non_affine_batchnorm() -> None:
+    model = _model(epochs=3, pretrain_epochs=1)
+    assert model.decoder is not None
+    modules = [*model.encoder.modules(), *model.decoder.modules()]
+    names = [n for net in (model.encoder, model.decoder) for n, _ in net.named_parameters()]
+    assert names and not any("bias" in n for n in names)
+    assert all(getattr(m, "bias", None) is None for m in modules)
+    batch_norms = [m for m in modules if isinstance(m, nn.BatchNorm2d)]
+    assert batch_norms and not any(m.affine for m in batch_norms)
+    assert any(isinstance(m, nn.LeakyReLU) for m in modules)
+    # stride 4: a 32-pixel image gives an 8×8 grid of feature vectors
+    assert model.encoder(torch.rand(2, 1, SIZE, SIZE)).shape == (2, 16, 8, 8)
+
+
+def test_center_is_the_guarded_mean_of_initial_features_and_stays_fixed(tmp_path: Path) -> None:
+    images = _normals(32)
+    model = _model(epochs=2, eps=0.1)
+    initial = DeepSVDD(model.config, image_size=SIZE)
+    initial.load_state_dict(model.state_dict())
+    # one batch holding all images: BatchNorm statistics then do not depend on batch order
+    fit(model, images, run_dir=tmp_path / "a", batch_size=32, progress=False)
+    initial.encoder.train()
+    with torch.no_grad():
+        expected = initial.encoder(_tensor(images)).mean(dim=(0, 2, 3))
+    guarded = torch.where(expected.abs() < 0.1, torch.where(expected < 0, -0.1, 0.1), expected)
+    assert (expected.abs() < 0.1).any()  # the guard was exercised
+    assert torch.allclose(model.center, guarded, atol=1e-5)
+    assert (model.center.abs() >= 0.1 - 1e-7).all()
+
+    # same seed → same centre; more SVDD epochs do not move it
+    short, long = _model(epochs=3), _model(epochs=6)
+    _fit(short, tmp_path / "short")
+    _fit(long, tmp_path / "long")
+    assert torch.equal(short.center, long.center)
+    assert not torch.equal(
+        short.encoder.state_dict()["0.weight"], long.encoder.state_dict()["0.weight"]
+    )
+
+
+def test_one_class_training_lowers_the_mean_distance(tmp_path: Path) -> None:
+    model = _model(epochs=8, lr=3e-3)
+    history = _fit(model, tmp_path / "run")
+    assert not any("mean_dist" in row for row in history if row["epoch"] == 1)  # centre pass
+    first = np.mean([r["mean_dist"] for r in history if r["epoch"] == 2])
+    last = np.mean([r["mean_dist"] for r in history if r["epoch"] == 8])
+    assert last < 0.5 * first
+
+    x = _tensor(_normals(16, seed=1))
+    untrained = _model(epochs=8, lr=3e-3)
+    untrained.center = model.center  # same centre, initial weights
+    untrained.encoder.train()
+    with torch.no_grad():  # batch statistics for both: the regime the loss was computed in
+        before = untrained._distances(untrained.encoder(x)).mean()
+    model.encoder.train()
+    with torch.no_grad():
+        after = model._distances(model.encoder(x)).mean()
+    assert after < 0.5 * before
+
+
+def test_soft_boundary_radius_is_the_epoch_distance_quantile(monkeypatch) -> None:
+    nu = 0.2
+    model = _model(epochs=5, objective="soft-boundary", nu=nu)
+    seen: list[torch.Tensor] = []
+    original = DeepSVDD._distances
+
+    def recording(self, features):
+        dist = original(self, features)
+        seen.append(dist.detach().clone())
+        return dist
+
+    monkeypatch.setattr(DeepSVDD, "_distances", recording)
+    model.setup_training(32)
+    batches = _tensor(_normals(32)).split(8)
+    radii = []
+    for epoch in range(5):
+        seen.clear()
+        for batch in batches:
+            losses = model.training_step({"image": batch})
+        model.end_epoch(epoch)
+        radii.append(model.radius)
+        if epoch >= 1:  # SVDD epochs: R² is the (1 − ν) quantile of this epoch's distances
+            quantile = np.quantile(torch.cat(seen).flatten().numpy(), 1 - nu)
+            assert model.radius**2 == pytest.approx(quantile, rel=0.02)
+            assert np.isfinite(losses["loss"])
+    assert radii[0] == 0.0 and radii[1] > 0
+    assert len(set(radii[1:])) == 4  # updated after every SVDD epoch
+    # soft-boundary scores are distances minus R²: a share of normal locations is negative
+    out = model.predict(_tensor(_normals(8, seed=3)))
+    assert (out.maps < 0).any() and (out.maps > 0).any()
+
+
+def test_separates_bright_squares_and_the_map_peaks_on_them(tmp_path: Path) -> None:
+    model = _model(epochs=8, lr=3e-3)
+    _fit(model, tmp_path / "run", n=64)
+    normals = _normals(8, seed=7)
+    out_normal = model.predict(_tensor(normals))
+    out_defect = model.predict(_tensor(_with_square(normals)))
+    assert out_normal.maps.shape == (8, SIZE, SIZE) and out_normal.scores.shape == (8,)
+    assert out_defect.scores.min() > out_normal.scores.max()
+    for heat in out_defect.maps:
+        row, col = np.unravel_index(heat.argmax().item(), (SIZE, SIZE))
+        assert 14 <= row <= 28 and 4 <= col <= 18, (row, col)
+
+    # "global": the distance of the global-average-pooled feature to c
+    model.config.score = "global"
+    x = _tensor(_with_square(normals))
+    model.encoder.eval()
+    with torch.no_grad():
+        pooled = model.encoder(x).mean(dim=(2, 3))
+    expected = ((pooled - model.center) ** 2).sum(dim=1)
+    assert torch.allclose(model.predict(x).scores, expected, rtol=1e-5)
+
+
+def test_state_round_trip_gives_identical_scores(tmp_path: Path) -> None:
+    model = _model(epochs=3, objective="soft-boundary")
+    _fit(model, tmp_path / "run")
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    clone = _model(epochs=3, objective="soft-boundary")
+    clone.load_state_dict(state)
+    x = _tensor(_with_square(_normals(4, seed=2)))
+    a, b = model.predict(x), clone.predict(x)
+    assert model.radius > 0 and clone.radius == model.radius
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
+    with pytest.raises(ValueError, match="do not fit"):
+        DeepSVDD(DeepSVDDConfig(**(SMALL | {"width": 4})), image_size=SIZE).load_state_dict(state)
+
+
+def test_predict_before_fit_and_bad_image_sizes() -> None:
+    with pytest.raises(RuntimeError, match="before fit"):
+        _model().predict(torch.rand(1, 1, SIZE, SIZE))
+    with pytest.raises(ValueError, match="divisible by the network's stride 8"):
+        DeepSVDD(DeepSVDDConfig(depth=3), image_size=36)
+    model = _model(epochs=2)
+    model.center = torch.ones(16)
+    with pytest.raises(ValueError, match="not divisible"):
+        model.predict(torch.rand(1, 1, 30, 30))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"objective": "hard"}, "objective must be one of"),
+        ({"nu": 0.0}, "nu must be in"),
+        ({"nu": 1.5}, "nu must be in"),
+        ({"epochs": 3, "pretrain_epochs": 2}, "at least pretrain_epochs \\+ 2 = 4"),
+        ({"epochs": 1}, "at least pretrain_epochs"),
+        ({"pretrain_epochs": -1}, "pretrain_epochs must be"),
+        ({"kernel_size": 4}, "odd"),
+        ({"score": "max"}, "score must be one of"),
+        ({"lr": 0.0}, "lr must be positive"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"score_top_fraction": 0.0}, "score_top_fraction"),
+        ({"depth": 0}, "depth must be"),
+    ],
+)
+def test_bad_configs_are_refused(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DeepSVDDConfig(**overrides)
+
+
+def _resumable_run(run_dir: Path, **kwargs) -> tuple[DeepSVDD, list[dict]]:
+    model = _model(epochs=4, pretrain_epochs=1, objective="soft-boundary")
+    history = fit(
+        model,
+        _normals(24),
+        run_dir=run_dir,
+        batch_size=8,
+        checkpoint_every=2,
+        progress=False,
+        **kwargs,
+    )
+    return model, history
+
+
+# steps 1-3: autoencoder epoch, 4-6: centre pass, 7-12: SVDD epochs. Dying in step k leaves the
+# checkpoint of step k - 1 rounded down to even: mid pre-training, mid centre pass, mid SVDD.
+@pytest.mark.parametrize("die_at", [3, 6, 11])
+def test_resume_after_interruption_reproduces_the_run(
+    tmp_path: Path, monkeypatch, die_at: int
+) -> None:
+    reference, ref_history = _resumable_run(tmp_path / "ref")
+
+    calls = {"n": 0}
+    original = DeepSVDD.training_step
+
+    def interrupted(self, batch):
+        calls["n"] += 1
+        if calls["n"] == die_at:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(DeepSVDD, "training_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _resumable_run(tmp_path / "run")
+    monkeypatch.setattr(DeepSVDD, "training_step", original)
+    resumed, history = _resumable_run(tmp_path / "run", resume=True)
+
+    assert history == ref_history
+    assert resumed.radius == reference.radius > 0
+    assert torch.equal(resumed.center, reference.center)
+    for key, value in reference.state_dict()["encoder"].items():
+        assert torch.equal(resumed.state_dict()["encoder"][key], value), key
+    x = _tensor(_normals(4, seed=9))
+    assert torch.equal(resumed.predict(x).scores, reference.predict(x).scores)

@@ -1,0 +1,297 @@
+"""mlaae: the multi-level adversarial autoencoder (MISSION S3) on tiny synthetic images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from defectlab import registry
+from defectlab.detect.mlaae import MLAAE, MLAAEConfig
+from defectlab.runs import load_checkpoint, restore_model, save_checkpoint
+from defectlab.training import fit
+
+SIZE = 32
+#: a small network so that training in the tests takes a few seconds
+SMALL = dict(width=0.25, low_dim=16, low_hidden=64, high_dim=32, high_hidden=128, disc_hidden=64)
+
+
+def _normal(n: int, size: int = SIZE, channels: int = 1, seed: int = 0) -> np.ndarray:
+    """Smooth gradients with a random phase plus fine noise, (N, H, W, C) float32 in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    out = np.empty((n, size, size, channels), np.float32)
+    for i in range(n):
+        phase = rng.uniform(0, 2 * np.pi)
+        base = 0.45 + 0.15 * np.sin(2 * np.pi * x + phase) + 0.1 * y
+        out[i] = (base[..., None] + rng.normal(0, 0.02, (size, size, channels))).clip(0, 1)
+    return out
+
+
+def _with_square(images: np.ndarray, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = images.copy()
+    side = images.shape[1] // 4
+    for image in out:
+        y, x = rng.integers(2, images.shape[1] - side - 2, 2)
+        image[y : y + side, x : x + side] = 1.0
+    return out
+
+
+def _tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+
+
+def _model(epochs: int = 1, size: int = SIZE, channels: int = 1, **overrides) -> MLAAE:
+    torch.manual_seed(0)
+    return MLAAE(
+        MLAAEConfig(epochs=epochs, **(SMALL | overrides)), image_size=size, channels=channels
+    )
+
+
+def _fit(model: MLAAE, run_dir: Path, n: int = 32, checkpoint_every: int = 3, **kwargs) -> list:
+    return fit(
+        model,
+        _normal(n),
+        run_dir=run_dir,
+        batch_size=8,
+        seed=0,
+        checkpoint_every=checkpoint_every,
+        progress=False,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny layers run ~10x faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _trained(tmp_path_factory, **overrides) -> tuple[MLAAE, list[dict]]:
+    model = _model(epochs=25, **overrides)
+    history = _fit(model, tmp_path_factory.mktemp("mlaae"), n=48, checkpoint_every=10_000)
+    return model, history
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[MLAAE, list[dict]]:
+    return _trained(tmp_path_factory)
+
+
+def test_registered_as_a_detector() -> None:
+    entry = registry.get("mlaae", "detector")
+    assert entry is MLAAE and MLAAE.family == "detector"
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_shapes_of_every_level(channels: int) -> None:
+    model = _model(size=64, channels=channels, width=0.5)
+    x = torch.rand(2, channels, 64, 64)
+    features, low, high = model.encode(x)
+    widths = [32, 64, 128, 256]
+    assert [tuple(f.shape) for f in features] == [
+        (2, c, 64 // 2**k, 64 // 2**k) for k, c in enumerate(widths, start=1)
+    ]
+    assert low.shape == (2, 16) and high.shape == (2, 32)
+    recon = model.decode(low, high)
+    assert recon.shape == x.shape and recon.min() >= 0 and recon.max() <= 1
+    probs = model.discriminate([low, high])
+    assert [tuple(p.shape) for p in probs] == [(2,), (2,)]
+    pixel, feature_terms = model.score_terms(x)
+    assert pixel.shape == (2,) and feature_terms.shape == (2, 4)
+    out = model.predict(x)
+    assert out.scores.shape == (2,) and out.maps.shape == (2, 64, 64)
+    assert torch.isfinite(out.scores).all() and torch.isfinite(out.maps).all()
+
+
+def test_training_lowers_the_reconstruction_loss(trained) -> None:
+    _, history = trained
+    per_epoch: dict[int, list[float]] = {}
+    for row in history:
+        per_epoch.setdefault(row["epoch"], []).append(row["recon"])
+    first, last = np.mean(per_epoch[1]), np.mean(per_epoch[max(per_epoch)])
+    assert last < 0.5 * first, (first, last)
+
+
+def test_discriminators_give_probabilities_and_learn(trained) -> None:
+    model, history = trained
+    for key in ("p_real", "p_fake"):
+        assert all(0 <= row[key] <= 1 for row in history)
+    disc = [row["disc"] for row in history]
+    assert len(set(disc)) > 1 and abs(np.mean(disc[-6:]) - disc[0]) > 1e-3
+    codes = model.encode(_tensor(_normal(8, seed=3)))[1:]
+    for p in model.discriminate(list(codes)) + model.discriminate(
+        [torch.randn_like(c) for c in codes]
+    ):
+        assert p.shape == (8,) and ((p >= 0) & (p <= 1)).all()
+
+
+def test_encoder_learns_to_fool_the_discriminators(trained, tmp_path_factory) -> None:
+    """With the adversarial term the discriminators end near chance (codes look like prior
+    samples); without it (adv_weight=0) they learn to tell codes from prior samples."""
+    _, history = trained
+    _, free_history = _trained(tmp_path_factory, adv_weight=0.0)
+    fooled = np.mean([row["p_fake"] for row in history[-12:]])
+    caught = np.mean([row["p_fake"] for row in free_history[-12:]])
+    assert fooled > 0.25 and caught < 0.1, (fooled, caught)
+
+
+def test_bright_square_scores_above_normal_images(trained) -> None:
+    model, _ = trained
+    normal = _normal(16, seed=7)
+    defect = _with_square(normal)
+    normal_out, defect_out = model.predict(_tensor(normal)), model.predict(_tensor(defect))
+    assert defect_out.scores.min() > normal_out.scores.max()
+    # the map is hottest inside the pasted square
+    inside = torch.from_numpy((defect != normal)[..., 0])
+    for heat, where in zip(defect_out.maps, inside, strict=True):
+        assert heat[where].mean() > 2 * heat[~where].mean()
+
+
+def test_score_terms_are_normalised_to_about_one_on_normal_images(trained) -> None:
+    """Raw level norms differ by orders of magnitude; normalised terms are all O(1)."""
+    model, _ = trained
+    pixel, features = model.score_terms(_tensor(_normal(32, seed=13)))
+    terms = torch.cat([pixel[:, None], features], dim=1).mean(dim=0)
+    assert ((terms > 0.5) & (terms < 2.0)).all(), terms
+
+
+def test_normalisers_use_the_weights_that_made_the_reconstruction() -> None:
+    model, twin = _model(norm_momentum=0.0), _model(norm_momentum=0.0)  # same initial weights
+    x = _tensor(_normal(8))
+    model.training_step({"image": x})  # momentum 0: norms = this step's mean squared residuals
+    with torch.no_grad():
+        features, low, high = twin.encode(x)
+        recon = twin.decode(low, high)
+        expected = [(x - recon).pow(2).mean()] + [
+            (f - g).pow(2).mean() for f, g in zip(features, twin.net.features(recon), strict=True)
+        ]
+    assert torch.allclose(model.norms, torch.stack(expected), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["absolute", "relative"])
+def test_feature_terms_follow_the_formula(trained, mode: str) -> None:
+    """Term i = sqrt(mean((E_i(x) - E_i(x^))^2) / norm_i), in relative mode further divided
+    by the image's own mean square of E_i(x)."""
+    model, _ = trained
+    x = _tensor(_with_square(_normal(3, seed=17)))
+    clone = MLAAE(MLAAEConfig(**(SMALL | {"feature_residual": mode})), image_size=SIZE)
+    clone.load_state_dict(model.state_dict())
+    pixel, features = clone.score_terms(x)
+    with torch.no_grad():
+        feats, low, high = clone.encode(x)
+        recon = clone.decode(low, high)
+        rec_feats = clone.net.features(recon)
+    norms = model.norms
+    assert torch.allclose(pixel, ((x - recon).pow(2).flatten(1).mean(1) / norms[0]).sqrt())
+    for i, (f, g) in enumerate(zip(feats, rec_feats, strict=True)):
+        expected = (f - g).pow(2).flatten(1).mean(1) / norms[i + 1]
+        if mode == "relative":
+            expected = expected / f.pow(2).flatten(1).mean(1)
+        assert torch.allclose(features[:, i], expected.sqrt(), rtol=1e-4)
+
+
+def test_alpha_and_beta_select_pixel_or_feature_terms(trained) -> None:
+    model, _ = trained
+    x = _tensor(_with_square(_normal(4, seed=9)))
+    pixel, features = model.score_terms(x)
+    state = model.state_dict()
+
+    def scores(alpha: float, beta: float, norms: torch.Tensor) -> torch.Tensor:
+        clone = MLAAE(
+            MLAAEConfig(**(SMALL | {"alpha": alpha, "beta": beta})), image_size=SIZE, channels=1
+        )
+        clone.load_state_dict(state | {"norms": norms})
+        return clone.predict(x).scores
+
+    norms = state["norms"]
+    pixel_scaled = norms * torch.tensor([100.0, 1, 1, 1, 1])
+    features_scaled = norms * torch.tensor([1.0, 100, 100, 100, 100])
+    # beta = 0: the score is alpha * pixel term, blind to the feature normalisers
+    assert torch.allclose(scores(2.0, 0.0, norms), 2.0 * pixel)
+    assert torch.equal(scores(2.0, 0.0, features_scaled), scores(2.0, 0.0, norms))
+    assert not torch.allclose(scores(2.0, 0.0, pixel_scaled), scores(2.0, 0.0, norms))
+    # alpha = 0: the score is beta * sum of feature terms, blind to the pixel normaliser
+    assert torch.allclose(scores(0.0, 3.0, norms), 3.0 * features.sum(1))
+    assert torch.equal(scores(0.0, 3.0, pixel_scaled), scores(0.0, 3.0, norms))
+    assert not torch.allclose(scores(0.0, 3.0, features_scaled), scores(0.0, 3.0, norms))
+    # both: the weighted sum
+    assert torch.allclose(scores(1.0, 1.0, norms), pixel + features.sum(1))
+
+
+def test_save_and_load_give_identical_scores(trained, tmp_path: Path) -> None:
+    model, _ = trained
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model)
+    clone = _model()  # different random weights until loaded
+    x = _tensor(_with_square(_normal(4, seed=11)))
+    assert not torch.equal(clone.predict(x).scores, model.predict(x).scores)
+    restore_model(load_checkpoint(path, "mlaae"), clone, path)
+    assert torch.equal(clone.predict(x).scores, model.predict(x).scores)
+    assert torch.equal(clone.predict(x).maps, model.predict(x).maps)
+    with pytest.raises(ValueError, match="do not fit"):
+        MLAAE(MLAAEConfig(**(SMALL | {"width": 0.5})), image_size=SIZE).load_state_dict(
+            model.state_dict()
+        )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"alpha": -0.1}, "alpha and beta must be >= 0"),
+        ({"beta": -1.0}, "alpha and beta must be >= 0"),
+        ({"alpha": 0.0, "beta": 0.0}, "both 0"),
+        ({"width": 0.0}, "width must be positive"),
+        ({"low_dim": 0}, "low_dim"),
+        ({"feature_residual": "cosine"}, "feature_residual must be"),
+    ],
+)
+def test_bad_configs_are_refused(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MLAAEConfig(**overrides)
+
+
+def test_bad_image_size_and_channels_are_refused() -> None:
+    with pytest.raises(ValueError, match="image size 40 is not a positive multiple of 16"):
+        MLAAE(MLAAEConfig(), image_size=40)
+    with pytest.raises(ValueError, match="image size 8 "):
+        MLAAE(MLAAEConfig(), image_size=8)
+    with pytest.raises(ValueError, match="channels must be 1 or 3"):
+        MLAAE(MLAAEConfig(**SMALL), image_size=SIZE, channels=2)
+
+
+def test_interrupted_training_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
+    x = _tensor(_with_square(_normal(4, seed=5)))
+    reference = _model(epochs=2)
+    ref_history = _fit(reference, tmp_path / "ref", n=24)
+
+    calls = {"n": 0}
+    original = MLAAE.training_step
+
+    def interrupted_step(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(MLAAE, "training_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(_model(epochs=2), tmp_path / "run", n=24)
+    monkeypatch.setattr(MLAAE, "training_step", original)
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", "mlaae")
+    assert saved["training"]["global_step"] == 3  # checkpoint_every=3, died in step 5
+    assert set(saved["training"]["model"]) == {"ae_optimizer", "disc_optimizer"}
+
+    torch.manual_seed(123)  # a fresh process would start from other weights and RNG state
+    resumed = MLAAE(MLAAEConfig(epochs=2, **SMALL), image_size=SIZE)
+    history = _fit(resumed, tmp_path / "run", n=24, resume=True)
+    assert history == ref_history
+    assert resumed.steps == reference.steps == 6
+    assert torch.equal(resumed.norms, reference.norms)
+    assert torch.equal(resumed.predict(x).scores, reference.predict(x).scores)

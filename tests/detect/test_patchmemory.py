@@ -1,0 +1,252 @@
+"""PatchCore-style patch memory: greedy k-center coreset, memory budget, bounded streaming
+pool, nearest-neighbour maps, PatchCore score re-weighting, checkpoints and resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from defectlab.detect import patchmemory as pm
+from defectlab.detect.patchmemory import PatchMemory, PatchMemoryConfig, greedy_coreset
+from defectlab.runs import load_checkpoint, restore_model, save_checkpoint
+from defectlab.training import fit
+
+SIZE = 64
+PATCHES = (SIZE // 8) ** 2  # stride-8 grid: 64 patch features per image
+SQUARE = (36, 16, 12)
+#: a budget so small that the pool (314 rows) overflows after a few images
+TINY = {"memory_bank_size": 64, "max_memory_mb": 0.3}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small convolutions on a busy 2-core machine: one thread avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _normals(n: int, seed: int = 0) -> np.ndarray:
+    """(N, H, W, 1) in [0, 1]: diagonal stripes of random phase and level, slight noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    images = []
+    for _ in range(n):
+        phase, level = rng.uniform(0, 2 * np.pi), rng.uniform(0.4, 0.5)
+        image = level + 0.15 * np.sin(2 * np.pi * (x + y) / 16 + phase)
+        images.append(image + rng.normal(0, 0.02, (SIZE, SIZE)))
+    return np.clip(np.stack(images), 0, 1)[..., None].astype(np.float32)
+
+
+def _with_square(images: np.ndarray) -> np.ndarray:
+    top, left, side = SQUARE
+    out = images.copy()
+    out[:, top : top + side, left : left + side] = 1.0
+    return out
+
+
+def _tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+
+
+def _model(**overrides) -> PatchMemory:
+    return PatchMemory(PatchMemoryConfig(**overrides), image_size=SIZE)
+
+
+def _fit(model: PatchMemory, run_dir: Path, images: np.ndarray, **kwargs) -> PatchMemory:
+    fit(model, images, run_dir=run_dir, batch_size=8, progress=False, **kwargs)
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> PatchMemory:
+    model = _model(coreset_ratio=0.25)
+    return _fit(model, tmp_path_factory.mktemp("pm"), _normals(32))
+
+
+# --- greedy k-center -------------------------------------------------------------------------
+def _naive_greedy(points: np.ndarray, k: int, start: int) -> list[int]:
+    picks = [start]
+    for _ in range(1, k):
+        d = np.min(
+            [np.linalg.norm(points - points[p], axis=1) for p in picks], axis=0
+        )  # distance to the nearest pick
+        picks.append(int(np.argmax(d)))
+    return picks
+
+
+def test_greedy_k_center_picks_the_farthest_point_each_time() -> None:
+    generator = torch.Generator().manual_seed(0)
+    points = torch.randn(300, 6, generator=generator, dtype=torch.float64)
+    picks = greedy_coreset(points, 25, projection=None, start=7)
+    assert picks.tolist() == _naive_greedy(points.numpy(), 25, 7)
+    assert len(set(picks.tolist())) == 25
+    # covering radius: every point lies within r of a pick, and the picks are ≥ r apart
+    # (so the greedy radius is at most twice the optimal one)
+    dist = torch.cdist(points, points[picks])
+    radius = dist.min(dim=1).values.max()
+    pairwise = torch.cdist(points[picks], points[picks]) + torch.eye(25) * 1e9
+    assert pairwise.min() >= radius - 1e-9
+    # everything asked for (or more) → all rows
+    assert greedy_coreset(points[:10], 10, projection=None, start=0).tolist() == list(range(10))
+
+
+def test_greedy_picks_are_a_deterministic_function_of_seed_and_data(tmp_path: Path) -> None:
+    images = _normals(16)
+    a = _fit(_model(coreset_ratio=0.1, seed=3), tmp_path / "a", images)
+    b = _fit(_model(coreset_ratio=0.1, seed=3), tmp_path / "b", images)
+    c = _fit(_model(coreset_ratio=0.1, seed=4), tmp_path / "c", images)
+    d = _fit(_model(coreset_ratio=0.1, seed=3), tmp_path / "d", _normals(16, seed=1))
+    assert torch.equal(a.memory, b.memory)
+    assert not torch.equal(a.memory, c.memory)  # another projection and first pick
+    assert not torch.equal(a.memory, d.memory)
+
+
+# --- budget and bounded memory ------------------------------------------------------------------
+def test_coreset_size_respects_ratio_and_budget(tmp_path: Path) -> None:
+    images = _normals(16)  # 1024 patches
+    by_ratio = _fit(_model(coreset_ratio=0.05), tmp_path / "r", images)
+    assert by_ratio.memory.shape == (math.ceil(0.05 * 16 * PATCHES), 152)
+    by_budget = _fit(_model(coreset_ratio=0.5, memory_bank_size=100), tmp_path / "b", images)
+    assert by_budget.memory.shape == (100, 152)
+    # the memory rows are real training patches
+    rows = PatchMemory._rows(by_budget.embed(_tensor(images)))
+    exact = torch.cdist(
+        by_budget.memory.double(), rows.double(), compute_mode="donot_use_mm_for_euclid_dist"
+    )
+    assert exact.min(dim=1).values.max() < 1e-3  # batch-size rounding only
+
+
+def test_pool_never_exceeds_its_cap_when_fed_ten_times_more_images(
+    tmp_path: Path, monkeypatch
+) -> None:
+    cfg = PatchMemoryConfig(**TINY)
+    assert cfg.pool_rows == 314
+    sizes: list[tuple[int, int]] = []
+    coreset_inputs: list[int] = []
+    original_step, original_greedy = PatchMemory.training_step, pm.greedy_coreset
+
+    def spy_step(self, batch):
+        out = original_step(self, batch)
+        sizes.append((self.pool_size, self._pool.shape[0]))
+        return out
+
+    def spy_greedy(features, k, **kwargs):
+        coreset_inputs.append(features.shape[0])
+        return original_greedy(features, k, **kwargs)
+
+    monkeypatch.setattr(PatchMemory, "training_step", spy_step)
+    monkeypatch.setattr(pm, "greedy_coreset", spy_greedy)
+    small = _fit(_model(**TINY), tmp_path / "small", _normals(16))
+    small_sizes, sizes[:] = list(sizes), []
+    large = _fit(_model(**TINY), tmp_path / "large", _normals(160, seed=2))
+    assert len(sizes) == 20 and large._seen == 160 * PATCHES
+    assert max(valid for valid, _ in small_sizes + sizes) <= cfg.pool_rows
+    assert {capacity for _, capacity in small_sizes + sizes} == {cfg.pool_rows}  # one buffer
+    assert large.peak_pool_rows <= cfg.pool_rows and large._reductions > 20
+    assert max(coreset_inputs) <= cfg.pool_rows
+    assert small.memory.shape[0] == large.memory.shape[0] == 64
+    assert large._pool is None  # the pool is freed once the memory bank is built
+
+
+def test_budget_too_small_for_the_memory_bank_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"max_memory_mb=0.1 .* at least 1"):
+        PatchMemoryConfig(memory_bank_size=64, max_memory_mb=0.1)
+    with pytest.raises(ValueError, match="epochs must be 1"):
+        PatchMemoryConfig(epochs=2)
+    with pytest.raises(ValueError, match="coreset_ratio"):
+        PatchMemoryConfig(coreset_ratio=0.0)
+    with pytest.raises(ValueError, match="patch_size"):
+        PatchMemoryConfig(patch_size=2)
+    with pytest.raises(ValueError, match="score must be"):
+        PatchMemoryConfig(score="mean")
+
+
+# --- inference ----------------------------------------------------------------------------------
+def test_training_patches_are_at_distance_zero_with_the_full_memory(tmp_path: Path) -> None:
+    images = _normals(8)
+    model = _fit(_model(coreset_ratio=1.0, score="max", map_sigma=0.0), tmp_path / "full", images)
+    assert model.memory.shape[0] == 8 * PATCHES
+    train = model.predict(_tensor(images[:4]))
+    unseen = model.predict(_tensor(_normals(4, seed=9)))
+    assert train.scores.max() < 1e-2 * unseen.scores.min()
+    assert train.maps.abs().max() < 1e-2 * unseen.maps.mean()
+
+
+def test_separates_an_obvious_anomaly_and_localises_it(trained: PatchMemory) -> None:
+    normals = _normals(8, seed=3)
+    with torch.inference_mode():
+        good = trained.predict(_tensor(normals))
+        bad = trained.predict(_tensor(_with_square(normals)))
+    assert good.maps.shape == (8, SIZE, SIZE) and good.scores.shape == (8,)
+    assert bad.scores.min() > good.scores.max()
+    top, left, side = SQUARE
+    for m in bad.maps:
+        y, x = np.unravel_index(int(m.argmax()), m.shape)
+        assert top - 6 <= y < top + side + 6 and left - 6 <= x < left + side + 6
+
+
+def test_reweighted_score_follows_patchcore(trained: PatchMemory) -> None:
+    images = _tensor(_with_square(_normals(3, seed=4)))
+    plain = PatchMemory(PatchMemoryConfig(coreset_ratio=0.25, score="max"), image_size=SIZE)
+    plain.load_state_dict(trained.state_dict())
+    weighted, maximum = trained.predict(images).scores, plain.predict(images).scores
+    # brute force, image by image, with full distance matrices
+    memory = trained.memory
+    for i in range(3):
+        patches = PatchMemory._rows(trained.embed(images[i : i + 1]))
+        dist = torch.cdist(patches, memory)
+        nearest = dist.min(dim=1)
+        worst = int(nearest.values.argmax())
+        s_star = nearest.values[worst]
+        m_star = memory[nearest.indices[worst]]
+        support = torch.cdist(m_star[None], memory)[0].topk(9, largest=False).indices
+        d = torch.linalg.vector_norm(patches[worst] - memory[support], dim=1)
+        expected = (1 - torch.exp(d[0]) / torch.exp(d).sum()) * s_star
+        assert torch.allclose(maximum[i], s_star, rtol=1e-4)
+        assert torch.allclose(weighted[i], expected, rtol=1e-4)
+    assert (weighted < maximum).all()
+
+
+def test_save_load_gives_identical_scores(trained: PatchMemory, tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, trained)
+    clone = _model(coreset_ratio=0.25)
+    with pytest.raises(RuntimeError, match="before fit"):
+        clone.predict(torch.rand(1, 1, SIZE, SIZE))
+    restore_model(load_checkpoint(path, "patchmemory"), clone, path)
+    images = _tensor(_with_square(_normals(4, seed=6)))
+    a, b = trained.predict(images), clone.predict(images)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
+
+
+def test_interrupted_training_resumes_to_the_same_memory(tmp_path: Path, monkeypatch) -> None:
+    images = _normals(48, seed=5)  # 6 steps of 8 images; the tiny pool overflows repeatedly
+    reference = _fit(_model(**TINY), tmp_path / "ref", images, checkpoint_every=2)
+
+    calls = {"n": 0}
+    original = PatchMemory.training_step
+
+    def interrupted_step(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(PatchMemory, "training_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(_model(**TINY), tmp_path / "run", images, checkpoint_every=2)
+    monkeypatch.setattr(PatchMemory, "training_step", original)
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", "patchmemory")
+    assert saved["training"]["global_step"] == 4 and saved["training"]["model"]["reductions"] > 0
+    resumed = _fit(_model(**TINY), tmp_path / "run", images, checkpoint_every=2, resume=True)
+    assert torch.equal(resumed.memory, reference.memory)
+    # the epoch-end checkpoint holds the final memory bank, not the pool
+    final = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", "patchmemory")
+    assert final["training"]["model"]["pool"].shape[0] == 0
+    assert torch.equal(final["state"]["memory"], reference.memory)
