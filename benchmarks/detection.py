@@ -2,9 +2,12 @@
 
 Trains every requested detector on the normal training share of each dataset, calibrates on
 the normal validation share, evaluates on the held-out test share and prints one row per
-(model, dataset) with the split name. Results also go to ``OUT/results.json``.
+(model, dataset) with the split name, training wall time, inference images/s (model time at
+the run's image size, data already decoded) and the peak resident memory of the process
+that trained and evaluated it. Each pair runs in its own process so that peak RAM is that
+model's own. Results also go to ``OUT/results.json``; a finished run folder is reused.
 
-    .venv/bin/python benchmarks/detection.py --models pixelstats \
+    .venv/bin/python benchmarks/detection.py --models pixelstats ae flow \
         --datasets elpv ../shared/data/magnetic-tile --out runs/bench
 """
 
@@ -12,12 +15,51 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from defectlab import api
-
 KEYS = ("image_auroc", "image_ap", "pixel_auroc", "aupro", "dice", "f1")
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """Train (or reuse) and evaluate one model on one dataset, in this process."""
+    from defectlab import api
+
+    name = Path(args.datasets[0]).name
+    model = args.models[0]
+    run_dir = args.out / f"{model}-{name}-{args.image_size}-s{args.seed}"
+    started = time.perf_counter()
+    if (run_dir / api.MODEL_FILE).exists():
+        print(f"reusing trained run {run_dir}", file=sys.stderr)
+        train_seconds = json.loads((run_dir / "metrics.json").read_text())["train_seconds"]
+    else:
+        api.train(
+            model,
+            args.datasets[0],
+            run_dir,
+            image_size=args.image_size,
+            seed=args.seed,
+            device=args.device,
+            overrides=args.set,
+        )
+        train_seconds = round(time.perf_counter() - started, 1)
+    metrics = api.evaluate(run_dir, args.datasets[0], run_dir / "eval", device=args.device)
+    return {
+        "model": model,
+        "dataset": name,
+        "split": metrics["split"],
+        "image_size": args.image_size,
+        "seed": args.seed,
+        "n_normal": metrics["n_normal"],
+        "n_defect": metrics["n_defect"],
+        "train_seconds": train_seconds,
+        "images_per_second": metrics["images_per_second"],
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        **{k: metrics[k] for k in KEYS},
+    }
 
 
 def main() -> None:
@@ -29,48 +71,52 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.one:
+        print(json.dumps(run_one(args)))
+        return
 
     rows = []
     for dataset in args.datasets:
-        name = Path(dataset).name
         for model in args.models:
-            run_dir = args.out / f"{model}-{name}-{args.image_size}-s{args.seed}"
-            started = time.perf_counter()
-            if (run_dir / api.MODEL_FILE).exists():
-                print(f"reusing trained run {run_dir}")
-            else:
-                api.train(
-                    model,
-                    dataset,
-                    run_dir,
-                    image_size=args.image_size,
-                    seed=args.seed,
-                    device=args.device,
-                    overrides=args.set,
-                )
-            train_seconds = time.perf_counter() - started
-            metrics = api.evaluate(run_dir, dataset, run_dir / "eval", device=args.device)
-            row = {
-                "model": model,
-                "dataset": name,
-                "split": metrics["split"],
-                "image_size": args.image_size,
-                "seed": args.seed,
-                "n_normal": metrics["n_normal"],
-                "n_defect": metrics["n_defect"],
-                "train_seconds": round(train_seconds, 1),
-                **{k: metrics[k] for k in KEYS},
-            }
+            command = [
+                sys.executable,
+                __file__,
+                "--one",
+                "--models",
+                model,
+                "--datasets",
+                dataset,
+                "--image-size",
+                str(args.image_size),
+                "--seed",
+                str(args.seed),
+                "--device",
+                args.device,
+                "--out",
+                str(args.out),
+            ]
+            for option in args.set:
+                command += ["--set", option]
+            done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+            if done.returncode != 0:
+                print(f"FAILED: {model} on {dataset} (exit {done.returncode})", file=sys.stderr)
+                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(row)
-            print(json.dumps(row))
+            print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     header = f"{'model':<12} {'dataset':<15} {'split':<28} " + " ".join(f"{k:>11}" for k in KEYS)
-    print(header)
+    print(header + f" {'train_s':>8} {'img/s':>8} {'peak_MB':>8}")
     for r in rows:
         values = " ".join(f"{r[k]:>11.4f}" if r[k] is not None else f"{'n/a':>11}" for k in KEYS)
-        print(f"{r['model']:<12} {r['dataset']:<15} {r['split']:<28} {values}")
+        extra = " ".join(
+            f"{r[k]:>8.1f}" for k in ("train_seconds", "images_per_second", "peak_rss_mb")
+        )
+        print(f"{r['model']:<12} {r['dataset']:<15} {r['split']:<28} {values} {extra}")
 
 
 if __name__ == "__main__":

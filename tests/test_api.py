@@ -12,7 +12,7 @@ import torch
 
 import defectlab.api as dl
 from defectlab.detect.pixelstats import PixelStats
-from defectlab.errors import CheckpointError
+from defectlab.errors import CheckpointError, ConfigError
 from tests.conftest import write_image
 
 
@@ -115,3 +115,35 @@ def test_elpv_uncertain_cells_only_when_asked(tmp_path: Path) -> None:
     assert (plain["n_normal"], plain["n_defect"]) == (453, 715)
     wider = dl.evaluate(run.run_dir, "elpv", tmp_path / "b", include_uncertain=True, progress=False)
     assert (wider["n_normal"], wider["n_defect"]) == (453, 715 + 401)
+
+
+def test_f1_calibration_uses_held_out_labelled_defects(folder_root: Path, tmp_path: Path) -> None:
+    run = dl.train(
+        "pixelstats",
+        folder_root,
+        tmp_path / "run",
+        image_size=32,
+        device="cpu",
+        overrides=["calibration.method=f1", "data.val_defects_per_class=2"],
+        progress=False,
+    )
+    calibration = run.calibration
+    assert calibration["method"] == "f1" and calibration["n_val_defect"] == 2
+    assert 0.0 < calibration["val_f1"] <= 1.0 and "val_dice" in calibration
+    quantile = dl.train("pixelstats", folder_root, tmp_path / "q", image_size=32, progress=False)
+    assert calibration["image_threshold"] != quantile.calibration["image_threshold"]
+    metrics = dl.evaluate(tmp_path / "run", folder_root, tmp_path / "eval", progress=False)
+    assert metrics["n_defect"] == 4  # 6 defects minus the 2 held out for calibration
+
+
+def test_f1_calibration_without_validation_defects_is_a_config_error(
+    folder_root: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="val_defects_per_class"):
+        dl.train(
+            "pixelstats",
+            folder_root,
+            tmp_path / "run",
+            overrides=["calibration.method=f1"],
+            progress=False,
+        )

@@ -52,7 +52,12 @@ from defectlab.data.loading import LoadedImages, iter_files, load_samples, repor
 from defectlab.data.splits import Split, make_split
 from defectlab.data.transforms import extract_tiles, resize_image, resize_map, stitch_tiles
 from defectlab.errors import CheckpointError, ConfigError, DataError
-from defectlab.evaluate.metrics import calibrate_threshold, compute_metrics
+from defectlab.evaluate.metrics import (
+    best_dice_threshold,
+    best_threshold,
+    calibrate_threshold,
+    compute_metrics,
+)
 from defectlab.evaluate.report import ReportImage, write_report
 from defectlab.evaluate.visualize import heatmap_overlay, mask_outline
 from defectlab.runs import (
@@ -159,6 +164,7 @@ def _dataset_and_split(data: DataConfig) -> tuple[Dataset, Split]:
         train_fraction=data.train_fraction,
         val_fraction=data.val_fraction,
         defects_per_class=data.defects_per_class,
+        val_defects_per_class=data.val_defects_per_class,
     )
     return dataset, split
 
@@ -202,9 +208,18 @@ def predict_arrays(
     return score_array, map_array
 
 
-def _calibrate(model: Model, val: LoadedImages, config: CalibrationConfig) -> dict[str, float]:
+def _calibrate(
+    model: Model,
+    val: LoadedImages,
+    config: CalibrationConfig,
+    val_defect: LoadedImages | None = None,
+) -> dict[str, Any]:
+    """Thresholds from the normal validation images (quantiles), or with ``method="f1"`` the
+    F1-optimal image threshold and Dice-optimal pixel threshold over normal + defect
+    validation images. The normal-score statistics always come from normal images only."""
     scores, maps = predict_arrays(model, val.images)
-    return {
+    calibration: dict[str, Any] = {
+        "method": config.method,
         "image_threshold": calibrate_threshold(scores, config.image_quantile),
         "pixel_threshold": calibrate_threshold(maps.ravel(), config.pixel_quantile),
         "image_quantile": config.image_quantile,
@@ -214,6 +229,26 @@ def _calibrate(model: Model, val: LoadedImages, config: CalibrationConfig) -> di
         "map_median": float(np.median(maps)),
         "n_val": len(scores),
     }
+    if config.method != "f1":
+        return calibration
+    if val_defect is None or not len(val_defect.samples):
+        raise DataError("calibration.method=f1: the split holds no validation defect images")
+    defect_scores, defect_maps = predict_arrays(model, val_defect.images)
+    labels = np.r_[np.zeros(len(scores), int), np.ones(len(defect_scores), int)]
+    f1, threshold = best_threshold(labels, np.r_[scores, defect_scores])
+    calibration |= {
+        "image_threshold": threshold,
+        "val_f1": f1,
+        "n_val_defect": len(labels) - len(scores),
+    }
+    with_mask = np.array([s.mask_path is not None for s in val_defect.samples])
+    if with_mask.any():
+        masks = np.concatenate([np.zeros(maps.shape, bool), val_defect.masks[with_mask]])
+        dice, pixel_threshold = best_dice_threshold(
+            masks, np.concatenate([maps, defect_maps[with_mask]])
+        )
+        calibration |= {"pixel_threshold": pixel_threshold, "val_dice": dice}
+    return calibration
 
 
 # --- train -----------------------------------------------------------------------------------
@@ -276,6 +311,9 @@ def train(
         train_samples = train_samples + split["train_defect"]
     train_data = _load(train_samples, config.data, "loading train images", progress)
     val_data = _load(split["val"], config.data, "loading validation images", progress)
+    val_defect = None
+    if config.calibration.method == "f1":
+        val_defect = _load(split["val_defect"], config.data, "loading validation defects", progress)
     history = fit(
         net,
         train_data.images,
@@ -288,7 +326,7 @@ def train(
         resume=resume,
         progress=progress,
     )
-    calibration = _calibrate(net, val_data, config.calibration)
+    calibration = _calibrate(net, val_data, config.calibration, val_defect)
     save_checkpoint(run_dir / MODEL_FILE, net, calibration=calibration, run_config=config.to_dict())
     write_json(run_dir / "calibration.json", calibration)
     last_losses = {
@@ -465,7 +503,9 @@ def evaluate(
     if not any(s.label == DEFECT for s in test) or not any(s.label == NORMAL for s in test):
         raise DataError(f"{data_cfg.path}: test split needs both normal and defect images")
     loaded = _load(test, data_cfg, "loading test images", progress)
+    predict_started = time.perf_counter()
     scores, maps = predict_arrays(run.model, loaded.images, progress=progress)
+    predict_seconds = time.perf_counter() - predict_started
     labels = loaded.labels
     has_mask = np.array([s.mask_path is not None or s.label == NORMAL for s in loaded.samples])
     any_masks = bool(has_mask[labels == DEFECT].any())
@@ -484,6 +524,8 @@ def evaluate(
         "model": run.config.model,
         "run": str(run.run_dir),
         "n_skipped": len(loaded.failures),
+        # model time only (images already decoded and resized), at the run's image size
+        "images_per_second": round(len(scores) / predict_seconds, 2) if predict_seconds else None,
     }
     write_json(out / "metrics.json", metrics)
 

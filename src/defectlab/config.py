@@ -28,6 +28,8 @@ class DataConfig:
     train_fraction: float = 0.7
     val_fraction: float = 0.15
     defects_per_class: int = 0
+    #: defect images per type held out as labelled validation (calibration.method=f1)
+    val_defects_per_class: int = 0
     mask_threshold: int = 127
     include_uncertain: bool = False
     #: folder layout: names of the normal / defect sub-folders and of the mask folder, and
@@ -65,12 +67,18 @@ class TrainConfig:
 
 @dataclass
 class CalibrationConfig:
-    """Thresholds are quantiles of scores on normal validation images: no defect labels."""
+    """By default thresholds are quantiles of scores on normal validation images: no defect
+    labels needed. ``method="f1"`` instead picks the image threshold with the best F1 (and
+    the pixel threshold with the best Dice, when masks exist) on labelled validation images:
+    the normal validation share plus ``data.val_defects_per_class`` held-out defects."""
 
+    method: str = "quantile"
     image_quantile: float = 0.99
     pixel_quantile: float = 0.999
 
     def __post_init__(self) -> None:
+        if self.method not in ("quantile", "f1"):
+            raise ConfigError(f"calibration.method must be 'quantile' or 'f1', got {self.method!r}")
         for name in ("image_quantile", "pixel_quantile"):
             q = getattr(self, name)
             if not 0 < q <= 1:
@@ -84,6 +92,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     model_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.calibration.method == "f1" and self.data.val_defects_per_class < 1:
+            raise ConfigError(
+                "calibration.method=f1 needs labelled validation defects: "
+                "set data.val_defects_per_class to 1 or more"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

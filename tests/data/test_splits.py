@@ -1,9 +1,11 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from defectlab.data.layouts import load_dataset
 from defectlab.data.splits import Split, make_split
+from defectlab.errors import DataError
 from tests.conftest import MAGNETIC_TILE, requires_magnetic_tile
 
 
@@ -45,3 +47,19 @@ def test_standard_magnetic_tile_split_matches_the_data_readme() -> None:
     counts = split.counts()
     assert counts["test"] == {"normal": 286, "defect": 392}
     assert counts["val"]["normal"] == 100
+
+
+def test_validation_defects_are_held_out_of_test_and_training(folder_root: Path) -> None:
+    split = make_split(load_dataset(folder_root), defects_per_class=1, val_defects_per_class=2)
+    train_defect = {s.path for s in split["train_defect"]}
+    val_defect = {s.path for s in split["val_defect"]}
+    test = {s.path for s in split["test"]}
+    assert len(train_defect) == 1 and len(val_defect) == 2
+    assert not (val_defect & test or val_defect & train_defect)
+    assert {str(p) for p in val_defect} <= split.seen_in_training()
+    assert split.name.endswith("1-shot-v1+val2")
+
+
+def test_predefined_split_refuses_defect_hold_outs(mvtec_root: Path) -> None:
+    with pytest.raises(DataError, match="own split"):
+        make_split(load_dataset(mvtec_root), val_defects_per_class=1)

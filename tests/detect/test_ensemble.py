@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import defectlab.api as dl
-from defectlab.errors import ConfigError
+from defectlab.errors import ConfigError, DataError
 from tests.conftest import write_image
 
 
@@ -89,4 +89,66 @@ def test_bad_ensemble_configs(two_runs, tmp_path: Path) -> None:
             root / "data",
             tmp_path / "e3",
             overrides=[f"runs={runs[0]},{runs[1]}", "combine=vote"],
+        )
+
+
+def _striped(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A second product type: bright, vertically striped."""
+    base = np.tile(np.where(np.arange(32) % 8 < 4, 190, 220), (32, 1))
+    return np.clip(base + rng.integers(-5, 6, (n, 32, 32)), 0, 255).astype(np.uint8)
+
+
+def test_router_sends_each_image_type_to_its_own_detector(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    flat = rng.integers(95, 105, (30, 32, 32), dtype=np.uint8)
+    striped = _striped(rng, 30)
+    for i in range(30):
+        write_image(tmp_path / "flat" / "good" / f"{i}.png", flat[i])
+        write_image(tmp_path / "striped" / "good" / f"{i}.png", striped[i])
+        write_image(tmp_path / "mixed" / "good" / f"f{i}.png", flat[i])
+        write_image(tmp_path / "mixed" / "good" / f"s{i}.png", striped[i])
+    runs = [tmp_path / "run-flat", tmp_path / "run-striped"]
+    dl.train("pixelstats", tmp_path / "flat", runs[0], image_size=32, progress=False)
+    dl.train("pixelstats", tmp_path / "striped", runs[1], image_size=32, progress=False)
+    run = dl.train(
+        "ensemble",
+        tmp_path / "mixed",
+        tmp_path / "router",
+        image_size=32,
+        progress=False,
+        overrides=[f"runs={runs[0]},{runs[1]}", "combine=route"],
+    )
+    normal = np.concatenate([rng.integers(95, 105, (3, 32, 32)), _striped(rng, 3)])
+    anomalous = normal.copy()
+    anomalous[:, 8:14, 8:14] = 0
+    images = np.concatenate([normal, anomalous])[..., None].astype(np.float32) / 255
+    member = run.model.route(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    assert member.tolist() == [0, 0, 0, 1, 1, 1] * 2
+    scores, _ = dl.predict_arrays(run.model, images)
+    assert scores[6:].min() > scores[:6].max()
+    # each type judged by its own detector: normals of both types look normal (z near 0)
+    assert np.abs(scores[:6]).max() < 4
+    reloaded = dl.load_run(tmp_path / "router")
+    again, _ = dl.predict_arrays(reloaded.model, images)
+    np.testing.assert_allclose(again, scores, rtol=1e-5)
+
+
+def test_router_needs_normal_images_of_every_member_type(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    flat = rng.integers(95, 105, (20, 32, 32), dtype=np.uint8)
+    striped = _striped(rng, 20)
+    for i in range(20):
+        write_image(tmp_path / "flat" / "good" / f"{i}.png", flat[i])
+        write_image(tmp_path / "striped" / "good" / f"{i}.png", striped[i])
+    runs = [tmp_path / "a", tmp_path / "b"]
+    dl.train("pixelstats", tmp_path / "flat", runs[0], image_size=32, progress=False)
+    dl.train("pixelstats", tmp_path / "striped", runs[1], image_size=32, progress=False)
+    with pytest.raises(DataError, match=r"no training image was routed to .*b"):
+        dl.train(
+            "ensemble",
+            tmp_path / "flat",
+            tmp_path / "router",
+            image_size=32,
+            progress=False,
+            overrides=[f"runs={runs[0]},{runs[1]}", "combine=route"],
         )

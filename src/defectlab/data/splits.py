@@ -5,8 +5,10 @@ shuffle them with ``numpy.random.default_rng(seed).permutation``, take the first
 ``train_fraction`` for training, the rest for test; every defect image goes to test. The
 validation images that calibrate thresholds are the last ``val_fraction`` of the training
 share, so the test share is exactly the standard one. With ``defects_per_class = K``, the
-first K shuffled stems of each defect type move to ``train_defect`` (the K-shot protocol).
-Datasets that define their own split (MVTec AD) keep it.
+first K shuffled stems of each defect type move to ``train_defect`` (the K-shot protocol),
+and with ``val_defects_per_class = V`` the next V move to ``val_defect``: labelled validation
+images for the F1-optimal threshold, never tested on. Datasets that define their own split
+(MVTec AD) keep it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from defectlab.data.io import atomic_write_text
 from defectlab.data.layouts import DEFECT, NORMAL, Dataset, Sample
 from defectlab.errors import DataError
 
-SPLIT_NAMES = ("train", "val", "test", "train_defect")
+SPLIT_NAMES = ("train", "val", "test", "train_defect", "val_defect")
 
 
 @dataclass
@@ -47,7 +49,8 @@ class Split:
         }
 
     def seen_in_training(self) -> set[str]:
-        return {str(s.path) for part in ("train", "val", "train_defect") for s in self[part]}
+        parts = ("train", "val", "train_defect", "val_defect")
+        return {str(s.path) for part in parts for s in self[part]}
 
     def save(self, path: str | Path) -> None:
         payload = {
@@ -87,6 +90,7 @@ def make_split(
     train_fraction: float = 0.7,
     val_fraction: float = 0.15,
     defects_per_class: int = 0,
+    val_defects_per_class: int = 0,
 ) -> Split:
     """Split a dataset by the standard protocol (see module docstring)."""
     if not 0 < train_fraction < 1:
@@ -112,18 +116,33 @@ def make_split(
         raise DataError(f"{dataset.root}: too few normal images ({len(shuffled)}) to split")
     train, val = shuffled[: len(shuffled) - n_val], shuffled[len(shuffled) - n_val :]
 
+    if defects_per_class < 0 or val_defects_per_class < 0:
+        raise DataError("defects_per_class and val_defects_per_class must not be negative")
     train_defect: list[Sample] = []
-    if not dataset.predefined:
+    val_defect: list[Sample] = []
+    if dataset.predefined:
+        if defects_per_class or val_defects_per_class:
+            raise DataError(
+                f"{dataset.root}: the {dataset.layout} layout has its own split; "
+                "defects_per_class and val_defects_per_class do not apply"
+            )
+    else:
         by_type: dict[str, list[Sample]] = {}
         for s in dataset.defect:
             by_type.setdefault(s.defect_type, []).append(s)
         for kind in sorted(by_type):
             ordered = _shuffled(by_type[kind], seed)
+            held = defects_per_class + val_defects_per_class
             train_defect += ordered[:defects_per_class]
-            test += ordered[defects_per_class:]
+            val_defect += ordered[defects_per_class:held]
+            test += ordered[held:]
     if defects_per_class:
         name = f"{dataset.layout}-{defects_per_class}-shot-v1"
+    if val_defects_per_class:
+        name += f"+val{val_defects_per_class}"
     parts = {"train": train, "val": val, "test": test}
     if train_defect:
         parts["train_defect"] = train_defect
+    if val_defect:
+        parts["val_defect"] = val_defect
     return Split(name, seed, parts, str(dataset.root), dataset.layout)

@@ -5,11 +5,18 @@ log-likelihood). The ensemble loads already trained runs, measures each member's
 and map-value mean and standard deviation on the normal training images, and combines the
 members' z-scores (weighted mean, or max for "any detector fires"). Training it is one pass
 of inference over normal images; no defect labels are needed.
+
+``combine="route"`` is the seed's router for lines that inspect several product types, one
+detector per type: an image-type classifier (nearest centroid of a thumbnail + histogram
+descriptor, fitted on each member's own training images) sends every image to the member
+trained on its type, and that member's z-scores are the output. Normal statistics are then
+measured per member on the images routed to it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -17,9 +24,12 @@ import torch.nn.functional as F
 
 from defectlab.base import ModelConfig, Prediction
 from defectlab.detect.base import Detector
+from defectlab.errors import DataError
 from defectlab.registry import register
 
-COMBINE = ("mean", "max")
+COMBINE = ("mean", "max", "route")
+THUMBNAIL = 16
+HISTOGRAM_BINS = 16
 
 
 @dataclass
@@ -28,8 +38,11 @@ class EnsembleConfig(ModelConfig):
     runs: tuple[str, ...] = ()
     #: one non-negative weight per run; empty = equal weights
     weights: tuple[float, ...] = ()
-    #: "mean": weighted mean of z-scores; "max": the most alarmed member decides
+    #: "mean": weighted mean of z-scores; "max": the most alarmed member decides;
+    #: "route": an image-type classifier picks one member per image
     combine: str = "mean"
+    #: route: at most this many of each member's training images fit the router
+    router_images: int = 64
 
     def __post_init__(self) -> None:
         if self.epochs != 1:
@@ -40,6 +53,18 @@ class EnsembleConfig(ModelConfig):
             raise ValueError(f"{len(self.weights)} weights for {len(self.runs)} runs")
         if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) == 0):
             raise ValueError(f"weights must be non-negative and not all zero: {self.weights}")
+        if self.router_images < 1:
+            raise ValueError(f"router_images must be positive, got {self.router_images}")
+
+
+def image_type_descriptor(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] → (B, 16·16 + 16): a grey thumbnail (layout) and an intensity
+    histogram (material), enough to tell product types apart, cheap enough for every image."""
+    grey = images.mean(dim=1, keepdim=True)
+    thumbnail = F.adaptive_avg_pool2d(grey, THUMBNAIL).flatten(1)
+    bins = (grey.flatten(1).clamp(0, 1) * (HISTOGRAM_BINS - 1e-6)).long()
+    histogram = F.one_hot(bins, HISTOGRAM_BINS).float().mean(dim=1)
+    return torch.cat([thumbnail, histogram], dim=1)
 
 
 def _adapt(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
@@ -63,6 +88,7 @@ class Ensemble(Detector):
     )
     Config = EnsembleConfig
     config: EnsembleConfig
+    state_version: ClassVar[int] = 2
 
     def __init__(self, config: EnsembleConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
@@ -74,10 +100,45 @@ class Ensemble(Detector):
         weights = self.config.weights or (1.0,) * len(self.members)
         self.weights = torch.tensor(weights, device=self.device) / sum(weights)
         count = len(self.members)
-        self._sums = torch.zeros(count, 4, dtype=torch.float64, device=self.device)
+        #: per member: score sum, sum of squares, map sum, sum of squares, image count
+        self._sums = torch.zeros(count, 5, dtype=torch.float64, device=self.device)
         self._pixels = torch.zeros(count, dtype=torch.float64, device=self.device)
-        self._count = 0
         self.stats: torch.Tensor | None = None  # (members, 4): score mean, std, map mean, std
+        #: route: per-member descriptor centroids and the per-dimension scale
+        self.centroids: torch.Tensor | None = None
+        self.descriptor_scale: torch.Tensor | None = None
+
+    def setup_training(self, n_train: int) -> None:
+        if self.config.combine == "route" and self.centroids is None:
+            self._fit_router()
+
+    def _fit_router(self) -> None:
+        """Nearest-centroid image-type classifier from each member's own training images."""
+        from defectlab.api import _load
+        from defectlab.config import RunConfig
+        from defectlab.data.splits import Split
+        from defectlab.runs import read_json
+
+        descriptors = []
+        for run in self.config.runs:
+            config = RunConfig.from_dict(read_json(Path(run) / "config.json"))
+            train = Split.load(Path(run) / "split.json")["train"]
+            step = max(1, len(train) // self.config.router_images)
+            loaded = _load(train[::step][: self.config.router_images], config.data, "", False)
+            if not len(loaded.samples):
+                raise DataError(f"{run}: none of its training images can be read to fit the router")
+            images = torch.from_numpy(loaded.images.transpose(0, 3, 1, 2)).to(self.device)
+            descriptors.append(image_type_descriptor(images))
+        pooled = torch.cat(descriptors)
+        self.descriptor_scale = pooled.std(dim=0).clamp_min(1e-3)
+        self.centroids = torch.stack([d.mean(dim=0) for d in descriptors]) / self.descriptor_scale
+
+    def route(self, images: torch.Tensor) -> torch.Tensor:
+        """Index of the member each image goes to (route mode)."""
+        if self.centroids is None or self.descriptor_scale is None:
+            raise RuntimeError("ensemble: route before fit")
+        descriptor = image_type_descriptor(images.to(self.device)) / self.descriptor_scale
+        return torch.cdist(descriptor, self.centroids).argmin(dim=1)
 
     def _member_outputs(self, images: torch.Tensor) -> list[Prediction]:
         return [
@@ -87,18 +148,30 @@ class Ensemble(Detector):
 
     @torch.no_grad()
     def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        for i, out in enumerate(self._member_outputs(batch["image"])):
-            scores, maps = out.scores.double(), out.maps.double()
+        images = batch["image"].to(self.device)
+        n = images.shape[0]
+        routed = self.route(images) if self.config.combine == "route" else None
+        for i, out in enumerate(self._member_outputs(images)):
+            take = torch.ones(n, dtype=torch.bool, device=self.device)
+            if routed is not None:
+                take = routed == i
+            scores, maps = out.scores.double()[take], out.maps.double()[take]
             self._sums[i] += torch.stack(
-                [scores.sum(), (scores**2).sum(), maps.sum(), (maps**2).sum()]
+                [scores.sum(), (scores**2).sum(), maps.sum(), (maps**2).sum(), take.sum()]
             )
             self._pixels[i] += maps.numel()
-        self._count += batch["image"].shape[0]
         return {}
 
     def finish_training(self) -> None:
-        score_mean = self._sums[:, 0] / self._count
-        score_var = self._sums[:, 1] / self._count - score_mean**2
+        count = self._sums[:, 4]
+        if bool((count == 0).any()):
+            idle = [run for run, c in zip(self.config.runs, count, strict=True) if c == 0]
+            raise DataError(
+                f"no training image was routed to {', '.join(idle)}: the ensemble's data "
+                "must hold normal images of every member's type"
+            )
+        score_mean = self._sums[:, 0] / count
+        score_var = self._sums[:, 1] / count - score_mean**2
         map_mean = self._sums[:, 2] / self._pixels
         map_var = self._sums[:, 3] / self._pixels - map_mean**2
         score_std = score_var.clamp_min(0).sqrt().clamp_min(1e-8)
@@ -119,6 +192,10 @@ class Ensemble(Detector):
             )[:, 0]
             z_maps.append((maps - map_mean) / map_std)
         scores, maps = torch.stack(z_scores), torch.stack(z_maps)
+        if self.config.combine == "route":
+            member = self.route(images)
+            pick = torch.arange(images.shape[0], device=self.device)
+            return Prediction(scores[member, pick], maps[member, pick])
         if self.config.combine == "max":
             return Prediction(scores.max(dim=0).values, maps.max(dim=0).values)
         w = self.weights
@@ -129,10 +206,12 @@ class Ensemble(Detector):
             "runs": list(self.config.runs),
             "sums": self._sums,
             "pixels": self._pixels,
-            "count": self._count,
         }
         if self.stats is not None:
             state["stats"] = self.stats
+        if self.centroids is not None and self.descriptor_scale is not None:
+            state["centroids"] = self.centroids
+            state["descriptor_scale"] = self.descriptor_scale
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -140,6 +219,8 @@ class Ensemble(Detector):
             raise ValueError(f"statistics were measured for runs {state['runs']}")
         self._sums = state["sums"].to(self.device)
         self._pixels = state["pixels"].to(self.device)
-        self._count = int(state["count"])
         if "stats" in state:
             self.stats = state["stats"].to(self.device)
+        if "centroids" in state:
+            self.centroids = state["centroids"].to(self.device)
+            self.descriptor_scale = state["descriptor_scale"].to(self.device)
