@@ -191,7 +191,7 @@ def test_unknown_model_and_bad_setting(capsys, folder_root: Path, tmp_path: Path
     code, _, err = run_cli(
         capsys, "train", "--model", "nope", "--data", folder_root, "--out", tmp_path / "r"
     )
-    assert code == 2 and "unknown detector or segmenter 'nope'" in err
+    assert code == 2 and "unknown detector, segmenter or synthesizer 'nope'" in err
     code, _, err = run_cli(
         capsys,
         "train",

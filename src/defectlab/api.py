@@ -115,7 +115,7 @@ def build_config(
     overrides: Sequence[str] = (),
 ) -> RunConfig:
     """Resolve defaults, named options and ``--set`` overrides into one validated config."""
-    cls = registry.get(model, ("detector", "segmenter"))
+    cls = _trainable_class(model)
     sections = parse_set_options(list(overrides))
     data_cfg = apply_overrides(DataConfig(path=str(data)), sections.get("data", {}), "data.")
     if category is not None:
@@ -132,8 +132,26 @@ def build_config(
     return RunConfig(model, data_cfg, train_cfg, calibration, asdict(model_cfg))
 
 
+def _trainable_class(name: str) -> type[Model]:
+    """Detectors, segmenters and learned synthesizers (GANs) train; procedural ones do not."""
+    cls = registry.get(name, ("detector", "segmenter", "synthesizer"))
+    if not issubclass(cls, Model):
+        raise ConfigError(f"{name} is procedural and needs no training: use `defectlab synth`")
+    return cls
+
+
+def _require_scorer(run: TrainedRun) -> None:
+    """Learned synthesizers have runs too, but nothing to predict or evaluate with."""
+    if run.model.family == "synthesizer":
+        name = run.config.model
+        raise ConfigError(
+            f"{run.run_dir} holds the {name} synthesizer, which does not score images: "
+            f"use `defectlab synth --method {name} --run {run.run_dir}`"
+        )
+
+
 def _make_model(config: RunConfig, device: torch.device) -> Model:
-    cls = registry.get(config.model, ("detector", "segmenter"))
+    cls = _trainable_class(config.model)
     try:
         return cls(
             cls.Config(**restore_tuples(config.model_config)),
@@ -307,8 +325,13 @@ def train(
 
     net = _make_model(config, torch_device)
     train_samples = split["train"]
-    if net.family == "segmenter":
+    if net.family == "segmenter" or getattr(net, "trains_on_defects", False):
         train_samples = train_samples + split["train_defect"]
+    if getattr(net, "trains_on_defects", False) and not split["train_defect"]:
+        raise ConfigError(
+            f"{config.model} learns from defect examples too: set data.defects_per_class "
+            "to hold out K defect images per type for training"
+        )
     train_data = _load(train_samples, config.data, "loading train images", progress)
     val_data = _load(split["val"], config.data, "loading validation images", progress)
     val_defect = None
@@ -326,7 +349,12 @@ def train(
         resume=resume,
         progress=progress,
     )
-    calibration = _calibrate(net, val_data, config.calibration, val_defect)
+    # a synthesizer scores nothing: it has no thresholds to calibrate
+    calibration = (
+        {}
+        if net.family == "synthesizer"
+        else _calibrate(net, val_data, config.calibration, val_defect)
+    )
     save_checkpoint(run_dir / MODEL_FILE, net, calibration=calibration, run_config=config.to_dict())
     write_json(run_dir / "calibration.json", calibration)
     last_losses = {
@@ -424,6 +452,7 @@ def predict(
     and the tile maps stitched (score = the highest tile score).
     """
     run = load_run(run_dir, device)
+    _require_scorer(run)
     input_path, out = Path(input_path), Path(out)
     files = _list_inputs(input_path)
     out.mkdir(parents=True, exist_ok=True)
@@ -481,6 +510,7 @@ def evaluate(
     """Evaluate on the test split of ``data`` (never on images the run trained or calibrated
     on); write ``metrics.json``, ``scores.csv`` and ``report.html`` into ``out``."""
     run = load_run(run_dir, device)
+    _require_scorer(run)
     out = Path(out)
     data_cfg = apply_overrides(run.config.data, {"path": str(data)}, "data.")
     if category is not None:
@@ -636,15 +666,15 @@ def check_data(
 # --- synthesize ------------------------------------------------------------------------------
 
 
-def _normal_images_for_synthesis(
-    normal: str | Path, channels: int, limit: int
+def _images_for_synthesis(
+    folder: str | Path, channels: int, limit: int, kind: str = "normal"
 ) -> list[tuple[Path, np.ndarray]]:
-    """Up to ``limit`` images of a plain folder, or the normal images of a recognised dataset
-    layout (sorted by path), read at native resolution."""
-    path = Path(normal)
+    """Up to ``limit`` images of a plain folder, or the normal (or defect) images of a
+    recognised dataset layout (sorted by path), read at native resolution."""
+    path = Path(folder)
     try:
         dataset = load_dataset(path)
-        paths = [s.path for s in dataset.normal]
+        paths = [s.path for s in (dataset.normal if kind == "normal" else dataset.defect)]
     except DataError:
         paths = _list_inputs(path)
     paths = sorted(paths)[:limit]
@@ -656,7 +686,7 @@ def _normal_images_for_synthesis(
             failures.append((exc.path, exc.reason))
     report_failures(failures, len(paths))
     if not images:
-        raise DataError(f"{path}: no readable normal images")
+        raise DataError(f"{path}: no readable {kind} images")
     return images
 
 
@@ -692,8 +722,11 @@ def synthesize(
     synthesizer = make_synthesizer(method, run, overrides)
     if defects is not None and not synthesizer.needs_training:
         raise ConfigError(f"{method} paints defects procedurally and takes no --defects examples")
-    sources = _normal_images_for_synthesis(normal, channels, limit=n)
+    sources = _images_for_synthesis(normal, channels, limit=n)
     images = [resize_image(img, image_size) if image_size else img for _, img in sources]
+    if defects is not None:
+        examples = _images_for_synthesis(defects, channels, limit=10_000, kind="defect")
+        synthesizer.use_defect_examples([img for _, img in examples])
     out = Path(out)
     rows = []
     for i, (source, sample) in tqdm(

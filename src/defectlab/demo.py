@@ -1,6 +1,7 @@
 """``make demo``: the main job on the bundled real default, ELPV solar cells.
 
-Fits the baseline detector on the ELPV v1 normal training split, calibrates it on held-out
+Fits the feature-memory detector (``patchmemory``: frozen ImageNet EfficientNet-Lite0 patch
+features, shipped offline) on the ELPV v1 normal training split, calibrates it on held-out
 normal cells, evaluates on held-out normal + defective cells, and writes one report with
 procedural synthesis samples next to the heat maps. Runs in a few minutes on 2 CPU cores.
 """
@@ -16,7 +17,7 @@ from defectlab.data.io import read_image
 from defectlab.data.splits import Split
 from defectlab.data.transforms import resize_image
 
-DEMO_MODEL = "pixelstats"
+DEMO_MODEL = "patchmemory"
 DEMO_SYNTH = "procedural"
 
 

@@ -78,6 +78,10 @@ def get(name: str, family: str | tuple[str, ...] | None = None) -> type:
     entry = _entries.get(name)
     if entry is None or (families and entry.family not in families):
         names = [e.name for e in available() if not families or e.family in families]
-        what = " or ".join(families) if families else "model"
+        what = (
+            (", ".join(families[:-1]) + " or " + families[-1] if len(families) > 1 else families[0])
+            if families
+            else "model"
+        )
         raise ConfigError(f"unknown {what} {name!r}; available: {', '.join(names)}")
     return entry.cls

@@ -49,6 +49,11 @@ class Synthesizer(ABC):
         """Load a trained synthesizer from its run directory (learned synthesizers only)."""
         raise ConfigError(f"{cls.name} is procedural and has no trained run to load")
 
+    def use_defect_examples(self, images: Sequence[np.ndarray]) -> None:
+        """Learned synthesizers that take their defect appearance from real examples (e.g.
+        CrossGAN's ``detail=encode``) override this; the others take none."""
+        raise ConfigError(f"{self.name} takes no --defects examples")
+
     @abstractmethod
     def synthesize(self, image: np.ndarray, rng: np.random.Generator) -> SynthSample:
         """One defect image from one normal image (H, W, C) float32 in [0, 1]."""
