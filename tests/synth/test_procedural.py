@@ -152,14 +152,16 @@ def test_plain_2d_and_float64_images_keep_their_form() -> None:
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_each_shape_alone(shape: str) -> None:
     image = textured()
-    maker = synth(shapes=(shape,))
+    maker = synth(shapes=(shape,), defects_per_image=(1, 1))  # crossing lines are thicker
     for seed in range(8):
         sample = maker.synthesize(image, np.random.default_rng(seed))
         assert sample.mask.sum() >= 12
         assert set(sample.record["shapes"].split("+")) == {shape}
-        thickness = cv2.distanceTransform(sample.mask.astype(np.uint8), cv2.DIST_L2, 3).max()
+        depth = cv2.distanceTransform(sample.mask.astype(np.uint8), cv2.DIST_L2, 3)
         if shape == "scratch":
-            assert thickness <= 3.5, "a scratch should be a thin line"
+            assert depth.max() <= 3.5, "a scratch should be a thin line"
+        if shape == "crack":  # 1-2 px wide away from the junctions of its branches
+            assert np.percentile(depth[sample.mask], 90) <= 1.4, "a crack should be 1-2 px wide"
 
 
 def test_shape_generators_draw_near_the_centre() -> None:
@@ -216,3 +218,209 @@ def test_fallback_when_no_defect_fits_the_roi() -> None:
     # a defect larger than the image allows can never reach 2000 px: the fallback disc is used
     sample = synth(min_mask_pixels=2000).synthesize(textured(), np.random.default_rng(0))
     assert sample.record["shapes"] == "disc" and sample.mask.any()
+
+
+# --- shape families, blending modes, texture sources ------------------------------------------
+
+NEW_FAMILIES = ("elastic_line", "elastic_circle", "perlin_region", "crack", "cutpaste", "scar")
+
+
+def test_default_mix_has_every_family() -> None:
+    assert set(ProceduralConfig().shapes) == set(SHAPES)
+    assert set(NEW_FAMILIES) <= set(SHAPES)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_each_family_lands_inside_the_roi_and_off_the_margin(shape: str) -> None:
+    image, disc = object_on_background()
+    margin = math.ceil(0.25 * 64)
+    inner = np.zeros((64, 64), bool)
+    inner[margin:-margin, margin:-margin] = True
+    maker = synth(shapes=(shape,), roi="otsu", border_margin=0.25, size_fraction=(0.15, 0.3))
+    for seed in range(6):
+        sample = maker.synthesize(image, np.random.default_rng(seed))
+        assert sample.record["shapes"].split("+")[0] == shape
+        assert sample.mask.sum() >= 12
+        assert not (sample.mask & ~(disc & inner)).any(), "defect outside the ROI or in margin"
+        assert np.array_equal(sample.image[~sample.mask], image[~sample.mask])
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("channels", [1, 3])
+def test_alpha_blend_changes_exactly_the_mask(shape: str, channels: int) -> None:
+    image = textured(channels=channels)
+    maker = synth(shapes=(shape,), defects_per_image=(1, 3), blend="alpha")
+    for seed in range(6):
+        sample = maker.synthesize(image, np.random.default_rng(seed))
+        changed = (sample.image != image).any(axis=2)
+        assert np.array_equal(changed, sample.mask)
+        assert sample.record["blend"] == "alpha"
+        assert sample.record["outside_mask_changed"] is False
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_poisson_blend_records_changes_outside_the_mask(channels: int) -> None:
+    from defectlab.synth.procedural import POISSON_RING_PX
+
+    image = textured(channels=channels)
+    maker = synth(blend="poisson", roi="none", border_margin=0.2)
+    band = np.ones((64, 64), bool)
+    band[13:-13, 13:-13] = False
+    flags = []
+    for seed in SEEDS:
+        sample = maker.synthesize(image, np.random.default_rng(seed))
+        changed = (sample.image != image).any(axis=2)
+        outside = changed & ~sample.mask
+        assert sample.record["blend"] == "poisson"
+        assert sample.record["outside_mask_changed"] == bool(outside.any())
+        flags.append(sample.record["outside_mask_changed"])
+        # only a thin seamless ring around the defect changes, and only slightly
+        assert not (changed & ~dilate(sample.mask, POISSON_RING_PX)).any()
+        assert np.abs(sample.image - image).max(axis=2)[outside].max(initial=0.0) < 0.05
+        assert not changed[band].any(), "Poisson blending reached the border margin"
+        assert (changed[sample.mask]).mean() > 0.9
+        assert sample.image.min() >= 0.0 and sample.image.max() <= 1.0
+    assert any(flags)
+    again = maker.synthesize(image, np.random.default_rng(3))
+    first = maker.synthesize(image, np.random.default_rng(3))
+    assert np.array_equal(again.image, first.image) and again.record == first.record
+
+
+@pytest.mark.parametrize("shape", NEW_FAMILIES)
+@pytest.mark.parametrize("blend", ["alpha", "poisson"])
+def test_each_family_is_deterministic_by_seed(shape: str, blend: str) -> None:
+    image = textured()
+    maker = synth(shapes=(shape,), blend=blend)
+    a = maker.synthesize(image, np.random.default_rng(11))
+    b = synth(shapes=(shape,), blend=blend).synthesize(image, np.random.default_rng(11))
+    c = maker.synthesize(image, np.random.default_rng(12))
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
+    assert a.record == b.record
+    assert not np.array_equal(a.mask, c.mask)
+
+
+def test_shape_weights_pick_the_families() -> None:
+    maker = synth(shapes=("crack", "perlin_region"), shape_weights=(0.0, 1.0))
+    for seed in range(6):
+        sample = maker.synthesize(textured(), np.random.default_rng(seed))
+        assert set(sample.record["shapes"].split("+")) == {"perlin_region"}
+
+
+def test_cutpaste_takes_a_whole_patch_from_the_same_image() -> None:
+    maker = synth(shapes=("cutpaste", "scar"), defects_per_image=(2, 2))
+    sample = maker.synthesize(textured(), np.random.default_rng(0))
+    assert sample.record["texture_origins"] == "self;self"
+    assert sample.record["textures"] == "1.00;1.00"
+
+
+def checkerboard(size: int = 64) -> np.ndarray:
+    y, x = np.mgrid[0:size, 0:size]
+    return (0.3 + 0.4 * (((y // 4) + (x // 4)) % 2)).astype(np.float32)[:, :, None]
+
+
+def test_texture_from_another_normal_image() -> None:
+    images = [textured(seed=0), checkerboard()]
+    maker = synth(foreign_texture=1.0, texture=(1.0, 1.0), shapes=("bezier_blob",))
+    samples = list(maker.generate(images, 4, seed=2))
+    for index, (source, sample) in enumerate(samples):
+        assert source == index % 2
+        assert sample.record["texture_image"] == 1 - source
+        assert set(sample.record["texture_origins"].split(";")) == {"other"}
+    # reproducible alone when given the same texture image
+    alone = maker.synthesize(images[0], np.random.default_rng([2, 2]), images[1])
+    assert np.array_equal(alone.image, samples[2][1].image)
+    # the texture really is the other image's: a different source gives a different fill
+    own = maker.synthesize(images[0], np.random.default_rng([2, 2]), images[0])
+    assert np.array_equal(own.mask, alone.mask)
+    assert not np.array_equal(own.image, alone.image)
+    # without another image the texture comes from elsewhere in the same one
+    solo = maker.synthesize(images[0], np.random.default_rng([2, 2]))
+    assert set(solo.record["texture_origins"].split(";")) == {"self"}
+
+
+def test_default_generate_uses_no_foreign_texture() -> None:
+    _, sample = next(synth().generate([textured(seed=0), textured(seed=1)], 1))
+    assert sample.record["texture_image"] == -1
+
+
+def test_texture_image_of_another_size_and_channels() -> None:
+    maker = synth(foreign_texture=1.0)
+    small_rgb = np.repeat(checkerboard(32), 3, axis=2)
+    for seed in range(4):
+        sample = maker.synthesize(textured(), np.random.default_rng(seed), small_rgb)
+        changed = (sample.image != textured()).any(axis=2)
+        assert np.array_equal(changed, sample.mask)
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"shapes": ("crack", "zigzag")}, "shapes"),
+        ({"shape_weights": (1.0, 2.0)}, "shape_weights"),
+        ({"shapes": ("crack", "scar"), "shape_weights": (-1.0, 2.0)}, "shape_weights"),
+        ({"shapes": ("crack", "scar"), "shape_weights": (0.0, 0.0)}, "shape_weights"),
+        ({"size_fraction": (0.3, 0.1)}, "size_fraction"),
+        ({"edge_softness": (3.0, 1.0)}, "edge_softness"),
+        ({"texture": (0.9, 0.1)}, "texture"),
+        ({"foreign_texture": 1.5}, "foreign_texture"),
+        ({"blend": "median"}, "blend"),
+    ],
+)
+def test_bad_new_config_names_the_field(config: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        ProceduralConfig(**config)  # type: ignore[arg-type]
+
+
+def test_config_can_be_set_from_the_command_line() -> None:
+    from defectlab.config import apply_overrides
+    from defectlab.errors import ConfigError
+
+    config = apply_overrides(
+        ProceduralConfig(),
+        {
+            "shapes": "crack,scar",
+            "shape_weights": "1,3",
+            "blend": "poisson",
+            "contrast": "0.2,0.3",
+            "foreign_texture": "0.5",
+            "defects_per_image": "2,4",
+        },
+    )
+    assert config.shapes == ("crack", "scar") and config.shape_weights == (1.0, 3.0)
+    assert config.blend == "poisson" and config.contrast == (0.2, 0.3)
+    assert config.defects_per_image == (2, 4) and config.foreign_texture == 0.5
+    with pytest.raises(ConfigError, match="size_fraction"):
+        apply_overrides(ProceduralConfig(), {"size_fraction": "0.3,0.1"})
+    with pytest.raises(ConfigError, match="shapes"):
+        apply_overrides(ProceduralConfig(), {"shapes": "crack,zigzag"})
+
+
+def test_shape_ranges_reach_the_generators(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict[str, object]] = []
+    crack = SHAPES["crack"]
+
+    def spy(*args: object, **params: object) -> np.ndarray:
+        seen.append(params)
+        return crack(*args, **params)  # type: ignore[arg-type]
+
+    monkeypatch.setitem(SHAPES, "crack", spy)
+    synth(shapes=("crack",), crack_branches=(2, 2)).synthesize(textured(), np.random.default_rng(0))
+    assert seen and all(p == {"branches": (2, 2)} for p in seen)
+    config = ProceduralConfig(perlin_octaves=(1, 1), perlin_coverage=(0.5, 0.5))
+    assert config.shape_params("perlin_region") == {"octaves": (1, 1), "coverage": (0.5, 0.5)}
+    assert config.shape_params("bezier_blob") == {}
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"crack_branches": (0.5, 2)}, "crack_branches"),
+        ({"crack_branches": (3, 1)}, "crack_branches"),
+        ({"perlin_octaves": (0, 2)}, "perlin_octaves"),
+        ({"perlin_coverage": (0.0, 0.5)}, "perlin_coverage"),
+        ({"elastic_strength": (0.1, 0.5)}, "elastic_strength"),
+    ],
+)
+def test_bad_shape_ranges_name_the_field(config: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        ProceduralConfig(**config)  # type: ignore[arg-type]

@@ -1,26 +1,34 @@
 """Procedural defect synthesis: paint plausible defects on normal images, with exact masks.
 
 Normal-only inspection needs defect examples to train segmenters and to sanity-check
-detectors. Following the competition toolbox (MISSION S2), we draw random shapes (joined
-Bezier curves, filled clouds of 2-D Gaussian points, thin open curves for scratches and
-cracks), place them at a random position inside the object (Otsu region of interest) and off
+detectors. Following the competition toolbox (MISSION S2), we draw random shapes
+(:mod:`defectlab.synth.shapes`: Bezier and Gaussian-cloud blobs, scratches, elastically
+warped lines and circles, thresholded Perlin noise, branching cracks, CutPaste patches and
+scars), place them at a random position inside the object (Otsu region of interest) and off
 the image border, and give them a grey value relative to the local background with an
-optional linear grey-level gradient, faint noise matching the local texture and part of the
-underlying surface texture kept (flat pasted patches look cartoonish). A Gaussian
-alpha softens the edges; the returned mask is exactly where that alpha is at least 0.5, so the
-label agrees with what is visible, and every pixel the alpha does not reach is left
-bit-identical.
+optional linear grey-level gradient, faint noise matching the local texture and part of a
+surface texture kept (flat pasted patches look cartoonish). That texture is the surface
+under the defect, or, for CutPaste shapes and with probability ``foreign_texture``, a patch
+cut from elsewhere in the same image or from another normal image.
+
+Masks are exact. The soft alpha is a Gaussian-blurred shape, cut to where it is at least 0.5:
+the mask is that set, so the label agrees with what is visible, and with ``blend="alpha"``
+every pixel outside the mask is bit-identical to the input (the soft edge is the inner half
+of the Gaussian ramp). ``blend="poisson"`` clones the defect's texture with OpenCV's
+``seamlessClone`` over the mask grown by a few pixels, then adds the brightness change under
+the same alpha: the texture joins the surface seamlessly, but pixels in that thin ring outside
+the mask (never outside the ROI or in the border margin) change slightly. The record says so
+(``outside_mask_changed``), for callers that need a strict label.
 
 The module is built to be extended: every shape is one small function registered in
 :data:`SHAPES` (``@shape_generator("name")``), the appearance is one function
 (:func:`blend_defect`), and placement is separate (:func:`object_roi`, :func:`sample_centre`).
-Later additions (Perlin noise, CutPaste, elastic warps, Poisson blending) plug in there.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,12 +37,19 @@ import numpy as np
 
 from defectlab.registry import register
 from defectlab.synth.base import SynthConfig, Synthesizer, SynthSample
+from defectlab.synth.shapes import PATCH_SHAPES, SHAPES, ShapeGenerator, shape_generator
 
-#: ``(rng, height, width, centre (y, x), radius) -> bool mask (height, width)``
-ShapeGenerator = Callable[[np.random.Generator, int, int, tuple[float, float], float], np.ndarray]
-
-#: shape name → generator; register new shapes with :func:`shape_generator`
-SHAPES: dict[str, ShapeGenerator] = {}
+__all__ = [
+    "PATCH_SHAPES",
+    "SHAPES",
+    "ProceduralConfig",
+    "ProceduralSynthesizer",
+    "ShapeGenerator",
+    "blend_defect",
+    "object_roi",
+    "sample_centre",
+    "shape_generator",
+]
 
 #: images whose short side is below this cannot hold a defect off the border
 MIN_IMAGE_SIDE = 16
@@ -47,158 +62,46 @@ MAX_TRIES = 12
 MIN_OTSU_SEPARABILITY = 0.8
 #: an Otsu object smaller than this share of the image falls back to the whole image
 MIN_ROI_FRACTION = 0.1
-#: alpha below this is set to 0 (a change < 1/1000 of the contrast, below one 8-bit step)
-ALPHA_FLOOR = 1e-3
-#: sub-pixel precision for cv2 drawing (coordinates are multiplied by 2**_SHIFT)
-_SHIFT = 3
-
-
-def shape_generator(name: str) -> Callable[[ShapeGenerator], ShapeGenerator]:
-    """Decorator: register a shape generator under ``name`` in :data:`SHAPES`."""
-
-    def decorate(fn: ShapeGenerator) -> ShapeGenerator:
-        if name in SHAPES:
-            raise ValueError(f"shape {name!r} is already registered")
-        SHAPES[name] = fn
-        return fn
-
-    return decorate
-
-
-def _fixed(points_yx: np.ndarray) -> np.ndarray:
-    """(N, 2) float (y, x) points → cv2 fixed-point (N, 1, 2) int32 (x, y) at ``_SHIFT``."""
-    xy = points_yx[:, ::-1] * (1 << _SHIFT)
-    return np.round(xy).astype(np.int32).reshape(-1, 1, 2)
-
-
-def _cubic_bezier(
-    p0: np.ndarray, p1: np.ndarray, p2: np.ndarray, p3: np.ndarray, n: int
-) -> np.ndarray:
-    """Points of cubic Bezier segments; p* are (S, 2), returns (S * n, 2) (end points excluded)."""
-    t = np.linspace(0.0, 1.0, n, endpoint=False)[None, :, None]
-    u = 1.0 - t
-    pts = (
-        u**3 * p0[:, None]
-        + 3 * u**2 * t * p1[:, None]
-        + 3 * u * t**2 * p2[:, None]
-        + t**3 * p3[:, None]
-    )
-    return pts.reshape(-1, 2)
-
-
-@shape_generator("bezier_blob")
-def bezier_blob(
-    rng: np.random.Generator, height: int, width: int, centre: tuple[float, float], radius: float
-) -> np.ndarray:
-    """Closed irregular blob: cubic Bezier segments through 4–7 anchors at random radii."""
-    n = int(rng.integers(4, 8))
-    step = 2 * math.pi / n
-    angles = rng.uniform(0, 2 * math.pi) + step * (np.arange(n) + rng.uniform(-0.3, 0.3, n))
-    radii = radius * rng.uniform(0.45, 1.0, n)
-    anchors = np.asarray(centre) + radii[:, None] * np.stack([np.sin(angles), np.cos(angles)], 1)
-    # Catmull-Rom style tangents with random tension give smooth but irregular outlines
-    tangents = np.roll(anchors, -1, axis=0) - np.roll(anchors, 1, axis=0)
-    tension = rng.uniform(0.08, 0.25, n)[:, None]
-    nxt = np.roll(np.arange(n), -1)
-    p1 = anchors + tension * tangents
-    p2 = anchors[nxt] - tension[nxt] * tangents[nxt]
-    outline = _cubic_bezier(anchors, p1, p2, anchors[nxt], 16)
-    mask = np.zeros((height, width), np.uint8)
-    cv2.fillPoly(mask, [_fixed(outline)], 1, cv2.LINE_8, _SHIFT)
-    return mask.astype(bool)
-
-
-@shape_generator("gaussian_blob")
-def gaussian_blob(
-    rng: np.random.Generator, height: int, width: int, centre: tuple[float, float], radius: float
-) -> np.ndarray:
-    """Cloud of 2-D Gaussian points (random anisotropy and rotation), filled by closing."""
-    n = int(rng.integers(25, 60))
-    s1 = radius * rng.uniform(0.35, 0.5)
-    s2 = s1 * rng.uniform(0.3, 1.0)
-    theta = rng.uniform(0, math.pi)
-    rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
-    offsets = (rng.standard_normal((n, 2)) * [s1, s2]) @ rot.T
-    norm = np.linalg.norm(offsets, axis=1, keepdims=True)
-    offsets *= np.minimum(1.0, radius / np.maximum(norm, 1e-9))  # stay within the radius
-    # morphology on a local canvas at a capped scale: cost independent of the image size
-    scale = min(1.0, 24.0 / radius)
-    dot = max(1, round(radius * scale * 0.15))
-    close = max(1, round(radius * scale * 0.4))
-    half = math.ceil(radius * scale) + dot + close + 2
-    local = np.zeros((2 * half + 1, 2 * half + 1), np.uint8)
-    pts = np.round(offsets * scale).astype(int) + half
-    local[pts[:, 0], pts[:, 1]] = 1
-    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dot + 1, 2 * dot + 1))
-    local = cv2.dilate(local, disc)
-    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * close + 1, 2 * close + 1))
-    local = cv2.morphologyEx(local, cv2.MORPH_CLOSE, disc)
-    return _paste_local(local, scale, centre, height, width)
-
-
-def _paste_local(
-    local: np.ndarray, scale: float, centre: tuple[float, float], height: int, width: int
-) -> np.ndarray:
-    """Place a local canvas (centred on ``centre``, drawn at ``scale``) into a full mask."""
-    half = local.shape[0] // 2
-    cy, cx = centre
-    # affine map from local canvas coordinates to image coordinates
-    m = np.array([[1 / scale, 0, cx - half / scale], [0, 1 / scale, cy - half / scale]])
-    size = local.shape[0] / scale
-    x0, y0 = max(0, math.floor(cx - size / 2) - 1), max(0, math.floor(cy - size / 2) - 1)
-    x1, y1 = min(width, math.ceil(cx + size / 2) + 2), min(height, math.ceil(cy + size / 2) + 2)
-    mask = np.zeros((height, width), bool)
-    if x1 <= x0 or y1 <= y0:
-        return mask
-    m[:, 2] -= (x0, y0)
-    warped = cv2.warpAffine(local.astype(np.float32), m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR)
-    mask[y0:y1, x0:x1] = warped >= 0.5
-    return mask
-
-
-@shape_generator("scratch")
-def scratch(
-    rng: np.random.Generator, height: int, width: int, centre: tuple[float, float], radius: float
-) -> np.ndarray:
-    """Thin open curve (scratch, crack): one cubic Bezier with a slight wobble, 1–4 px thick."""
-    length = 2 * radius * rng.uniform(0.6, 1.0)
-    theta = rng.uniform(0, math.pi)
-    along = np.array([math.sin(theta), math.cos(theta)])
-    across = np.array([along[1], -along[0]])
-    c = np.asarray(centre)
-    p0, p3 = c - along * length / 2, c + along * length / 2
-    p1 = c - along * length / 6 + across * rng.uniform(-0.35, 0.35) * length
-    p2 = c + along * length / 6 + across * rng.uniform(-0.35, 0.35) * length
-    n = 48
-    curve = _cubic_bezier(p0[None], p1[None], p2[None], p3[None], n)
-    curve = np.vstack([curve, p3[None]])
-    # crack-like wobble: smoothed random walk across the curve, pinned at both ends
-    walk = np.cumsum(rng.standard_normal(n + 1))
-    walk -= np.linspace(walk[0], walk[-1], n + 1)
-    walk = np.convolve(walk, np.ones(5) / 5, mode="same")
-    amplitude = rng.uniform(0.0, 0.04) * length / max(np.abs(walk).max(), 1e-9)
-    curve += (walk * amplitude)[:, None] * across
-    thickness = int(rng.integers(1, 5))
-    mask = np.zeros((height, width), np.uint8)
-    cv2.polylines(mask, [_fixed(curve)], False, 1, thickness, cv2.LINE_8, _SHIFT)
-    return mask.astype(bool)
+#: Poisson blending clones the texture over the mask grown by this many px (seamless ring)
+POISSON_RING_PX = 2
+#: blending modes (see the module docstring)
+BLEND_MODES = ("alpha", "poisson")
 
 
 @dataclass
 class ProceduralConfig(SynthConfig):
-    #: shape generators to draw from, uniformly (names in ``SHAPES``)
-    shapes: tuple[str, ...] = ("bezier_blob", "gaussian_blob", "scratch")
+    #: shape families to draw from (names in ``SHAPES``)
+    shapes: tuple[str, ...] = (
+        "bezier_blob",
+        "gaussian_blob",
+        "scratch",
+        "elastic_line",
+        "elastic_circle",
+        "perlin_region",
+        "crack",
+        "cutpaste",
+        "scar",
+    )
+    #: relative frequency of each entry of ``shapes``, each >= 0; empty: all equally often
+    shape_weights: tuple[float, ...] = ()
     #: number of defects per image, inclusive range
     defects_per_image: tuple[int, int] = (1, 2)
     #: defect extent (diameter) relative to the image's short side
     size_fraction: tuple[float, float] = (0.04, 0.2)
     #: intensity change relative to the local background (Weber); sign random: dark or bright
     contrast: tuple[float, float] = (0.15, 0.45)
-    #: share of the underlying surface texture kept inside the defect (0: flat fill + noise)
+    #: share of the surface texture kept inside the defect (0: flat fill + noise); CutPaste
+    #: shapes always keep all of their pasted patch
     texture: tuple[float, float] = (0.2, 0.8)
+    #: probability that a defect's texture comes from another normal image (given by
+    #: :meth:`ProceduralSynthesizer.generate` or ``texture_image``) instead of this one, in [0, 1]
+    foreign_texture: float = 0.0
     #: Gaussian sigma in px of the soft alpha at the defect edge (capped for thin shapes)
     edge_softness: tuple[float, float] = (0.5, 2.5)
-    #: fraction of the image's short side kept free of defects at the border
+    #: "alpha": outside the mask stays bit-identical; "poisson": seamless texture (OpenCV),
+    #: pixels in a thin ring outside the mask may change slightly
+    blend: str = "alpha"
+    #: fraction of the image's short side kept free of defects at the border, in [0, 0.4)
     border_margin: float = 0.08
     #: "otsu": defects inside the object found by Otsu thresholding; "none": whole image
     roi: str = "otsu"
@@ -206,6 +109,14 @@ class ProceduralConfig(SynthConfig):
     min_mask_pixels: int = 12
     #: linear grey-level gradient across each defect (random direction and strength)
     gradient: bool = True
+    #: elastic_line / elastic_circle: peak displacement relative to the radius, in [0, 0.3]
+    elastic_strength: tuple[float, float] = (0.08, 0.2)
+    #: perlin_region: number of noise octaves (more: more ragged), integers in [1, 6]
+    perlin_octaves: tuple[int, int] = (2, 4)
+    #: perlin_region: share of the defect's disc above the noise threshold, in (0, 1]
+    perlin_coverage: tuple[float, float] = (0.3, 0.6)
+    #: crack: number of side branches (capped on small cracks), integers in [0, 10]
+    crack_branches: tuple[int, int] = (0, 3)
 
     def __post_init__(self) -> None:
         self.shapes = tuple(self.shapes)
@@ -213,21 +124,61 @@ class ProceduralConfig(SynthConfig):
             raise ValueError("shapes must name at least one shape")
         unknown = [s for s in self.shapes if s not in SHAPES]
         if unknown:
-            raise ValueError(f"unknown shapes {unknown}; available: {', '.join(SHAPES)}")
-        _check_range("defects_per_image", self.defects_per_image, 1, 50)
-        if not all(float(v).is_integer() for v in self.defects_per_image):
-            raise ValueError(f"defects_per_image must be integers, got {self.defects_per_image}")
-        self.defects_per_image = tuple(int(v) for v in self.defects_per_image)
+            raise ValueError(f"shapes: unknown shapes {unknown}; available: {', '.join(SHAPES)}")
+        self.shape_weights = tuple(float(w) for w in self.shape_weights)
+        if self.shape_weights:
+            if len(self.shape_weights) != len(self.shapes):
+                raise ValueError(
+                    f"shape_weights needs one weight per shape ({len(self.shapes)}), "
+                    f"got {len(self.shape_weights)}"
+                )
+            weights = self.shape_weights
+            if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+                raise ValueError(
+                    f"shape_weights must be >= 0 with a positive sum, got {self.shape_weights}"
+                )
+        self.defects_per_image = _int_range("defects_per_image", self.defects_per_image, 1, 50)
+        self.perlin_octaves = _int_range("perlin_octaves", self.perlin_octaves, 1, 6)
+        self.crack_branches = _int_range("crack_branches", self.crack_branches, 0, 10)
+        _check_range("elastic_strength", self.elastic_strength, 0.0, 0.3)
+        _check_range("perlin_coverage", self.perlin_coverage, 0.0, 1.0, open_low=True)
         _check_range("size_fraction", self.size_fraction, 0.0, 0.5, open_low=True)
         _check_range("contrast", self.contrast, 0.0, 1.0, open_low=True)
         _check_range("texture", self.texture, 0.0, 1.0)
+        if not 0.0 <= self.foreign_texture <= 1.0:
+            raise ValueError(f"foreign_texture must be in [0, 1], got {self.foreign_texture}")
         _check_range("edge_softness", self.edge_softness, 0.0, 20.0)
+        if self.blend not in BLEND_MODES:
+            raise ValueError(f"blend must be one of {BLEND_MODES}, got {self.blend!r}")
         if not 0.0 <= self.border_margin < 0.4:
             raise ValueError(f"border_margin must be in [0, 0.4), got {self.border_margin}")
         if self.roi not in ("otsu", "none"):
             raise ValueError(f"roi must be 'otsu' or 'none', got {self.roi!r}")
         if self.min_mask_pixels < 1:
             raise ValueError(f"min_mask_pixels must be at least 1, got {self.min_mask_pixels}")
+
+    def shape_params(self, shape: str) -> dict[str, Any]:
+        """Keyword ranges this config passes to the generator of ``shape``."""
+        params: dict[str, dict[str, Any]] = {
+            "elastic_line": {"strength": self.elastic_strength},
+            "elastic_circle": {"strength": self.elastic_strength},
+            "perlin_region": {"octaves": self.perlin_octaves, "coverage": self.perlin_coverage},
+            "crack": {"branches": self.crack_branches},
+        }
+        return params.get(shape, {})
+
+    def shape_probabilities(self) -> np.ndarray:
+        """Probability of each entry of ``shapes`` (uniform when no weights are given)."""
+        weights = np.asarray(self.shape_weights or [1.0] * len(self.shapes), dtype=np.float64)
+        return weights / weights.sum()
+
+
+def _int_range(name: str, value: Any, low: int, high: int) -> tuple[int, int]:
+    """:func:`_check_range` for a pair of whole numbers; returns it as ints."""
+    _check_range(name, value, low, high)
+    if not all(float(v).is_integer() for v in value):
+        raise ValueError(f"{name} must be integers, got {value}")
+    return (int(value[0]), int(value[1]))
 
 
 def _check_range(name: str, value: Any, low: float, high: float, *, open_low: bool = False) -> None:
@@ -309,8 +260,55 @@ class Painted:
     radius: float
     contrast: float  # signed: negative = darker than the background
     softness: float  # effective Gaussian sigma of the edge, px
-    texture: float  # share of the source texture kept inside
+    texture: float  # share of the texture kept inside
+    origin: str  # where that texture came from: "under", "self" (elsewhere) or "other" image
     mask: np.ndarray
+
+
+def _displaced_patch(
+    rng: np.random.Generator, texture_image: np.ndarray, box: tuple[int, int, int, int]
+) -> np.ndarray | None:
+    """A patch the size of ``box`` (y0, y1, x0, x1) at a random place in ``texture_image``,
+    preferring places that do not overlap ``box`` (a CutPaste patch comes from elsewhere).
+    None when the texture image is smaller than the box."""
+    y0, y1, x0, x1 = box
+    h, w = y1 - y0, x1 - x0
+    th, tw = texture_image.shape[:2]
+    if th < h or tw < w:
+        return None
+    ty = rng.integers(0, th - h + 1, 8)
+    tx = rng.integers(0, tw - w + 1, 8)
+    apart = (np.abs(ty - y0) >= h) | (np.abs(tx - x0) >= w)
+    pick = int(np.argmax(apart))  # first non-overlapping candidate, else the first one
+    top, left = int(ty[pick]), int(tx[pick])
+    return texture_image[top : top + h, left : left + w].astype(np.float32)
+
+
+def _poisson_clone(src: np.ndarray, dst: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """``dst`` (h, w, C) with ``src`` seamlessly cloned (OpenCV ``NORMAL_CLONE``) over the bool
+    ``region``; pixels outside ``region`` are returned bit-identical.
+
+    OpenCV works on 8-bit BGR, so the clone's *change* is measured in 8 bits and added to the
+    float ``dst``: no 8-bit rounding leaks into unchanged pixels."""
+    pad = 2  # OpenCV ignores the mask's outermost pixel ring; keep the region off the edge
+    channels = dst.shape[2]
+
+    def to8(a: np.ndarray) -> np.ndarray:
+        a3 = a if channels == 3 else np.repeat(a[:, :, :1], 3, axis=2)
+        a8 = np.clip(np.rint(a3 * 255.0), 0, 255).astype(np.uint8)
+        return cv2.copyMakeBorder(a8, pad, pad, pad, pad, cv2.BORDER_REFLECT)
+
+    src8, dst8 = to8(src), to8(dst)
+    mask8 = np.pad(region.astype(np.uint8) * 255, pad)
+    x, y, w, h = cv2.boundingRect(mask8)
+    if w == 0 or h == 0:
+        return dst.copy()
+    cloned = cv2.seamlessClone(src8, dst8, mask8.copy(), (x + w // 2, y + h // 2), cv2.NORMAL_CLONE)
+    change = (cloned.astype(np.float32) - dst8.astype(np.float32))[pad:-pad, pad:-pad] / 255.0
+    if channels == 1:
+        change = change.mean(axis=2, keepdims=True)
+    change[~region] = 0.0
+    return dst + change
 
 
 def blend_defect(
@@ -325,15 +323,23 @@ def blend_defect(
     texture: float = 0.0,
     allowed: np.ndarray,
     min_pixels: int = 1,
+    texture_image: np.ndarray | None = None,
+    blend: str = "alpha",
 ) -> tuple[np.ndarray, float, float] | None:
     """Paint ``shape`` into ``target`` in place; return (exact mask, signed contrast, sigma).
 
     The defect value is the local background of ``source`` (mean inside the dilated shape)
     changed by ``contrast`` (Weber; sign random, flipped when there is no room), times an
     optional linear gradient, plus faint noise at the local high-frequency std; a share
-    ``texture`` of the source pixels (rather than their mean) is kept underneath. The alpha is
-    the shape blurred with ``softness`` (capped at half the shape's thickness, peak normalised
-    to 1) and cut to ``allowed``; the mask is alpha >= 0.5. Pixels with alpha 0 are untouched.
+    ``texture`` of a texture is kept underneath: the ``source`` pixels under the defect, or a
+    patch from a random place in ``texture_image`` (``source`` itself for CutPaste, or another
+    normal image) shifted to the mean of the surface it covers. The alpha is the shape blurred
+    with ``softness`` (capped at half the shape's thickness, peak normalised to 1), cut to
+    ``allowed`` and to where it is >= 0.5; that set is the mask.
+
+    ``blend="alpha"`` changes only mask pixels. ``blend="poisson"`` clones the textured value
+    seamlessly over the mask grown by :data:`POISSON_RING_PX` (within ``allowed``) and adds
+    the brightness change under the alpha, so ring pixels outside the mask may change.
     Returns None, leaving ``target`` untouched, when the mask has fewer than ``min_pixels``.
     """
     height, width = shape.shape
@@ -344,11 +350,12 @@ def blend_defect(
     radius = max(w, h) / 2
     support = math.ceil(3 * softness)
     grow = max(2, round(radius / 2))
-    pad = max(support, grow) + 2
+    pad = max(support, grow, POISSON_RING_PX) + 2
     y0, y1 = max(0, y - pad), min(height, y + h + pad)
     x0, x1 = max(0, x - pad), min(width, x + w + pad)
     local = shape_u8[y0:y1, x0:x1]
     src = source[y0:y1, x0:x1].astype(np.float32)
+    allowed_local = allowed[y0:y1, x0:x1]
 
     # edge softness: never blur a thin shape (scratch) more than its half-thickness
     inradius = float(cv2.distanceTransform(np.pad(local, 1), cv2.DIST_L2, 3).max())
@@ -358,12 +365,11 @@ def blend_defect(
         k = 2 * math.ceil(3 * sigma) + 1
         alpha = cv2.GaussianBlur(alpha, (k, k), sigma, borderType=cv2.BORDER_CONSTANT)
         alpha = np.minimum(alpha / max(float(alpha.max()), 1e-6), 1.0)
-        # drop the square kernel's far tails: the touched area is the shape grown by ~3 sigma
-        alpha[alpha < ALPHA_FLOOR] = 0.0
-    alpha *= allowed[y0:y1, x0:x1]
+    alpha *= allowed_local
     mask = alpha >= 0.5
     if int(mask.sum()) < max(1, min_pixels):
         return None
+    alpha[~mask] = 0.0  # the label is exactly the set of pixels the alpha touches
 
     # local background and texture statistics, per channel
     ring = cv2.dilate(local, np.ones((2 * grow + 1, 2 * grow + 1), np.uint8)).astype(bool)
@@ -391,31 +397,76 @@ def blend_defect(
     noise = rng.standard_normal(yy.shape).astype(np.float32)
     strength = rng.uniform(0.5, 1.0)
     fill = background + strength * noise[..., None] * local_std
-    value = (1 - texture) * fill + texture * src + shade[..., None] * delta
-    value = np.clip(value, 0.0, 1.0).astype(np.float32)
+    patch = None
+    if texture_image is not None:
+        patch = _displaced_patch(rng, texture_image, (y0, y1, x0, x1))
+    surface = src
+    if patch is not None:
+        # a displaced patch keeps its structure but takes the mean of the surface it covers,
+        # so ``contrast`` alone sets how much darker or brighter the defect is
+        inside = local > 0
+        surface = patch - patch[inside].mean(axis=0) + src[inside].mean(axis=0)
+    textured = (1 - texture) * fill + texture * surface
+    brightness = shade[..., None] * delta
 
-    region = target[y0:y1, x0:x1]
-    touched = alpha > 0
-    a = alpha[touched][:, None]
-    region[touched] = region[touched] + a * (value[touched] - region[touched])
+    region = target[y0:y1, x0:x1]  # a view: painting it paints target
+    if blend == "poisson":
+        grown = cv2.dilate(
+            mask.astype(np.uint8),
+            cv2.getStructuringElement(
+                cv2.MORPH_ELLIPSE, (2 * POISSON_RING_PX + 1, 2 * POISSON_RING_PX + 1)
+            ),
+        ).astype(bool)
+        grown &= allowed_local
+        guide = np.where(mask[..., None], np.clip(textured, 0.0, 1.0), region)
+        painted = _poisson_clone(guide, region, grown) + alpha[..., None] * brightness
+        touched = grown
+        region[touched] = np.clip(painted[touched], 0.0, 1.0)
+    else:
+        value = np.clip(textured + brightness, 0.0, 1.0).astype(np.float32)
+        a = alpha[mask][:, None]
+        region[mask] = region[mask] + a * (value[mask] - region[mask])
     full = np.zeros((height, width), bool)
     full[y0:y1, x0:x1] = mask
     return full, sign * contrast, sigma
 
 
+def _as_texture(texture_image: np.ndarray | None, channels: int) -> np.ndarray | None:
+    """A texture image as float32 (H, W, ``channels``), grey-converted when channels differ."""
+    if texture_image is None:
+        return None
+    tex = np.asarray(texture_image, dtype=np.float32)
+    if tex.ndim == 2:
+        tex = tex[:, :, None]
+    if tex.shape[2] != channels:
+        tex = np.repeat(tex.mean(axis=2, keepdims=True), channels, axis=2)
+    return tex
+
+
 @register
 class ProceduralSynthesizer(Synthesizer):
-    """Random Bezier / Gaussian-cloud / scratch defects, softly blended, with exact masks."""
+    """Random blobs, scratches, cracks, Perlin stains, warped lines/circles and CutPaste
+    patches, blended in the object ROI, with exact masks."""
 
     name: ClassVar[str] = "procedural"
     description: ClassVar[str] = (
-        "random Bezier blobs, Gaussian-point blobs and scratches, soft-blended in the object ROI"
+        "random blobs, scratches, cracks, Perlin stains, warped lines/circles and CutPaste "
+        "patches, alpha- or Poisson-blended in the object ROI"
     )
     Config = ProceduralConfig
     config: ProceduralConfig
 
-    def synthesize(self, image: np.ndarray, rng: np.random.Generator) -> SynthSample:
-        """Paint 1+ defects on ``image`` (H, W[, C]) in [0, 1]; same shape and dtype back."""
+    def synthesize(
+        self,
+        image: np.ndarray,
+        rng: np.random.Generator,
+        texture_image: np.ndarray | None = None,
+    ) -> SynthSample:
+        """Paint 1+ defects on ``image`` (H, W[, C]) in [0, 1]; same shape and dtype back.
+
+        ``texture_image`` (another normal image, any size) is where ``foreign_texture``
+        defects take their texture from; without it they take it from elsewhere in ``image``.
+        """
         cfg = self.config
         if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3)):
             raise ValueError(f"expected an (H, W), (H, W, 1) or (H, W, 3) image, got {image.shape}")
@@ -430,6 +481,7 @@ class ProceduralSynthesizer(Synthesizer):
         if source.ndim == 2:
             source = source[:, :, None]
         out = source.copy()
+        foreign = _as_texture(texture_image, source.shape[2])
 
         roi, roi_kind = object_roi(source, cfg.roi)
         margin = cfg.border_margin * short
@@ -440,7 +492,7 @@ class ProceduralSynthesizer(Synthesizer):
         n_defects = int(rng.integers(cfg.defects_per_image[0], cfg.defects_per_image[1] + 1))
         painted: list[Painted] = []
         for index in range(n_defects):
-            result = self._paint_one(out, source, rng, depth, inner, allowed, short)
+            result = self._paint_one(out, source, foreign, rng, depth, inner, allowed, short)
             if result is None and index == 0:
                 result = self._fallback(out, source, rng, inner, short)
             if result is not None:
@@ -449,6 +501,7 @@ class ProceduralSynthesizer(Synthesizer):
         mask = np.zeros((height, width), bool)
         for p in painted:
             mask |= p.mask
+        changed = (out != source).any(axis=2)
         result_image = out if image.ndim == 3 else out[:, :, 0]
         record = {
             "shapes": "+".join(p.shape for p in painted),
@@ -458,15 +511,39 @@ class ProceduralSynthesizer(Synthesizer):
             "contrasts": ";".join(f"{p.contrast:+.3f}" for p in painted),
             "softness": ";".join(f"{p.softness:.2f}" for p in painted),
             "textures": ";".join(f"{p.texture:.2f}" for p in painted),
+            "texture_origins": ";".join(p.origin for p in painted),
+            "blend": cfg.blend,
+            "outside_mask_changed": bool((changed & ~mask).any()),
             "roi": roi_kind,
             "area_fraction": round(float(mask.mean()), 6),
         }
         return SynthSample(result_image.astype(image.dtype, copy=False), mask, record)
 
+    def generate(
+        self, images: Sequence[np.ndarray], n: int, seed: int = 0
+    ) -> Iterator[tuple[int, SynthSample]]:
+        """As :meth:`Synthesizer.generate`; when ``foreign_texture`` > 0 and there are several
+        images, sample ``i`` also gets another image as texture source, picked by a generator
+        seeded by ``(seed, i, 1)``; ``record["texture_image"]`` is its index (-1: none)."""
+        if not images:
+            raise ValueError("no normal images to synthesize defects on")
+        for i in range(n):
+            source = i % len(images)
+            rng = np.random.default_rng([seed, i])
+            other = -1
+            if self.config.foreign_texture > 0 and len(images) > 1:
+                pick = int(np.random.default_rng([seed, i, 1]).integers(len(images) - 1))
+                other = pick + (pick >= source)
+            texture = images[other] if other >= 0 else None
+            sample = self.synthesize(images[source], rng, texture)
+            sample.record["texture_image"] = other
+            yield source, sample
+
     def _paint_one(
         self,
         out: np.ndarray,
         source: np.ndarray,
+        foreign: np.ndarray | None,
         rng: np.random.Generator,
         depth: np.ndarray,
         inner: np.ndarray,
@@ -477,19 +554,28 @@ class ProceduralSynthesizer(Synthesizer):
         cfg = self.config
         height, width = out.shape[:2]
         margin = cfg.border_margin * short
+        probabilities = cfg.shape_probabilities()
         for _ in range(MAX_TRIES):
-            shape_name = cfg.shapes[int(rng.integers(len(cfg.shapes)))]
+            shape_name = cfg.shapes[int(rng.choice(len(cfg.shapes), p=probabilities))]
             radius = max(MIN_RADIUS_PX, rng.uniform(*cfg.size_fraction) * short / 2)
             centre = sample_centre(
                 rng, [depth >= margin + radius, depth >= margin, inner, np.ones_like(inner)]
             )
             assert centre is not None  # the last candidate is the whole image
-            shape = SHAPES[shape_name](rng, height, width, centre, radius) & allowed
+            params = cfg.shape_params(shape_name)
+            shape = SHAPES[shape_name](rng, height, width, centre, radius, **params) & allowed
             if shape.sum() < cfg.min_mask_pixels:
                 continue
             contrast = rng.uniform(*cfg.contrast)
             softness = rng.uniform(*cfg.edge_softness)
             texture = rng.uniform(*cfg.texture)
+            texture_image, origin = None, "under"
+            if rng.random() < cfg.foreign_texture:
+                texture_image, origin = (source, "self") if foreign is None else (foreign, "other")
+            elif shape_name in PATCH_SHAPES:
+                texture_image, origin = source, "self"
+            if shape_name in PATCH_SHAPES:
+                texture = 1.0  # CutPaste: the whole patch, shifted in brightness
             painted = blend_defect(
                 out,
                 source,
@@ -501,11 +587,13 @@ class ProceduralSynthesizer(Synthesizer):
                 texture=texture,
                 allowed=allowed,
                 min_pixels=cfg.min_mask_pixels,
+                texture_image=texture_image,
+                blend=cfg.blend,
             )
             if painted is None:
                 continue
             mask, signed, sigma = painted
-            return Painted(shape_name, centre, radius, signed, sigma, texture, mask)
+            return Painted(shape_name, centre, radius, signed, sigma, texture, origin, mask)
         return None
 
     def _fallback(
@@ -533,7 +621,8 @@ class ProceduralSynthesizer(Synthesizer):
             softness=0.5,
             gradient=False,
             allowed=inner,
+            blend=self.config.blend,
         )
         assert painted is not None, "fallback disc is empty"
         mask, signed, sigma = painted
-        return Painted("disc", centre, radius, signed, sigma, 0.0, mask)
+        return Painted("disc", centre, radius, signed, sigma, 0.0, "under", mask)
