@@ -11,6 +11,7 @@ from pathlib import Path
 
 from defectlab import __version__, api, registry
 from defectlab.errors import DefectlabError
+from defectlab.evaluate import synthesis_cli
 
 
 def _fmt(value: object) -> str:
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-output")
     _add_common(p)
     p.set_defaults(func=cmd_demo)
+    synthesis_cli.add_parser(sub)
     return parser
 
 

@@ -23,7 +23,9 @@ BUILTIN_MODULES = (
     "defectlab.detect.deepsvdd",
     "defectlab.detect.flow",
     "defectlab.detect.patchmemory",
+    "defectlab.detect.synthseg",
     "defectlab.detect.ensemble",
+    "defectlab.segment.unet",
     "defectlab.synth.procedural",
 )
 

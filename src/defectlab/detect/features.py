@@ -150,8 +150,13 @@ class Lite0Features(nn.Module):
     """
 
     def __init__(
-        self, blocks: tuple[int, ...] = (4, 10), device: str | torch.device = "cpu"
+        self,
+        blocks: tuple[int, ...] = (4, 10),
+        device: str | torch.device = "cpu",
+        head: bool = False,
     ) -> None:
+        """``head=True`` also keeps Lite0's head (1×1 conv 320→1280, BN, ReLU6) as ``head``
+        and its ImageNet classifier as ``classifier``, for embeddings and class scores."""
         super().__init__()
         validate_blocks(tuple(blocks))
         self.blocks = tuple(int(b) for b in blocks)
@@ -181,6 +186,9 @@ class Lite0Features(nn.Module):
         }
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
         self.body = nn.ModuleList(net._blocks[: max(self.blocks) + 1])
+        if head:
+            self.head = nn.Sequential(net._conv_head, net._bn1, net._swish)  # ReLU6 for Lite
+            self.classifier = net._fc
         self.register_buffer("mean", torch.full((1, 3, 1, 1), INPUT_MEAN), persistent=False)
         self.register_buffer("std", torch.full((1, 3, 1, 1), INPUT_STD), persistent=False)
         self.requires_grad_(False)

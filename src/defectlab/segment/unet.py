@@ -1,0 +1,355 @@
+"""Supervised segmenters ``unet`` and ``unet3plus``, and the code they share with the
+synthetic-defect detectors of :mod:`defectlab.detect.synthseg`.
+
+A model is one :class:`~defectlab.segment.networks.SegmentationNet` (U-Net or UNet3+ decoder
+over a plain or pretrained Lite0 encoder, with a segmentation and a classification head),
+trained with :func:`~defectlab.segment.losses.segmentation_loss` (Dice + BCE or Dice + focal
+on pixels, BCE on the image label ``mask.any()``) on batches augmented by
+:func:`~defectlab.segment.augment.augment_pairs`.
+
+Outputs: the map is the defect probability (sigmoid of the pixel logits); the image score is
+``score="combined"`` (default): ``classification_share`` × classification probability +
+(1 − share) × mean of the top ``score_top_fraction`` of the map, or the classifier alone
+(``"classifier"``) or the map statistic alone (``"topk"``). With ``tta=True`` the
+probabilities of the augmented views (:data:`~defectlab.segment.augment.TTA_TRANSFORMS`) are
+combined by their mean or a vote.
+
+:func:`vote_ensemble` fuses the predictions of several trained runs by majority vote.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from defectlab.base import Model, ModelConfig, Prediction
+from defectlab.detect.features import check_identity
+from defectlab.errors import ConfigError
+from defectlab.ops import top_fraction_mean
+from defectlab.registry import register
+from defectlab.segment.augment import (
+    TTA_COMBINE,
+    TTA_TRANSFORMS,
+    AugmentSettings,
+    augment_pairs,
+    combine_views,
+    tta_views,
+    undo_view,
+)
+from defectlab.segment.base import Segmenter
+from defectlab.segment.losses import LOSSES, segmentation_loss
+from defectlab.segment.networks import ENCODER_STRIDES, ENCODERS, Lite0Encoder, SegmentationNet
+
+SCORES = ("combined", "classifier", "topk")
+
+
+class InputShapeError(ConfigError, ValueError):
+    """The image size or channel count does not suit the network: a ValueError that the
+    command line, which catches :class:`~defectlab.errors.ConfigError`, prints as one line."""
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass
+class SegmenterConfig(ModelConfig):
+    epochs: int = 30
+    #: AdamW learning rate and weight decay
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    #: "plain" (small conv encoder, trained from scratch) or "lite0" (ImageNet Lite0)
+    encoder: str = "plain"
+    #: keep the pretrained Lite0 weights fixed (ignored by the plain encoder)
+    freeze_encoder: bool = True
+    #: channels of the plain encoder's first stage (w, 2w, 4w, 8w, 8w)
+    width: int = 16
+    #: UNet3+ only: channels each full-scale input is projected to
+    cat_channels: int = 16
+    #: "dice_bce" or "dice_focal"
+    loss: str = "dice_bce"
+    dice_weight: float = 1.0
+    #: weight of the per-pixel term (BCE or focal)
+    pixel_weight: float = 1.0
+    focal_gamma: float = 2.0
+    #: weight of the image-label BCE of the classification head
+    classification_weight: float = 0.5
+    #: training augmentation (flip, shift, brightness, contrast, blur, noise)
+    augment: bool = True
+    aug_brightness: float = 0.1
+    aug_contrast: float = 0.2
+    aug_noise: float = 0.02
+    aug_blur_probability: float = 0.2
+    aug_shift: float = 0.05
+    #: image score: "combined", "classifier" or "topk" (mean of the map's top fraction)
+    score: str = "combined"
+    #: weight of the classification probability in the "combined" score
+    classification_share: float = 0.5
+    score_top_fraction: float = 0.01
+    #: test-time augmentation in predict
+    tta: bool = False
+    tta_transforms: tuple[str, ...] = ("hflip", "vflip", "hvflip")
+    #: "mean" of the views' probabilities, or "vote" (share of views above tta_threshold)
+    tta_combine: str = "mean"
+    tta_threshold: float = 0.5
+    tta_noise: float = 0.02
+    tta_brightness: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        _check_choice("encoder", self.encoder, ENCODERS)
+        _check_choice("loss", self.loss, LOSSES)
+        _check_choice("score", self.score, SCORES)
+        _check_choice("tta_combine", self.tta_combine, TTA_COMBINE)
+        self.tta_transforms = tuple(self.tta_transforms)
+        for name in self.tta_transforms:
+            _check_choice("tta_transforms", name, TTA_TRANSFORMS)
+        for name in ("width", "cat_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in (
+            "weight_decay",
+            "dice_weight",
+            "pixel_weight",
+            "focal_gamma",
+            "classification_weight",
+            "aug_brightness",
+            "aug_contrast",
+            "aug_noise",
+            "tta_noise",
+            "tta_brightness",
+        ):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a non-negative number, got {value}")
+        if self.dice_weight == 0 and self.pixel_weight == 0:
+            raise ValueError("dice_weight and pixel_weight are both 0: nothing to segment")
+        for name in ("aug_blur_probability", "classification_share", "tta_threshold"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if not 0 <= self.aug_shift < 0.5:
+            raise ValueError(f"aug_shift must be in [0, 0.5), got {self.aug_shift}")
+        if not 0 < self.score_top_fraction <= 1:
+            raise ValueError(f"score_top_fraction must be in (0, 1], got {self.score_top_fraction}")
+
+    def augment_settings(self) -> AugmentSettings:
+        return AugmentSettings(
+            flip=True,
+            brightness=self.aug_brightness,
+            contrast=self.aug_contrast,
+            noise=self.aug_noise,
+            blur_probability=self.aug_blur_probability,
+            shift=self.aug_shift,
+        )
+
+
+class SegmentationModel(Model):
+    """Network, optimiser, training on image/mask pairs, prediction and state, shared by the
+    supervised segmenters and the synthetic-defect detectors (which add the synthesis)."""
+
+    architecture: ClassVar[str] = "unet"
+    Config = SegmenterConfig
+    config: SegmenterConfig
+
+    def __init__(self, config: SegmenterConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        cfg = self.config
+        stride = ENCODER_STRIDES[cfg.encoder]
+        if self.image_size < stride or self.image_size % stride:
+            raise InputShapeError(
+                f"{self.name}: image_size {self.image_size} is not a multiple of {stride} "
+                f"(the total stride of the {cfg.encoder!r} encoder); use e.g. 64, 128 or 256"
+            )
+        if self.channels not in (1, 3):
+            raise InputShapeError(f"{self.name}: channels must be 1 or 3, got {self.channels}")
+        self.net = SegmentationNet(
+            self.architecture,
+            cfg.encoder,
+            self.channels,
+            cfg.width,
+            cfg.cat_channels,
+            cfg.freeze_encoder,
+            self.device,
+        )
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    # --- training -----------------------------------------------------------------------
+    def setup_training(self, n_train: int) -> None:
+        parameters = [p for p in self.net.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            parameters, lr=self.config.lr, weight_decay=self.config.weight_decay
+        )
+
+    def train_on_pairs(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+        """One optimiser step on images (B, C, H, W) in [0, 1] and masks (B, H, W) in {0, 1}."""
+        if self.optimizer is None:
+            raise RuntimeError(f"{self.name}: training step before setup_training")
+        cfg = self.config
+        images = images.to(self.device).float()
+        masks = masks.to(self.device).float()
+        if cfg.augment:
+            images, masks = augment_pairs(images, masks, cfg.augment_settings())
+        self.net.train()
+        pixel_logits, image_logits = self.net(images)
+        terms = segmentation_loss(
+            pixel_logits,
+            image_logits,
+            masks,
+            kind=cfg.loss,
+            dice_weight=cfg.dice_weight,
+            pixel_weight=cfg.pixel_weight,
+            classification_weight=cfg.classification_weight,
+            focal_gamma=cfg.focal_gamma,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        self.optimizer.step()
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    # --- inference ----------------------------------------------------------------------
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel probabilities (B, H, W) and classification probabilities (B,), without TTA."""
+        self.net.eval()
+        pixel_logits, image_logits = self.net(images.to(self.device).float())
+        return torch.sigmoid(pixel_logits[:, 0]), torch.sigmoid(image_logits)
+
+    def image_scores(self, maps: torch.Tensor, classification: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if cfg.score == "classifier":
+            return classification
+        topk = top_fraction_mean(maps, cfg.score_top_fraction)
+        if cfg.score == "topk":
+            return topk
+        share = cfg.classification_share
+        return share * classification + (1.0 - share) * topk
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> Prediction:
+        cfg = self.config
+        images = images.to(self.device).float()
+        if not cfg.tta:
+            maps, classification = self.probabilities(images)
+            return Prediction(self.image_scores(maps, classification), maps)
+        view_maps, view_classes = [], []
+        for name, view in tta_views(images, cfg.tta_transforms, cfg.tta_noise, cfg.tta_brightness):
+            maps, classification = self.probabilities(view)
+            view_maps.append(undo_view(name, maps))
+            view_classes.append(classification)
+        maps = combine_views(torch.stack(view_maps), cfg.tta_combine, cfg.tta_threshold)
+        classification = combine_views(
+            torch.stack(view_classes), cfg.tta_combine, cfg.tta_threshold
+        )
+        return Prediction(self.image_scores(maps, classification), maps)
+
+    # --- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"net": self.net.trainable_state()}
+        if isinstance(self.net.encoder, Lite0Encoder):
+            state["backbone"] = self.net.encoder.identity()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if isinstance(self.net.encoder, Lite0Encoder):
+            check_identity(self.name, dict(state.get("backbone", {})), self.net.encoder.identity())
+        self.net.load_trainable_state(state["net"])
+
+    def training_state(self) -> dict[str, Any]:
+        if self.optimizer is None:
+            return {}
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        if "optimizer" in state:
+            if self.optimizer is None:
+                raise RuntimeError(f"{self.name}: load_training_state before setup_training")
+            self.optimizer.load_state_dict(state["optimizer"])
+
+
+@register
+class UNetSegmenter(SegmentationModel, Segmenter):
+    """U-Net trained on image/mask pairs; map = defect probability."""
+
+    name: ClassVar[str] = "unet"
+    description: ClassVar[str] = (
+        "U-Net (plain or Lite0 encoder) + classification head; Dice+BCE/focal on masks"
+    )
+    architecture: ClassVar[str] = "unet"
+
+    def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        return self.train_on_pairs(batch["image"], batch["mask"])
+
+
+@register
+class UNet3PlusSegmenter(UNetSegmenter):
+    """UNet3+ (full-scale skip connections) trained on image/mask pairs."""
+
+    name: ClassVar[str] = "unet3plus"
+    description: ClassVar[str] = (
+        "UNet3+ full-scale skips (plain or Lite0 encoder) + classification head; Dice+BCE/focal"
+    )
+    architecture: ClassVar[str] = "unet3plus"
+
+
+# --- ensembles -------------------------------------------------------------------------------
+
+
+@dataclass
+class Vote:
+    """Result of :func:`vote_ensemble`: vote shares as a :class:`Prediction` (scores (B,),
+    maps (B, H, W), each the share of members voting "defect"), and the decisions at the
+    vote threshold (image (B,) and pixel (B, H, W) bool)."""
+
+    shares: Prediction
+    images: torch.Tensor
+    pixels: torch.Tensor
+
+
+def _per_member(value: float | Sequence[float], count: int, name: str) -> torch.Tensor:
+    values = [float(value)] * count if isinstance(value, int | float) else [float(v) for v in value]
+    if len(values) != count:
+        raise ValueError(f"{name}: {len(values)} thresholds for {count} members")
+    return torch.tensor(values)
+
+
+def vote_ensemble(
+    predictions: Sequence[Prediction],
+    *,
+    image_thresholds: float | Sequence[float] = 0.5,
+    pixel_thresholds: float | Sequence[float] = 0.5,
+    vote_threshold: float = 0.5,
+) -> Vote:
+    """Majority vote of several trained runs' predictions (maps at one size).
+
+    Member m votes "defect" for an image whose score is at least ``image_thresholds[m]``
+    and for a pixel whose map value is at least ``pixel_thresholds[m]`` (one number for all
+    members: 0.5 suits probability outputs such as the segmenters here; per member: e.g. each
+    run's calibrated thresholds). An image (pixel) is defective when the share of members
+    voting so is at least ``vote_threshold`` (0.5: majority, 1.0: unanimity, 1/M: any).
+    """
+    if not predictions:
+        raise ValueError("vote_ensemble needs at least one prediction")
+    if not 0 < vote_threshold <= 1:
+        raise ValueError(f"vote_threshold must be in (0, 1], got {vote_threshold}")
+    count = len(predictions)
+    scores = torch.stack([p.scores for p in predictions])
+    maps = torch.stack([p.maps for p in predictions])
+    image_levels = _per_member(image_thresholds, count, "image_thresholds").to(scores)
+    pixel_levels = _per_member(pixel_thresholds, count, "pixel_thresholds").to(maps)
+    score_share = (scores >= image_levels[:, None]).float().mean(dim=0)
+    map_share = (maps >= pixel_levels.view(-1, 1, 1, 1)).float().mean(dim=0)
+    # shares are k / M: a tolerance keeps 2/3 >= 0.6667-style thresholds from rounding away
+    return Vote(
+        Prediction(score_share, map_share),
+        score_share >= vote_threshold - 1e-6,
+        map_share >= vote_threshold - 1e-6,
+    )
