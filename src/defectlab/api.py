@@ -248,6 +248,13 @@ def _calibrate(
         "n_val": len(scores),
     }
     if config.method != "f1":
+        fixed = getattr(model, "decision_thresholds", None)
+        if fixed is not None:
+            calibration |= {
+                "method": "model",
+                "image_threshold": fixed[0],
+                "pixel_threshold": fixed[1],
+            }
         return calibration
     if val_defect is None or not len(val_defect.samples):
         raise DataError("calibration.method=f1: the split holds no validation defect images")

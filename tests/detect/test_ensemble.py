@@ -88,7 +88,7 @@ def test_bad_ensemble_configs(two_runs, tmp_path: Path) -> None:
             "ensemble",
             root / "data",
             tmp_path / "e3",
-            overrides=[f"runs={runs[0]},{runs[1]}", "combine=vote"],
+            overrides=[f"runs={runs[0]},{runs[1]}", "combine=median"],
         )
 
 
@@ -152,3 +152,32 @@ def test_router_needs_normal_images_of_every_member_type(tmp_path: Path) -> None
             progress=False,
             overrides=[f"runs={runs[0]},{runs[1]}", "combine=route"],
         )
+
+
+def test_vote_counts_members_at_their_own_thresholds(two_runs, tmp_path: Path) -> None:
+    root, runs = two_runs
+    run = dl.train(
+        "ensemble",
+        root / "data",
+        tmp_path / "vote",
+        image_size=32,
+        progress=False,
+        overrides=[f"runs={runs[0]},{runs[1]}", "combine=vote", "vote_threshold=1.0"],
+    )
+    assert run.calibration["method"] == "model"
+    assert run.image_threshold == pytest.approx(1.0, abs=1e-5)
+    normal = np.random.default_rng(6).integers(95, 105, (4, 32, 32, 1)).astype(np.float32) / 255
+    anomalous = normal.copy()
+    anomalous[:, 10:16, 10:16] = 1.0
+    scores, maps = dl.predict_arrays(run.model, np.concatenate([normal, anomalous]))
+    members = [dl.load_run(r) for r in runs]
+    expected = np.mean(
+        [
+            dl.predict_arrays(m.model, np.concatenate([normal, anomalous]))[0] >= m.image_threshold
+            for m in members
+        ],
+        axis=0,
+    )
+    np.testing.assert_allclose(scores, expected)
+    assert set(np.unique(maps)) <= {0.0, 0.5, 1.0}
+    assert (scores[4:] >= run.image_threshold).all()

@@ -11,6 +11,10 @@ detector per type: an image-type classifier (nearest centroid of a thumbnail + h
 descriptor, fitted on each member's own training images) sends every image to the member
 trained on its type, and that member's z-scores are the output. Normal statistics are then
 measured per member on the images routed to it.
+
+``combine="vote"`` is the segmenter-style majority vote: each member votes "defect" for an
+image (pixel) at its own calibrated threshold; the output is the share of members voting so,
+and the run's decision threshold is ``vote_threshold`` (0.5 majority, 1.0 unanimity).
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from defectlab.base import ModelConfig, Prediction
 from defectlab.detect.base import Detector
 from defectlab.errors import DataError
 from defectlab.registry import register
+from defectlab.segment.unet import vote_ensemble
 
-COMBINE = ("mean", "max", "route")
+COMBINE = ("mean", "max", "route", "vote")
 THUMBNAIL = 16
 HISTOGRAM_BINS = 16
 
@@ -43,6 +48,8 @@ class EnsembleConfig(ModelConfig):
     combine: str = "mean"
     #: route: at most this many of each member's training images fit the router
     router_images: int = 64
+    #: vote: share of members that must vote "defect"
+    vote_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         if self.epochs != 1:
@@ -53,6 +60,8 @@ class EnsembleConfig(ModelConfig):
             raise ValueError(f"{len(self.weights)} weights for {len(self.runs)} runs")
         if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) == 0):
             raise ValueError(f"weights must be non-negative and not all zero: {self.weights}")
+        if not 0 < self.vote_threshold <= 1:
+            raise ValueError(f"vote_threshold must be in (0, 1], got {self.vote_threshold}")
         if self.router_images < 1:
             raise ValueError(f"router_images must be positive, got {self.router_images}")
 
@@ -80,6 +89,10 @@ def _adapt(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
     return images
 
 
+def _resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
 @register
 class Ensemble(Detector):
     name: ClassVar[str] = "ensemble"
@@ -96,7 +109,9 @@ class Ensemble(Detector):
             raise ValueError("an ensemble needs at least two trained runs: --set runs=RUN1,RUN2")
         from defectlab.api import load_run  # the API loads runs; it imports this registry
 
-        self.members = [load_run(run, str(self.device)).model for run in self.config.runs]
+        runs = [load_run(run, str(self.device)) for run in self.config.runs]
+        self.members = [run.model for run in runs]
+        self.member_thresholds = [(run.image_threshold, run.pixel_threshold) for run in runs]
         weights = self.config.weights or (1.0,) * len(self.members)
         self.weights = torch.tensor(weights, device=self.device) / sum(weights)
         count = len(self.members)
@@ -107,6 +122,15 @@ class Ensemble(Detector):
         #: route: per-member descriptor centroids and the per-dimension scale
         self.centroids: torch.Tensor | None = None
         self.descriptor_scale: torch.Tensor | None = None
+
+    @property
+    def decision_thresholds(self) -> tuple[float, float] | None:
+        """Vote mode decides at the vote threshold, not at a quantile of normal vote shares
+        (which take only M + 1 values); the API's quantile calibration defers to this."""
+        if self.config.combine != "vote":
+            return None
+        level = self.config.vote_threshold - 1e-6  # shares are k / M, compared with >=
+        return level, level
 
     def setup_training(self, n_train: int) -> None:
         if self.config.combine == "route" and self.centroids is None:
@@ -183,15 +207,22 @@ class Ensemble(Detector):
         if self.stats is None:
             raise RuntimeError("ensemble: predict before fit")
         size = (images.shape[-2], images.shape[-1])
-        z_scores, z_maps = [], []
-        for i, out in enumerate(self._member_outputs(images.to(self.device))):
-            mean, std, map_mean, map_std = self.stats[i]
-            z_scores.append((out.scores - mean) / std)
-            maps = F.interpolate(
-                out.maps[:, None], size=size, mode="bilinear", align_corners=False
-            )[:, 0]
-            z_maps.append((maps - map_mean) / map_std)
-        scores, maps = torch.stack(z_scores), torch.stack(z_maps)
+        outputs = [
+            Prediction(out.scores, _resize_maps(out.maps, size))
+            for out in self._member_outputs(images.to(self.device))
+        ]
+        if self.config.combine == "vote":
+            return vote_ensemble(
+                outputs,
+                image_thresholds=[t[0] for t in self.member_thresholds],
+                pixel_thresholds=[t[1] for t in self.member_thresholds],
+                vote_threshold=self.config.vote_threshold,
+            ).shares
+        mean, std, map_mean, map_std = self.stats.T
+        scores = torch.stack([o.scores for o in outputs])
+        maps = torch.stack([o.maps for o in outputs])
+        scores = (scores - mean[:, None]) / std[:, None]
+        maps = (maps - map_mean.view(-1, 1, 1, 1)) / map_std.view(-1, 1, 1, 1)
         if self.config.combine == "route":
             member = self.route(images)
             pick = torch.arange(images.shape[0], device=self.device)
