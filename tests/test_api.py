@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import defectlab.api as dl
+from defectlab.data.splits import Split
 from defectlab.detect.pixelstats import PixelStats
-from defectlab.errors import CheckpointError, ConfigError
+from defectlab.errors import CheckpointError, ConfigError, DataError
 from tests.conftest import write_image
 
 
@@ -145,5 +146,39 @@ def test_f1_calibration_without_validation_defects_is_a_config_error(
             folder_root,
             tmp_path / "run",
             overrides=["calibration.method=f1"],
+            progress=False,
+        )
+
+
+def test_area_ratio_segmenter_reads_ratios_from_a_csv(folder_root: Path, tmp_path: Path) -> None:
+    overrides = ["data.defects_per_class=3", "epochs=1", "n_segments=16"]
+    split = dl.train(
+        "arearatio-gcn",
+        folder_root,
+        tmp_path / "masks",
+        image_size=32,
+        overrides=overrides,
+        progress=False,
+    )  # no CSV: ratios derived from the masks
+    train_defects = [s.path for s in Split.load(split.run_dir / "split.json")["train_defect"]]
+    labels = tmp_path / "ratios.csv"
+    labels.write_text("path,area_ratio,margin\n" + "".join(f"{p},0.05,\n" for p in train_defects))
+    run = dl.train(
+        "arearatio-gcn",
+        folder_root,
+        tmp_path / "csv",
+        image_size=32,
+        overrides=[*overrides, f"data.area_ratio_csv={labels}"],
+        progress=False,
+    )
+    assert run.model.family == "segmenter"
+    labels.write_text("path,area_ratio\n" + f"{train_defects[0]},0.05\n")
+    with pytest.raises(DataError, match="no area ratio for training image"):
+        dl.train(
+            "arearatio-gcn",
+            folder_root,
+            tmp_path / "missing",
+            image_size=32,
+            overrides=[*overrides, f"data.area_ratio_csv={labels}"],
             progress=False,
         )

@@ -226,6 +226,41 @@ def predict_arrays(
     return score_array, map_array
 
 
+def _weak_labels(net: Model, train: LoadedImages, data: DataConfig) -> dict[str, np.ndarray]:
+    """Per-image area ratios and margins for models that learn from them, read from
+    ``data.area_ratio_csv`` (rows without a margin get the model's ``area_margin``). Without
+    a CSV the model derives them from the masks (the benchmark protocol), so every defect
+    training image needs one."""
+    if not getattr(net, "learns_from_area_ratios", False):
+        return {}
+    if not data.area_ratio_csv:
+        lacking = [s.path for s in train.samples if s.label == DEFECT and s.mask_path is None]
+        if lacking:
+            raise DataError(
+                f"{lacking[0]}: {len(lacking)} defect training images have no mask to derive "
+                "an area ratio from; give data.area_ratio_csv=LABELS.csv"
+            )
+        return {}  # the model derives ratios from the masks (and adds its ratio_noise)
+    from defectlab.segment.arearatio import read_area_ratio_csv
+
+    table = {p.resolve(): v for p, v in read_area_ratio_csv(data.area_ratio_csv).items()}
+    ratios, margins = [], []
+    for sample in train.samples:
+        entry = table.get(Path(sample.path).resolve())
+        if entry is None and sample.label == NORMAL:
+            entry = (0.0, None)  # a normal image has no defect area
+        if entry is None:
+            raise DataError(
+                f"{data.area_ratio_csv}: no area ratio for training image {sample.path}"
+            )
+        ratios.append(entry[0])
+        margins.append(net.config.area_margin if entry[1] is None else entry[1])
+    return {
+        "area_ratio": np.array(ratios, np.float32),
+        "area_margin": np.array(margins, np.float32),
+    }
+
+
 def _calibrate(
     model: Model,
     val: LoadedImages,
@@ -349,6 +384,7 @@ def train(
         train_data.images,
         masks=train_data.masks,
         labels=train_data.labels,
+        extras=_weak_labels(net, train_data, config.data),
         run_dir=run_dir,
         batch_size=config.train.batch_size,
         seed=config.train.seed,
@@ -701,12 +737,15 @@ def make_synthesizer(
     method: str, run: str | Path | None = None, overrides: Sequence[str] = ()
 ) -> Synthesizer:
     cls = registry.get(method, "synthesizer")
-    config = apply_overrides(cls.Config(), parse_set_options(list(overrides)).get("model", {}), "")
+    settings = parse_set_options(list(overrides)).get("model", {})
     if cls.needs_training:
         if run is None:
             raise ConfigError(f"synthesizer {method!r} is learned: give its trained --run folder")
-        return cls.from_run(Path(run))
-    return cls(config)
+        learned = cls.from_run(Path(run))
+        if settings:  # sampling settings only (detail mode, mask rule); networks stay as trained
+            learned.configure_synthesis(settings)
+        return learned
+    return cls(apply_overrides(cls.Config(), settings, ""))
 
 
 def synthesize(

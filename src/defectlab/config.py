@@ -38,6 +38,9 @@ class DataConfig:
     defect_dirs: tuple[str, ...] = ()
     mask_dir: str | None = None
     mask_suffix: str | None = None
+    #: weak labels for area-ratio segmenters: a ``path,area_ratio[,margin]`` CSV; empty =
+    #: derive each training image's ratio from its mask (normal images: 0)
+    area_ratio_csv: str = ""
     workers: int = 2
 
     def __post_init__(self) -> None:

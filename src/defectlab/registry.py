@@ -26,6 +26,10 @@ BUILTIN_MODULES = (
     "defectlab.detect.synthseg",
     "defectlab.detect.ensemble",
     "defectlab.segment.unet",
+    "defectlab.segment.arearatio",
+    "defectlab.segment.cam",
+    "defectlab.synth.crossgan",
+    "defectlab.synth.cyclegan",
     "defectlab.synth.procedural",
 )
 

@@ -36,6 +36,7 @@ def fit(
     run_dir: Path,
     masks: np.ndarray | None = None,
     labels: np.ndarray | None = None,
+    extras: dict[str, np.ndarray] | None = None,
     batch_size: int = 16,
     seed: int = 0,
     checkpoint_every: int = 100,
@@ -45,7 +46,8 @@ def fit(
     """Train ``model`` on ``images`` (N, H, W, C) float32 in [0, 1]; return the loss history.
 
     Batches are dicts with ``image`` (B, C, H, W), ``mask`` (B, H, W) and ``label`` (B,) on
-    the model's device.
+    the model's device, plus one (B,) entry per array in ``extras`` (per-image weak labels
+    such as ``area_ratio``).
     """
     n = len(images)
     if n == 0:
@@ -59,6 +61,13 @@ def fit(
     label_tensor = (
         torch.from_numpy(labels.astype(np.int64)) if labels is not None else torch.zeros(n).long()
     )
+    extra_tensors = {
+        name: torch.from_numpy(np.asarray(values, dtype=np.float32))
+        for name, values in (extras or {}).items()
+    }
+    for name, values in extra_tensors.items():
+        if len(values) != n:
+            raise TrainingError(f"{name}: {len(values)} values for {n} training images")
     checkpoint = run_dir / "checkpoints" / "last.pt"
     log_path = run_dir / "train_log.csv"
     epochs = int(model.config.epochs)
@@ -120,6 +129,7 @@ def fit(
                 "image": image_tensor[index].to(model.device),
                 "mask": mask_tensor[index].to(model.device),
                 "label": label_tensor[index].to(model.device),
+                **{name: values[index].to(model.device) for name, values in extra_tensors.items()},
             }
             losses = model.training_step(batch)
             bad = {k: v for k, v in losses.items() if not math.isfinite(v)}

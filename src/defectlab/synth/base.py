@@ -49,6 +49,11 @@ class Synthesizer(ABC):
         """Load a trained synthesizer from its run directory (learned synthesizers only)."""
         raise ConfigError(f"{cls.name} is procedural and has no trained run to load")
 
+    def configure_synthesis(self, overrides: dict[str, str]) -> None:
+        """Learned synthesizers accept ``--set`` sampling settings after training (e.g. the
+        detail mode); the networks themselves stay as trained."""
+        raise ConfigError(f"{self.name}: no settings can change after training")
+
     def use_defect_examples(self, images: Sequence[np.ndarray]) -> None:
         """Learned synthesizers that take their defect appearance from real examples (e.g.
         CrossGAN's ``detail=encode``) override this; the others take none."""

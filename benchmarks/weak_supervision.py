@@ -1,0 +1,394 @@
+"""Weak-supervision benchmark: how much segmentation quality each kind of label buys.
+
+On magnetic tile, split MT-K-shot v1 (``data.defects_per_class=K``, ``data.split_seed=SEED``;
+every run writes its split to ``split.json``): the K training defects per type carry masks,
+the remaining defect images are the held-out test set. Rows:
+
+* ``unet`` — masks (fully supervised; the upper bound);
+* ``cam`` — image labels only (class activation maps);
+* ``arearatio-gcn`` — the exact area ratio of each training mask;
+* ``arearatio-gcn-noisy`` — the same ratios × U(0.7, 1.3) (``ratio_noise=0.3``);
+* ``whole-image``, ``centre-disc``, ``centre-box`` — trivial masks computed directly: the
+  whole image, and a centred disc / box. Their "maps" rank pixels by closeness to the centre,
+  so the calibrated threshold gives the disc (box) whose area is the mean defect share of the
+  K-shot training masks and the oracle threshold gives the best centred disc (box).
+
+Metrics over the held-out defect images only: Dice and IoU micro (all pixels pooled,
+:func:`~defectlab.evaluate.metrics.dice_iou`) and mean per image, at the run's calibrated
+pixel threshold (``run.pixel_threshold``, a quantile of normal validation pixels) and at the
+oracle best-Dice threshold (:func:`~defectlab.evaluate.metrics.best_dice_threshold`, which
+peeks at the test masks: a reference only), and pixel AUROC over those images. Trained models
+are also run through :func:`defectlab.api.evaluate` (normal + defect test images), which adds
+image AUROC, the usual pixel AUROC and ``eval/report.html``.
+
+ELPV part (``--elpv``, on by default): ``cam`` on ELPV from image labels, with K defect cells
+held out for training (ELPV has one defect type and no masks): image AUROC and a report.
+
+Each job runs in its own process, so peak RSS is its own. Rows go to stdout as JSON and to
+``OUT/results.json``; finished run folders are reused.
+
+    .venv/bin/python benchmarks/weak_supervision.py --image-size 128 --k 20 --seed 0 \\
+        --epochs-scale 1.0 --out runs/weak --models unet cam arearatio-gcn arearatio-gcn-noisy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: benchmark row name → (registered model, extra ``--set`` options)
+MODELS: dict[str, tuple[str, list[str]]] = {
+    "unet": ("unet", []),
+    "cam": ("cam", []),
+    "arearatio-gcn": ("arearatio-gcn", []),
+    "arearatio-gcn-noisy": ("arearatio-gcn", ["model.ratio_noise=0.3"]),
+}
+BASELINES = ("whole-image", "centre-disc", "centre-box")
+DEFAULT_DATA = "../shared/data/magnetic-tile"
+COLUMNS = (
+    "dice",
+    "iou",
+    "dice_mean",
+    "iou_mean",
+    "dice_oracle",
+    "iou_oracle",
+    "dice_mean_oracle",
+    "pixel_auroc_defect",
+    "image_auroc",
+)
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def overlap_metrics(masks: np.ndarray, maps: np.ndarray, threshold: float) -> dict[str, float]:
+    """Micro and per-image-mean Dice / IoU of ``maps >= threshold`` against ``masks``."""
+    from defectlab.evaluate.metrics import dice_iou
+
+    predicted = maps >= threshold
+    dice, iou = dice_iou(masks, predicted)
+    per_image = np.array([dice_iou(m, p) for m, p in zip(masks, predicted, strict=True)])
+    return {
+        "dice": dice,
+        "iou": iou,
+        "dice_mean": float(per_image[:, 0].mean()),
+        "iou_mean": float(per_image[:, 1].mean()),
+    }
+
+
+def segmentation_metrics(
+    masks: np.ndarray, maps: np.ndarray, threshold: float, types: list[str]
+) -> dict[str, Any]:
+    """All overlap metrics of one model on the held-out defect images."""
+    from defectlab.evaluate.metrics import best_dice_threshold, dice_iou, pixel_auroc
+
+    result: dict[str, Any] = {"pixel_threshold": float(threshold)}
+    result |= overlap_metrics(masks, maps, threshold)
+    _, oracle = best_dice_threshold(masks, maps)
+    result["pixel_threshold_oracle"] = oracle
+    result |= {f"{k}_oracle": v for k, v in overlap_metrics(masks, maps, oracle).items()}
+    result["pixel_auroc_defect"] = pixel_auroc(masks, maps)
+    predicted = maps >= threshold
+    by_type: dict[str, list[float]] = {}
+    for kind, m, p in zip(types, masks, predicted, strict=True):
+        by_type.setdefault(kind, []).append(dice_iou(m, p)[0])
+    result["dice_mean_by_type"] = {k: round(float(np.mean(v)), 4) for k, v in by_type.items()}
+    return result
+
+
+def held_out_defects(split: Any, run_config: Any) -> Any:
+    """The split's test defect images that have a mask, loaded like ``api.evaluate`` does."""
+    from defectlab.data.layouts import DEFECT
+    from defectlab.data.loading import load_samples
+
+    samples = [s for s in split["test"] if s.label == DEFECT and s.mask_path is not None]
+    data = run_config.data
+    return load_samples(
+        samples,
+        data.image_size,
+        data.channels,
+        data.mask_threshold,
+        workers=data.workers,
+        desc="loading held-out defects",
+        progress=False,
+    )
+
+
+def overrides(args: argparse.Namespace, model: str, extra: list[str], k: int) -> list[str]:
+    """K-shot split by the written seed, and the model's default epochs × the scale."""
+    from defectlab import registry
+
+    default_epochs = registry.get(model).Config().epochs
+    epochs = max(1, round(default_epochs * args.epochs_scale))
+    return [
+        f"data.defects_per_class={k}",
+        f"data.split_seed={args.seed}",
+        f"model.epochs={epochs}",
+        *extra,
+        *args.set,
+    ]
+
+
+def train_or_reuse(
+    args: argparse.Namespace, model: str, data: str, run_dir: Path, options: list[str]
+) -> float:
+    """Train into ``run_dir`` unless it holds a finished run; the training seconds."""
+    from defectlab import api
+
+    if (run_dir / api.MODEL_FILE).exists():
+        print(f"reusing trained run {run_dir}", file=sys.stderr)
+        return float(json.loads((run_dir / "metrics.json").read_text())["train_seconds"])
+    started = time.perf_counter()
+    api.train(
+        model,
+        data,
+        run_dir,
+        image_size=args.image_size,
+        seed=args.seed,
+        device=args.device,
+        overrides=options,
+    )
+    return round(time.perf_counter() - started, 1)
+
+
+def run_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """Train (or reuse) one model, then score the held-out defect images of its split."""
+    from defectlab import api
+    from defectlab.data.splits import Split
+
+    model, extra = MODELS[name]
+    run_dir = args.out / f"{name}-k{args.k}-{args.image_size}-s{args.seed}-e{args.epochs_scale:g}"
+    train_seconds = train_or_reuse(
+        args, model, args.data, run_dir, overrides(args, model, extra, args.k)
+    )
+    run = api.load_run(run_dir, args.device)
+    split = Split.load(run_dir / "split.json")
+    test = held_out_defects(split, run.config)
+    _, maps = api.predict_arrays(run.model, test.images)
+    metrics = api.evaluate(run_dir, args.data, run_dir / "eval", device=args.device)
+    return {
+        "model": name,
+        "dataset": "magnetic-tile",
+        "split": split.name,
+        "supervision": {
+            "unet": "masks",
+            "cam": "image labels",
+            "arearatio-gcn": "area ratios",
+            "arearatio-gcn-noisy": "area ratios ±30%",
+        }[name],
+        "n_train_defect": len(split["train_defect"]),
+        "n_test_defect": len(test.samples),
+        "train_seconds": train_seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        **segmentation_metrics(
+            test.masks, maps, run.pixel_threshold, [s.defect_type for s in test.samples]
+        ),
+        "image_auroc": metrics["image_auroc"],
+        "pixel_auroc": metrics["pixel_auroc"],
+        "report": str(run_dir / "eval" / "report.html"),
+    }
+
+
+def centre_distance(size: int, kind: str) -> np.ndarray:
+    """Normalised distance from the image centre: Euclidean (disc) or Chebyshev (box)."""
+    coords = (np.arange(size) + 0.5) / size - 0.5
+    dy, dx = np.meshgrid(coords, coords, indexing="ij")
+    return np.hypot(dy, dx) if kind == "disc" else np.maximum(np.abs(dy), np.abs(dx))
+
+
+def run_baselines(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The trivial masks, on the same split as the trained models (same seed, same K)."""
+    from defectlab import api
+    from defectlab.data.loading import load_samples
+
+    started = time.perf_counter()
+    config = api.build_config(
+        "unet",
+        args.data,
+        image_size=args.image_size,
+        seed=args.seed,
+        overrides=overrides(args, "unet", [], args.k),
+    )
+    _, split = api._dataset_and_split(config.data)
+    out = args.out / f"baselines-k{args.k}-{args.image_size}-s{args.seed}"
+    split.save(out / "split.json")
+    test = held_out_defects(split, config)
+    data = config.data
+    train = load_samples(
+        split["train_defect"],
+        data.image_size,
+        data.channels,
+        data.mask_threshold,
+        workers=data.workers,
+        desc="loading training defects",
+        progress=False,
+    )
+    share = float(train.masks.mean())  # mean defect area share of the K-shot masks
+    n, size = len(test.samples), args.image_size
+    types = [s.defect_type for s in test.samples]
+    rows = []
+    for name in BASELINES:
+        if name == "whole-image":
+            maps, threshold = np.ones((n, size, size), np.float32), 1.0
+        else:
+            closeness = 1.0 - centre_distance(size, name.removeprefix("centre-"))
+            maps = np.broadcast_to(closeness.astype(np.float32), (n, size, size))
+            threshold = float(np.quantile(closeness, 1.0 - share))  # area = share
+        rows.append(
+            {
+                "model": name,
+                "dataset": "magnetic-tile",
+                "split": split.name,
+                "supervision": "none" if name == "whole-image" else "mean train area",
+                "n_train_defect": len(split["train_defect"]),
+                "n_test_defect": n,
+                "train_seconds": 0.0,
+                "peak_rss_mb": peak_rss_mb(),
+                **segmentation_metrics(test.masks, maps, threshold, types),
+                "image_auroc": None,
+                "pixel_auroc": None,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        )
+    return rows
+
+
+def run_elpv(args: argparse.Namespace) -> dict[str, Any]:
+    """``cam`` on ELPV from image labels (K defect cells for training): image AUROC."""
+    from defectlab import api
+
+    k = args.elpv_k if args.elpv_k is not None else args.k
+    run_dir = args.out / f"cam-elpv-k{k}-{args.image_size}-s{args.seed}-e{args.epochs_scale:g}"
+    train_seconds = train_or_reuse(args, "cam", "elpv", run_dir, overrides(args, "cam", [], k))
+    metrics = api.evaluate(run_dir, "elpv", run_dir / "eval", device=args.device)
+    return {
+        "model": "cam",
+        "dataset": "elpv",
+        "split": metrics["split"],
+        "supervision": "image labels",
+        "n_train_defect": k,
+        "n_test_defect": metrics["n_defect"],
+        "train_seconds": train_seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "image_auroc": metrics["image_auroc"],
+        "image_ap": metrics["image_ap"],
+        "f1": metrics["f1"],
+        "report": str(run_dir / "eval" / "report.html"),
+    }
+
+
+def run_one(args: argparse.Namespace, job: str) -> list[dict[str, Any]]:
+    if job == "baselines":
+        return run_baselines(args)
+    if job == "elpv":
+        return [run_elpv(args)]
+    return [run_model(args, job)]
+
+
+def child_command(args: argparse.Namespace, job: str) -> list[str]:
+    command = [
+        sys.executable,
+        __file__,
+        "--one",
+        job,
+        "--data",
+        args.data,
+        "--image-size",
+        str(args.image_size),
+        "--k",
+        str(args.k),
+        "--seed",
+        str(args.seed),
+        "--epochs-scale",
+        str(args.epochs_scale),
+        "--device",
+        args.device,
+        "--out",
+        str(args.out),
+    ]
+    if args.elpv_k is not None:
+        command += ["--elpv-k", str(args.elpv_k)]
+    for option in args.set:
+        command += ["--set", option]
+    return command
+
+
+def fmt(value: Any, width: int, digits: int = 4) -> str:
+    if value is None:
+        return f"{'n/a':>{width}}"
+    return f"{value:>{width}.{digits}f}"
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    header = f"{'model':<20} {'dataset':<14} {'split':<26} " + " ".join(f"{c:>12}" for c in COLUMNS)
+    print(header + f" {'train_s':>9} {'peak_MB':>9}")
+    for r in rows:
+        values = " ".join(fmt(r.get(c), 12) for c in COLUMNS)
+        extra = f"{fmt(r['train_seconds'], 9, 1)} {fmt(r['peak_rss_mb'], 9, 1)}"
+        print(f"{r['model']:<20} {r['dataset']:<14} {r['split']:<26} {values} {extra}")
+    print(
+        "dice/iou: micro over held-out defect images at the calibrated pixel threshold; "
+        "*_mean: mean per image; *_oracle: best-Dice threshold on the test masks (reference "
+        "only); pixel_auroc_defect: pixels of held-out defect images."
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--data", default=DEFAULT_DATA, help="magnetic-tile folder")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--k", type=int, default=20, help="training defects per type")
+    parser.add_argument("--seed", type=int, default=0, help="split and training seed")
+    parser.add_argument("--epochs-scale", type=float, default=1.0, help="× each default epochs")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", type=Path, default=Path("runs/weak"))
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false")
+    parser.add_argument("--no-elpv", dest="elpv", action="store_false")
+    parser.add_argument("--elpv-k", type=int, default=None, help="ELPV training defects (K)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.k < 1:
+        parser.error("--k must be at least 1: the weak models learn from defect images")
+    if args.epochs_scale <= 0:
+        parser.error("--epochs-scale must be positive")
+
+    if args.one:
+        for row in run_one(args, args.one):
+            print(json.dumps(row))
+        return
+
+    jobs = [*args.models, *(["baselines"] if args.baselines else [])]
+    jobs += ["elpv"] if args.elpv else []
+    rows: list[dict[str, Any]] = []
+    failed = []
+    for job in jobs:
+        command = child_command(args, job)
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+        if done.returncode != 0:
+            print(f"FAILED: {job} (exit {done.returncode})", file=sys.stderr)
+            failed.append(job)
+            continue
+        for line in done.stdout.strip().splitlines():
+            if line.startswith("{"):
+                rows.append(json.loads(line))
+                print(line, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    print_table(rows)
+    if failed:
+        sys.exit(f"failed jobs: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""CrossGAN: unpaired normal → defect translation by two-stage cross reconstruction
+(MISSION S0, seed 000).
+
+Normal images X and a handful of unpaired defect images Y are split into a **content**
+code shared by both domains (what the part looks like) and a **detail** code carried by
+defects only (what the defect looks like). A normal image's content with a defect's detail
+code — or one drawn from the prior N(0, I) — gives a new defect image aligned with its
+source, and the aligned difference gives its mask.
+
+Networks (``w = width``, images in [-1, 1]; module names are the keys of ``self.nets``)::
+
+    content_encoder  E^c (shared by both domains, weights shared):
+        conv7×7 w ─IN─ReLU─ conv4×4/2 2w ─IN─ReLU─ conv4×4/2 4w ─IN─ReLU
+        ─ content_blocks × ResidualBlock(4w, IN)                        → z (4w, H/4, W/4)
+    content_discriminator D_c (on content codes):
+        3 × [conv5×5/2 4w ─LeakyReLU 0.2] ─ conv3×3 → 1, mean over positions → one logit
+    detail_encoder E^a (defects): conv4×4/2 w ─LReLU─ ResidualBlock(w) ─ conv4×4/2 2w ─LReLU─
+        ResidualBlock(2w) ─ global mean ─ FC → μ (detail_dim), FC → log σ²
+    defect_generator G_Y(z, a): 2 × residual block on [z, a tiled] (conv3×3 → BN → ReLU →
+        conv3×3 → BN, + z) ─ 2 × UpBlock (bilinear ×2, conv3×3, BN, ReLU) ─ conv7×7 ─ Tanh
+    normal_generator G_X(z): 2 × UpBlock ─ conv7×7 ─ Tanh
+    normal_discriminator D_X, defect_discriminator D_Y: multi-scale PatchGAN
+        (``disc_scales`` scales, ``disc_layers`` stride-2 convs each; at 128 px with the
+        defaults the patch maps are 8, 4 and 2 cells wide: 16×, 32×, 64× down-sampling as in
+        the seed)
+
+One training step on paired normal ``x`` and defect ``y`` (see
+:class:`~defectlab.synth.gan_parts.TranslationGAN` for how a batch is paired):
+
+* stage 1 (forward translation): ``z_x, z_y = E^c(x), E^c(y)``; ``a_y ~ N(μ(y), σ²(y))``
+  (reparameterised); ``u = G_Y(z_x, a_y)`` (defect version of x), ``v = G_X(z_y)``
+  (defect-free version of y);
+* stage 2 (backward reconstruction, no content discriminator): ``x̂ = G_X(E^c(u))``,
+  ``ŷ = G_Y(E^c(v), a_u)`` with ``a_u`` the detail code of ``u``;
+* discriminators first, on detached codes/images: D_c cross-entropy (normal codes 1, defect
+  codes 0); D_X real ``x`` vs ``v``; D_Y real ``y`` vs ``u`` (and the prior-detail image below),
+  with ``gan_loss`` (cross-entropy by default, as in the seed). Their reported losses are
+  ``real + fake`` terms (chance level ≈ 1.39 for cross-entropy);
+* then encoders and generators (discriminators frozen) minimise
+  ``adv_weight·(D_Y(u)→real + D_X(v)→real)`` + ``content_adv_weight·CE(D_c(z), 0.5)`` (codes
+  of both domains pushed to "either domain", the DRIT form of fooling D_c) +
+  ``cross_cycle_weight·(L1(x̂, x) + L1(ŷ, y))`` (seed 10) + ``kl_weight·KL(N(μ, σ²) ‖ N(0, I))``
+  (seed 0.01; mean over code elements, averaged over the codes of ``y`` and ``u``) +
+  ``self_recon_weight·(L1(G_X(z_x), x) + L1(G_Y(z_y, a_y), y))`` +
+  ``latent_weight·L1(μ(G_Y(z_x, a_r)), a_r)`` for a prior draw ``a_r`` (latent regression;
+  its image is also shown to D_Y). The last two are the usual terms of this family (DRIT)
+  that the mission allows; set their weights to 0 to drop them (and the extra forward passes).
+
+Image range: networks work in [-1, 1] (inputs ``2x − 1``); both generators end in Tanh.
+
+Synthesis (:meth:`CrossGAN.synthesize`): ``G_Y(E^c(x), a)`` with ``a`` drawn from N(0, I) by
+the sample's rng (``detail="prior"``) or ``a = μ`` of a real defect example given through
+:meth:`use_defect_examples`, one chosen per sample by the rng (``detail="encode"``). The mask is
+the shared difference rule of :mod:`defectlab.synth.gan_parts`. ``detail`` and the mask
+settings can change after training (:meth:`configure_synthesis`).
+
+Optimisers: one Adam per network — seven, where the seed counts six (it lists two content
+encoders, which share their weights here, and leaves out the image discriminators).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defectlab.errors import ConfigError
+from defectlab.registry import register
+from defectlab.synth.gan_parts import (
+    GANConfig,
+    MultiScaleDiscriminator,
+    ResidualBlock,
+    ResidualEncoder,
+    TranslationGAN,
+    UpBlock,
+    UpDecoder,
+    adversarial_loss,
+    set_requires_grad,
+    to_image_conv,
+)
+
+DETAIL_MODES = ("prior", "encode")
+
+
+@dataclass
+class CrossGANConfig(GANConfig):
+    #: residual blocks of the content encoder (the seed only says "residual blocks")
+    content_blocks: int = 3
+    #: size of the detail (attribute) code
+    detail_dim: int = 8
+    #: loss weights (seed: cross-cycle 10, KL 0.01; the others follow DRIT)
+    cross_cycle_weight: float = 10.0
+    kl_weight: float = 0.01
+    adv_weight: float = 1.0
+    content_adv_weight: float = 1.0
+    self_recon_weight: float = 10.0
+    latent_weight: float = 10.0
+    #: synthesis: detail codes from the prior N(0, I) or encoded from --defects examples
+    detail: str = "prior"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("content_blocks", "detail_dim"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        weights = (
+            "cross_cycle_weight",
+            "kl_weight",
+            "adv_weight",
+            "content_adv_weight",
+            "self_recon_weight",
+            "latent_weight",
+        )
+        for key in weights:
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.detail not in DETAIL_MODES:
+            raise ValueError(f"detail must be one of {DETAIL_MODES}, got {self.detail!r}")
+
+
+class ContentDiscriminator(nn.Module):
+    """Three 5×5 stride-2 conv blocks, one 3×3 conv, LeakyReLU: which domain a content code
+    came from, one logit per code (cross-entropy)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        c = 4 * width
+        layers: list[nn.Module] = []
+        for _ in range(3):
+            layers += [nn.Conv2d(c, c, 5, stride=2, padding=2), nn.LeakyReLU(0.2, inplace=True)]
+        layers.append(nn.Conv2d(c, 1, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, content: torch.Tensor) -> torch.Tensor:
+        return self.net(content).mean(dim=(1, 2, 3))
+
+
+class DetailEncoder(nn.Module):
+    """Conv, residual blocks, FC → mean and log-variance of the defect detail code."""
+
+    def __init__(self, channels: int, width: int, dim: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+            ResidualBlock(width, "none"),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+            ResidualBlock(2 * width, "none"),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.mean = nn.Linear(2 * width, dim)
+        self.logvar = nn.Linear(2 * width, dim)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(images)
+        return self.mean(h), self.logvar(h)
+
+
+class DetailResidualBlock(nn.Module):
+    """Residual block whose body also sees the detail code tiled over the content grid, so
+    the detail can change the image everywhere the content allows."""
+
+    def __init__(self, channels: int, dim: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels + dim, channels, 3, padding=1, padding_mode="reflect"),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect"),
+            nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, content: torch.Tensor, detail: torch.Tensor) -> torch.Tensor:
+        tiled = detail[:, :, None, None].expand(-1, -1, *content.shape[2:])
+        return content + self.body(torch.cat([content, tiled], dim=1))
+
+
+class DefectGenerator(nn.Module):
+    """G_Y(content, detail): two residual blocks, two up-sampling blocks, one conv (+Tanh)."""
+
+    def __init__(self, channels: int, width: int, dim: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(DetailResidualBlock(4 * width, dim) for _ in range(2))
+        self.up = nn.Sequential(
+            UpBlock(4 * width, 2 * width),
+            UpBlock(2 * width, width),
+            to_image_conv(width, channels),
+        )
+
+    def forward(self, content: torch.Tensor, detail: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            content = block(content, detail)
+        return self.up(content)
+
+
+#: networks updated by the generator loss, and by the discriminator loss
+GENERATOR_SIDE = ("content_encoder", "detail_encoder", "defect_generator", "normal_generator")
+DISCRIMINATORS = ("content_discriminator", "normal_discriminator", "defect_discriminator")
+
+
+@register
+class CrossGAN(TranslationGAN):
+    """See the module docstring for networks, losses and synthesis."""
+
+    name: ClassVar[str] = "crossgan"
+    description: ClassVar[str] = (
+        "learned normal→defect translation (shared content + defect detail codes, two-stage "
+        "cross reconstruction); trains on normal + a few defect images; masks from the "
+        "aligned difference"
+    )
+    Config = CrossGANConfig
+    config: CrossGANConfig
+    collapse_watch: ClassVar[dict[str, str]] = {
+        "d_content": "content_discriminator",
+        "d_normal": "normal_discriminator",
+        "d_defect": "defect_discriminator",
+    }
+    synthesis_fields: ClassVar[tuple[str, ...]] = ("detail", *TranslationGAN.synthesis_fields)
+
+    def build_networks(self) -> dict[str, nn.Module]:
+        cfg, c, w = self.config, self.channels, self.config.width
+        return {
+            "content_encoder": ResidualEncoder(c, w, cfg.content_blocks),
+            "detail_encoder": DetailEncoder(c, w, cfg.detail_dim),
+            "defect_generator": DefectGenerator(c, w, cfg.detail_dim),
+            "normal_generator": UpDecoder(c, w),
+            "content_discriminator": ContentDiscriminator(w),
+            "normal_discriminator": MultiScaleDiscriminator(c, w, cfg.disc_layers, cfg.disc_scales),
+            "defect_discriminator": MultiScaleDiscriminator(c, w, cfg.disc_layers, cfg.disc_scales),
+        }
+
+    # --- building blocks (public for tests) ----------------------------------------------------
+    def content(self, images: torch.Tensor) -> torch.Tensor:
+        return self.nets["content_encoder"](images)
+
+    def detail(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of the detail code of defect images."""
+        return self.nets["detail_encoder"](images)
+
+    def sample_detail(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised draw ``μ + σ·ε`` and the KL term of ``images``' detail codes."""
+        mean, logvar = self.detail(images)
+        code = mean + torch.exp(0.5 * logvar) * self.randn(*mean.shape)
+        return code, kl_divergence(mean, logvar)
+
+    def to_defect(self, content: torch.Tensor, detail: torch.Tensor) -> torch.Tensor:
+        return self.nets["defect_generator"](content, detail)
+
+    def to_normal(self, content: torch.Tensor) -> torch.Tensor:
+        return self.nets["normal_generator"](content)
+
+    # --- training ------------------------------------------------------------------------------
+    def train_pairs(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        cfg, nets = self.config, self.nets
+        kind = cfg.gan_loss
+        d_content, d_normal, d_defect = (nets[n] for n in DISCRIMINATORS)
+
+        # stage 1: forward translation
+        z_x, z_y = self.content(torch.cat([x, y])).split([len(x), len(y)])
+        a_y, kl = self.sample_detail(y)
+        u = self.to_defect(z_x, a_y)
+        v = self.to_normal(z_y)
+        a_r = self.randn(len(x), cfg.detail_dim) if cfg.latent_weight > 0 else None
+        u_r = self.to_defect(z_x, a_r) if a_r is not None else None
+        # stage 2: backward (cross) reconstruction, no content discriminator
+        z_u, z_v = self.content(torch.cat([u, v])).split([len(u), len(v)])
+        a_u, kl_u = self.sample_detail(u)
+        x_hat = self.to_normal(z_u)
+        y_hat = self.to_defect(z_v, a_u)
+
+        # discriminators on detached codes and images
+        c_loss = adversarial_loss(d_content(z_x.detach()), 1.0, "bce") + adversarial_loss(
+            d_content(z_y.detach()), 0.0, "bce"
+        )
+        x_loss = adversarial_loss(d_normal(x), 1.0, kind) + adversarial_loss(
+            d_normal(v.detach()), 0.0, kind
+        )
+        fake_y = adversarial_loss(d_defect(u.detach()), 0.0, kind)
+        if u_r is not None:
+            fake_y = 0.5 * (fake_y + adversarial_loss(d_defect(u_r.detach()), 0.0, kind))
+        y_loss = adversarial_loss(d_defect(y), 1.0, kind) + fake_y
+        self.step_optimizers(DISCRIMINATORS, c_loss + x_loss + y_loss)
+
+        # encoders and generators against the updated, frozen discriminators
+        frozen = [d_content, d_normal, d_defect]
+        set_requires_grad(frozen, False)
+        try:
+            content_adv = adversarial_loss(d_content(z_x), 0.5, "bce") + adversarial_loss(
+                d_content(z_y), 0.5, "bce"
+            )
+            adv = adversarial_loss(d_defect(u), 1.0, kind) + adversarial_loss(
+                d_normal(v), 1.0, kind
+            )
+            if u_r is not None:
+                adv = adv + adversarial_loss(d_defect(u_r), 1.0, kind)
+            cross = F.l1_loss(x_hat, x) + F.l1_loss(y_hat, y)
+            kl_term = 0.5 * (kl + kl_u)
+            loss = (
+                cfg.adv_weight * adv
+                + cfg.content_adv_weight * content_adv
+                + cfg.cross_cycle_weight * cross
+                + cfg.kl_weight * kl_term
+            )
+            losses: dict[str, float] = {}
+            if cfg.self_recon_weight > 0:
+                self_recon = F.l1_loss(self.to_normal(z_x), x) + F.l1_loss(
+                    self.to_defect(z_y, a_y), y
+                )
+                loss = loss + cfg.self_recon_weight * self_recon
+                losses["self_recon"] = self_recon.item()
+            if u_r is not None and a_r is not None:
+                latent = F.l1_loss(self.detail(u_r)[0], a_r)
+                loss = loss + cfg.latent_weight * latent
+                losses["latent"] = latent.item()
+            self.step_optimizers(GENERATOR_SIDE, loss)
+        finally:
+            set_requires_grad(frozen, True)
+
+        return {
+            "cross_cycle": cross.item(),
+            "kl": kl_term.item(),
+            "g_adv": adv.item(),
+            "content_adv": content_adv.item(),
+            **losses,
+            "g_total": loss.item(),
+            "d_content": c_loss.item(),
+            "d_normal": x_loss.item(),
+            "d_defect": y_loss.item(),
+        }
+
+    def sample_rows(self, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Like the seed's Figure 3: x → u → x̂ and y → v → ŷ (detail codes = means)."""
+        z_x, z_y = self.content(x), self.content(y)
+        u = self.to_defect(z_x, self.detail(y)[0])
+        v = self.to_normal(z_y)
+        x_hat = self.to_normal(self.content(u))
+        y_hat = self.to_defect(self.content(v), self.detail(u)[0])
+        return [[x, u, x_hat], [y, v, y_hat]]
+
+    # --- synthesis -----------------------------------------------------------------------------
+    def translate(
+        self, x: torch.Tensor, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        mode = self.config.detail
+        example = -1
+        if mode == "encode":
+            if not self.examples:
+                raise ConfigError(
+                    "crossgan detail=encode takes its detail codes from real defect images: "
+                    "give some with --defects (use_defect_examples), or use detail=prior"
+                )
+            example = int(rng.integers(len(self.examples)))
+            code = self.detail(self._to_tensor(self.examples[example]))[0]
+        else:
+            prior = rng.standard_normal(self.config.detail_dim).astype(np.float32)
+            code = torch.from_numpy(prior)[None].to(self.device)
+        return self.to_defect(self.content(x), code), {"detail": mode, "detail_example": example}
+
+
+def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, σ²) ‖ N(0, I)), mean over batch and code elements."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()

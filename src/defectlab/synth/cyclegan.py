@@ -1,0 +1,152 @@
+"""CycleGAN baseline for normal → defect translation (the seed's comparison method).
+
+Two ResNet generators — ``defect_generator`` G: X → Y and ``normal_generator`` F: Y → X, each
+:class:`~defectlab.synth.gan_parts.ResidualEncoder` (``res_blocks`` residual blocks) followed
+by :class:`~defectlab.synth.gan_parts.UpDecoder` — and the same multi-scale PatchGAN
+discriminators, optimiser recipe, batch pairing, collapse check, sample grids and mask rule as
+CrossGAN (:mod:`defectlab.synth.gan_parts`), so a comparison isolates the method. With the
+defaults (width 32, 3 residual blocks) the generators hold about 2.3 M parameters against
+CrossGAN's 2.0 M of encoders and generators (``parameter_counts()``).
+
+Losses (Zhu et al. 2017): least-squares adversarial loss by default (``gan_loss``),
+``cycle_weight·(L1(F(G(x)), x) + L1(G(F(y)), y))`` (10) and
+``identity_weight·(L1(G(y), y) + L1(F(x), x))`` (5; 0 = off). The discriminators are updated
+first on detached fakes of the current batch (no history pool of old fakes), then the
+generators against the updated, frozen discriminators.
+
+Synthesis: ``G(x)``; one output per normal image (CycleGAN has no detail code, so
+``detail="none"`` in the record), the mask from the aligned difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defectlab.registry import register
+from defectlab.synth.base import Synthesizer
+from defectlab.synth.gan_parts import (
+    GANConfig,
+    MultiScaleDiscriminator,
+    ResidualEncoder,
+    TranslationGAN,
+    UpDecoder,
+    adversarial_loss,
+    set_requires_grad,
+)
+
+GENERATORS = ("defect_generator", "normal_generator")
+DISCRIMINATORS = ("normal_discriminator", "defect_discriminator")
+
+
+@dataclass
+class CycleGANConfig(GANConfig):
+    gan_loss: str = "lsgan"
+    #: residual blocks per generator (3 ≈ CrossGAN's generator-side parameter budget)
+    res_blocks: int = 3
+    cycle_weight: float = 10.0
+    identity_weight: float = 5.0
+    adv_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.res_blocks < 1:
+            raise ValueError(f"res_blocks must be at least 1, got {self.res_blocks}")
+        for key in ("cycle_weight", "identity_weight", "adv_weight"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+
+
+class ResnetGenerator(nn.Sequential):
+    """Down-sample twice, residual blocks, up-sample twice, conv + Tanh."""
+
+    def __init__(self, channels: int, width: int, blocks: int) -> None:
+        super().__init__(ResidualEncoder(channels, width, blocks), UpDecoder(channels, width))
+
+
+@register
+class CycleGAN(TranslationGAN):
+    """See the module docstring."""
+
+    name: ClassVar[str] = "cyclegan"
+    description: ClassVar[str] = (
+        "CycleGAN baseline: unpaired normal→defect translation with cycle consistency; "
+        "trains on normal + a few defect images; masks from the aligned difference"
+    )
+    Config = CycleGANConfig
+    config: CycleGANConfig
+    collapse_watch: ClassVar[dict[str, str]] = {
+        "d_normal": "normal_discriminator",
+        "d_defect": "defect_discriminator",
+    }
+
+    def build_networks(self) -> dict[str, nn.Module]:
+        cfg, c, w = self.config, self.channels, self.config.width
+        return {
+            "defect_generator": ResnetGenerator(c, w, cfg.res_blocks),
+            "normal_generator": ResnetGenerator(c, w, cfg.res_blocks),
+            "normal_discriminator": MultiScaleDiscriminator(c, w, cfg.disc_layers, cfg.disc_scales),
+            "defect_discriminator": MultiScaleDiscriminator(c, w, cfg.disc_layers, cfg.disc_scales),
+        }
+
+    def to_defect(self, x: torch.Tensor) -> torch.Tensor:
+        return self.nets["defect_generator"](x)
+
+    def to_normal(self, y: torch.Tensor) -> torch.Tensor:
+        return self.nets["normal_generator"](y)
+
+    def train_pairs(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        cfg, kind = self.config, self.config.gan_loss
+        d_normal, d_defect = (self.nets[n] for n in DISCRIMINATORS)
+        u, v = self.to_defect(x), self.to_normal(y)
+
+        x_loss = adversarial_loss(d_normal(x), 1.0, kind) + adversarial_loss(
+            d_normal(v.detach()), 0.0, kind
+        )
+        y_loss = adversarial_loss(d_defect(y), 1.0, kind) + adversarial_loss(
+            d_defect(u.detach()), 0.0, kind
+        )
+        self.step_optimizers(DISCRIMINATORS, x_loss + y_loss)
+
+        set_requires_grad([d_normal, d_defect], False)
+        try:
+            adv = adversarial_loss(d_defect(u), 1.0, kind) + adversarial_loss(
+                d_normal(v), 1.0, kind
+            )
+            cycle = F.l1_loss(self.to_normal(u), x) + F.l1_loss(self.to_defect(v), y)
+            loss = cfg.adv_weight * adv + cfg.cycle_weight * cycle
+            losses: dict[str, float] = {}
+            if cfg.identity_weight > 0:
+                identity = F.l1_loss(self.to_defect(y), y) + F.l1_loss(self.to_normal(x), x)
+                loss = loss + cfg.identity_weight * identity
+                losses["identity"] = identity.item()
+            self.step_optimizers(GENERATORS, loss)
+        finally:
+            set_requires_grad([d_normal, d_defect], True)
+        return {
+            "cycle": cycle.item(),
+            "g_adv": adv.item(),
+            **losses,
+            "g_total": loss.item(),
+            "d_normal": x_loss.item(),
+            "d_defect": y_loss.item(),
+        }
+
+    def sample_rows(self, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
+        u, v = self.to_defect(x), self.to_normal(y)
+        return [[x, u, self.to_normal(u)], [y, v, self.to_defect(v)]]
+
+    def use_defect_examples(self, images: Sequence[np.ndarray]) -> None:
+        """CycleGAN has no detail code to take from examples."""
+        Synthesizer.use_defect_examples(self, images)
+
+    def translate(
+        self, x: torch.Tensor, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        return self.to_defect(x), {"detail": "none", "detail_example": -1}

@@ -1,0 +1,654 @@
+"""Pieces shared by the learned (GAN) synthesizers: layers, multi-scale PatchGAN
+discriminators, the adversarial losses, the mask rule and a training/synthesis base class.
+
+CrossGAN (:mod:`defectlab.synth.crossgan`) and the CycleGAN baseline
+(:mod:`defectlab.synth.cyclegan`) differ only in their networks and losses; everything a
+comparison must hold equal lives here once — the discriminators, the optimiser recipe
+(one Adam per network, step decay), the pairing of normal and defect images within a batch,
+discriminator-collapse detection, sample grids and, above all, the rule that turns a
+generated image into a mask.
+
+**Mask rule** (:func:`difference_mask`). A translated image ``g`` is aligned pixel for pixel
+with its source normal image ``x``, so the defect is where they differ:
+
+1. ``d = mean over channels |g − x|`` (image range [0, 1]);
+2. ``d`` is Gaussian-blurred with ``mask_blur`` px (0 = off) so single noisy pixels do not
+   count;
+3. threshold ``t``: with ``mask_rule="std"`` ``t = max(mean(d) + mask_k · std(d),
+   mask_min_diff)`` (adapts to how much a generator changes the background; the floor keeps
+   a near-identical output from producing a mask of noise), with ``mask_rule="fixed"``
+   ``t = mask_level``; the mask is ``d > t``;
+4. morphological opening with an elliptical ``2·mask_open + 1`` kernel (0 = off), then
+   removal of 8-connected components smaller than ``mask_min_area`` pixels.
+
+The record of each sample states the rule, ``t`` and the mask area.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defectlab.base import Model, ModelConfig, Prediction
+from defectlab.config import apply_overrides
+from defectlab.data.io import to_uint8, write_png
+from defectlab.data.transforms import resize_image
+from defectlab.errors import ConfigError, TrainingError
+from defectlab.synth.base import Synthesizer, SynthSample
+
+GAN_LOSSES = ("bce", "lsgan")
+MASK_RULES = ("std", "fixed")
+
+
+# --- layers ----------------------------------------------------------------------------------
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    return nn.Identity()
+
+
+class ResidualBlock(nn.Module):
+    """conv3×3 → norm → ReLU → conv3×3 → norm, plus the input: keeps content while refining."""
+
+    def __init__(self, channels: int, norm: str = "instance") -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect"),
+            _norm(norm, channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect"),
+            _norm(norm, channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class UpBlock(nn.Sequential):
+    """Bilinear ×2 → conv3×3 → BN → ReLU (the seed's up-sampling block; no checkerboards)."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode="reflect"),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        )
+
+
+def to_image_conv(width: int, channels: int) -> nn.Module:
+    """Final 7×7 conv to the image channels + Tanh: outputs in [-1, 1] like the inputs."""
+    return nn.Sequential(
+        nn.Conv2d(width, channels, 7, padding=3, padding_mode="reflect"), nn.Tanh()
+    )
+
+
+def _conv_in_relu(c_in: int, c_out: int, kernel: int, stride: int) -> nn.Module:
+    padding = (kernel - 1) // 2 if stride == 1 else 1
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, stride, padding=padding),
+        nn.InstanceNorm2d(c_out, affine=True),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ResidualEncoder(nn.Sequential):
+    """Residual FCN with two stride-2 down-samplings: conv7×7 w, conv4×4/2 2w, conv4×4/2 4w
+    (each IN + ReLU), then ``blocks`` residual blocks → (4w, H/4, W/4). CrossGAN's content
+    encoder; with :class:`UpDecoder` after it, CycleGAN's generator."""
+
+    def __init__(self, channels: int, width: int, blocks: int) -> None:
+        super().__init__(
+            _conv_in_relu(channels, width, 7, 1),
+            _conv_in_relu(width, 2 * width, 4, 2),
+            _conv_in_relu(2 * width, 4 * width, 4, 2),
+            *(ResidualBlock(4 * width, "instance") for _ in range(blocks)),
+        )
+
+
+class UpDecoder(nn.Sequential):
+    """Two up-sampling blocks, one conv, Tanh: (4w, H/4, W/4) → image. CrossGAN's G_X."""
+
+    def __init__(self, channels: int, width: int) -> None:
+        super().__init__(
+            UpBlock(4 * width, 2 * width),
+            UpBlock(2 * width, width),
+            to_image_conv(width, channels),
+        )
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: ``layers`` 4×4 stride-2 convs (width doubling, instance norm after the first,
+    LeakyReLU 0.2) and a 3×3 conv to one logit per patch."""
+
+    def __init__(self, channels: int, width: int, layers: int) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        c_in = channels
+        for i in range(layers):
+            c_out = width * 2 ** min(i, 3)
+            blocks += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)]
+            if i > 0:
+                blocks += [nn.InstanceNorm2d(c_out, affine=True)]
+            blocks += [nn.LeakyReLU(0.2, inplace=True)]
+            c_in = c_out
+        blocks += [nn.Conv2d(c_in, 1, 3, padding=1)]
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MultiScaleDiscriminator(nn.Module):
+    """One PatchGAN per scale on the image average-pooled by 1, 2, 4, …: coarse scales judge
+    global structure, fine scales texture. Returns one logit map per scale."""
+
+    def __init__(self, channels: int, width: int, layers: int, scales: int) -> None:
+        super().__init__()
+        self.scales = nn.ModuleList(
+            PatchDiscriminator(channels, width, layers) for _ in range(scales)
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for i, disc in enumerate(self.scales):
+            if i > 0:
+                x = F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
+            out.append(disc(x))
+        return out
+
+
+def min_image_size(disc_layers: int, disc_scales: int) -> int:
+    """Smallest side whose coarsest discriminator scale still has 2×2 maps after its last
+    strided conv (instance norm needs more than one position)."""
+    return 2 ** (disc_layers + 1) * 2 ** (disc_scales - 1)
+
+
+def adversarial_loss(logits: torch.Tensor | Sequence[torch.Tensor], target: float, kind: str):
+    """Mean over scales of BCE-with-logits (``kind="bce"``, cross-entropy as in the seed) or
+    least squares (``"lsgan"``) against the constant ``target`` (1 real, 0 fake, 0.5 confused)."""
+    maps = [logits] if isinstance(logits, torch.Tensor) else list(logits)
+    losses = []
+    for m in maps:
+        t = torch.full_like(m, target)
+        if kind == "lsgan":
+            losses.append(F.mse_loss(m, t))
+        else:
+            losses.append(F.binary_cross_entropy_with_logits(m, t))
+    return torch.stack(losses).mean()
+
+
+def set_requires_grad(modules: Sequence[nn.Module], flag: bool) -> None:
+    """Freeze discriminators during the generator update (saves their weight gradients)."""
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(flag)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --- mask rule -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """The settings of :func:`difference_mask` (see the module docstring)."""
+
+    rule: str = "std"
+    k: float = 2.0
+    level: float = 0.1
+    min_diff: float = 0.02
+    blur: float = 1.0
+    open_radius: int = 1
+    min_area: int = 8
+
+    def describe(self) -> str:
+        if self.rule == "fixed":
+            core = f"|g-x|>{self.level:g}"
+        else:
+            core = f"|g-x|>max(mean+{self.k:g}std,{self.min_diff:g})"
+        return f"{core} blur={self.blur:g} open={self.open_radius} min_area={self.min_area}"
+
+
+def difference_mask(
+    generated: np.ndarray, source: np.ndarray, rule: MaskRule
+) -> tuple[np.ndarray, float]:
+    """Bool (H, W) mask of where ``generated`` differs from its aligned ``source`` (both
+    (H, W[, C]) in [0, 1]) and the threshold used; the rule is in the module docstring."""
+    diff = np.abs(np.asarray(generated, np.float32) - np.asarray(source, np.float32))
+    if diff.ndim == 3:
+        diff = diff.mean(axis=2)
+    if rule.blur > 0:
+        diff = cv2.GaussianBlur(diff, (0, 0), rule.blur, borderType=cv2.BORDER_REFLECT)
+    if rule.rule == "fixed":
+        threshold = float(rule.level)
+    else:
+        threshold = max(float(diff.mean() + rule.k * diff.std()), float(rule.min_diff))
+    mask = (diff > threshold).astype(np.uint8)
+    if rule.open_radius > 0:
+        size = 2 * rule.open_radius + 1
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
+    if rule.min_area > 1 and mask.any():
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        keep = np.zeros(n, bool)
+        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= rule.min_area
+        mask = keep[labels].astype(np.uint8)
+    return mask.astype(bool), threshold
+
+
+# --- sample grids ----------------------------------------------------------------------------
+
+
+def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray:
+    """uint8 grid of equally sized (H, W, C) float images in [0, 1], white gaps of ``pad``."""
+    h, w, c = rows[0][0].shape
+    n_cols = max(len(r) for r in rows)
+    grid = np.ones((len(rows) * (h + pad) + pad, n_cols * (w + pad) + pad, c), np.float32)
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            top, left = pad + i * (h + pad), pad + j * (w + pad)
+            grid[top : top + h, left : left + w] = image
+    return to_uint8(grid)
+
+
+# --- config and base class -------------------------------------------------------------------
+
+
+@dataclass
+class GANConfig(ModelConfig):
+    """Settings shared by the GAN synthesizers (seed values where the seed gives them)."""
+
+    epochs: int = 400
+    #: base channel count; encoders/generators work at up to 4× this, discriminators 8×
+    width: int = 32
+    #: Adam: one optimiser per network (seed: lr 1e-4, β1 0.5, weight decay 1e-4)
+    lr: float = 1e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    weight_decay: float = 1e-4
+    #: step decay: every ``lr_decay_epochs`` epochs multiply lr by ``lr_decay_gamma``
+    lr_decay_epochs: int = 200
+    lr_decay_gamma: float = 0.5
+    #: image discriminators: strided convs per scale and number of scales
+    disc_layers: int = 4
+    disc_scales: int = 3
+    #: "bce" (cross-entropy, the seed) or "lsgan" (least squares)
+    gan_loss: str = "bce"
+    #: images of each kind (normal/defect) remembered to pair batches that lack one kind
+    buffer_size: int = 8
+    #: a discriminator whose loss stays below ``collapse_threshold`` for
+    #: ``collapse_patience`` consecutive steps has collapsed: training stops (0 = never)
+    collapse_threshold: float = 1e-3
+    collapse_patience: int = 200
+    #: write a sample grid every ``sample_every`` steps (0 = off) and at the end of training
+    #: into ``sample_dir`` (empty = no grids)
+    sample_every: int = 0
+    sample_dir: str = ""
+    #: mask rule (module docstring): "std" (mean + k·std, floored) or "fixed"
+    mask_rule: str = "std"
+    mask_k: float = 2.0
+    mask_level: float = 0.1
+    mask_min_diff: float = 0.02
+    mask_blur: float = 1.0
+    mask_open: int = 1
+    mask_min_area: int = 8
+
+    def __post_init__(self) -> None:
+        positive_ints = ("width", "lr_decay_epochs", "disc_layers", "disc_scales", "buffer_size")
+        for key in positive_ints:
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("lr", "lr_decay_gamma", "mask_k"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
+        nonneg = (
+            "weight_decay",
+            "collapse_threshold",
+            "collapse_patience",
+            "sample_every",
+            "mask_min_diff",
+            "mask_blur",
+            "mask_open",
+            "mask_min_area",
+        )
+        for key in nonneg:
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.gan_loss not in GAN_LOSSES:
+            raise ValueError(f"gan_loss must be one of {GAN_LOSSES}, got {self.gan_loss!r}")
+        if self.mask_rule not in MASK_RULES:
+            raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {self.mask_rule!r}")
+        if not 0 < self.mask_level < 1:
+            raise ValueError(f"mask_level must be in (0, 1), got {self.mask_level}")
+
+    @property
+    def mask(self) -> MaskRule:
+        return MaskRule(
+            self.mask_rule,
+            self.mask_k,
+            self.mask_level,
+            self.mask_min_diff,
+            self.mask_blur,
+            self.mask_open,
+            self.mask_min_area,
+        )
+
+
+class TranslationGAN(Model, Synthesizer):
+    """Base of the normal → defect translators: networks in one ``ModuleDict``, one Adam +
+    step decay per network, batch pairing, collapse detection, grids, state and synthesis.
+
+    Pairing. Batches mix normal (label 0) and defect (label 1) images in any proportion. Each
+    step pairs ``n = max(#normal, #defect)`` images of each kind: a kind with fewer images is
+    topped up with images drawn at random (torch's global generator, which the trainer seeds
+    and checkpoints) from a rolling buffer of the last ``buffer_size`` images of that kind
+    seen, or, while that buffer is still empty, by repeating the batch's own images. A step
+    whose batch lacks a kind that has never been seen only fills the buffer and returns no
+    losses (this can only happen at the start of training).
+    """
+
+    family: ClassVar[str] = "synthesizer"
+    needs_training: ClassVar[bool] = True
+    trains_on_defects: ClassVar[bool] = True
+    Config = GANConfig
+    config: GANConfig
+    #: loss key → discriminator name, for every discriminator watched for collapse
+    collapse_watch: ClassVar[dict[str, str]] = {}
+    #: config fields that may change after training (they do not touch the networks)
+    synthesis_fields: ClassVar[tuple[str, ...]] = (
+        "mask_rule",
+        "mask_k",
+        "mask_level",
+        "mask_min_diff",
+        "mask_blur",
+        "mask_open",
+        "mask_min_area",
+    )
+
+    def __init__(self, config: GANConfig | None = None, **kwargs: Any) -> None:
+        Model.__init__(self, config, **kwargs)
+        cfg = self.config
+        smallest = min_image_size(cfg.disc_layers, cfg.disc_scales)
+        if self.image_size % 4 or self.image_size < smallest:
+            raise ValueError(
+                f"{self.name}: image_size {self.image_size} must be a multiple of 4 (two stride-2 "
+                f"down-samplings) and at least {smallest} (disc_layers={cfg.disc_layers} at "
+                f"disc_scales={cfg.disc_scales}); lower disc_layers/disc_scales for small images"
+            )
+        if self.channels not in (1, 3):
+            raise ValueError(f"{self.name}: channels must be 1 or 3, got {self.channels}")
+        self.nets = nn.ModuleDict(self.build_networks()).to(self.device)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, torch.optim.lr_scheduler.StepLR] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.low_d_steps: dict[str, int] = dict.fromkeys(self.collapse_watch, 0)
+        self.steps = 0
+        self.examples: list[np.ndarray] = []
+
+    # --- to implement -------------------------------------------------------------------------
+    @abstractmethod
+    def build_networks(self) -> dict[str, nn.Module]:
+        """Name → network; every network gets its own optimiser."""
+
+    @abstractmethod
+    def train_pairs(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """One update on paired normal ``x`` and defect ``y`` images in [-1, 1]; returns the
+        losses, including every key of ``collapse_watch``."""
+
+    @abstractmethod
+    def sample_rows(self, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Rows of image batches in [-1, 1] for the sample grid (eval mode, no grad)."""
+
+    @abstractmethod
+    def translate(
+        self, x: torch.Tensor, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Defect version (1, C, H, W) in [-1, 1] of normal ``x`` and what to record."""
+
+    # --- helpers -------------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        return {name: count_parameters(net) for name, net in self.nets.items()}
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        """Standard normal noise from torch's global CPU generator (seeded and checkpointed
+        by the trainer), so runs and resumes are exact on CPU and CUDA alike."""
+        return torch.randn(shape).to(self.device)
+
+    def step_optimizers(self, names: Sequence[str], loss: torch.Tensor) -> None:
+        for name in names:
+            self.optimizers[name].zero_grad(set_to_none=True)
+        loss.backward()
+        for name in names:
+            self.optimizers[name].step()
+
+    # --- training ------------------------------------------------------------------------------
+    def setup_training(self, n_train: int) -> None:
+        cfg = self.config
+        for name, net in self.nets.items():
+            optimizer = torch.optim.Adam(
+                net.parameters(),
+                lr=cfg.lr,
+                betas=(cfg.beta1, cfg.beta2),
+                weight_decay=cfg.weight_decay,
+            )
+            self.optimizers[name] = optimizer
+            self.schedulers[name] = torch.optim.lr_scheduler.StepLR(
+                optimizer, step_size=cfg.lr_decay_epochs, gamma=cfg.lr_decay_gamma
+            )
+
+    def _pair(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        images = batch["image"].to(self.device, torch.float32)
+        labels = batch["label"].to(self.device)
+        kinds = {"normal": images[labels == 0], "defect": images[labels != 0]}
+        n = max(len(v) for v in kinds.values())
+        paired = {}
+        for kind, own in kinds.items():
+            pool = self.buffers.get(kind)
+            if len(own) < n:
+                if pool is None or not len(pool):
+                    if not len(own):
+                        paired[kind] = None
+                        continue
+                    extra = own[(torch.arange(n - len(own)) % len(own)).to(own.device)]
+                else:
+                    extra = pool[torch.randint(len(pool), (n - len(own),)).to(pool.device)]
+                own_full = torch.cat([own, extra])
+            else:
+                own_full = own
+            paired[kind] = own_full
+        for kind, own in kinds.items():  # remember the latest real images of each kind
+            if len(own):
+                pool = self.buffers.get(kind)
+                merged = own if pool is None else torch.cat([pool, own])
+                self.buffers[kind] = merged[-self.config.buffer_size :].detach().clone()
+        if paired["normal"] is None or paired["defect"] is None:
+            return None
+        return paired["normal"], paired["defect"]
+
+    def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        if not self.optimizers:
+            self.setup_training(0)
+        pair = self._pair(batch)
+        if pair is None:
+            return {}
+        x, y = (p * 2 - 1 for p in pair)
+        self.nets.train()
+        losses = self.train_pairs(x, y)
+        self.steps += 1
+        self._check_collapse(losses)
+        cfg = self.config
+        if cfg.sample_dir and cfg.sample_every and self.steps % cfg.sample_every == 0:
+            self.write_samples(Path(cfg.sample_dir) / f"step_{self.steps:07d}.png", x, y)
+        self._last_pair = (x[:4].detach(), y[:4].detach())
+        return losses
+
+    def _check_collapse(self, losses: dict[str, float]) -> None:
+        cfg = self.config
+        if not cfg.collapse_patience:
+            return
+        for key, name in self.collapse_watch.items():
+            low = losses[key] < cfg.collapse_threshold
+            self.low_d_steps[key] = self.low_d_steps[key] + 1 if low else 0
+            if self.low_d_steps[key] >= cfg.collapse_patience:
+                raise TrainingError(
+                    f"{self.name}: the {name} collapsed: its loss stayed below "
+                    f"{cfg.collapse_threshold:g} for {cfg.collapse_patience} consecutive steps "
+                    f"(step {self.steps}), so it separates real from generated images perfectly "
+                    "and the generators get no useful gradient. Lower lr, use gan_loss=lsgan, "
+                    "or add training images"
+                )
+
+    def end_epoch(self, epoch: int) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+
+    def finish_training(self) -> None:
+        last = getattr(self, "_last_pair", None)
+        if self.config.sample_dir and last is not None:
+            self.write_samples(Path(self.config.sample_dir) / "final.png", *last)
+
+    @torch.no_grad()
+    def write_samples(self, path: Path, x: torch.Tensor, y: torch.Tensor) -> None:
+        """A PNG grid (eval mode, up to 4 pairs): one row per pair and direction."""
+        was_training = self.nets.training
+        self.nets.eval()
+        try:
+            rows = self.sample_rows(x[:4], y[:4])
+        finally:
+            self.nets.train(was_training)
+        as_images = [
+            [((t[i] + 1) / 2).clamp(0, 1).permute(1, 2, 0).cpu().numpy() for t in row]
+            for row in rows
+            for i in range(len(row[0]))
+        ]
+        write_png(path, image_grid(as_images))
+
+    # --- inference -----------------------------------------------------------------------------
+    def predict(self, images: torch.Tensor) -> Prediction:
+        raise ConfigError(
+            f"{self.name} is a synthesizer: it generates defect images and does not score "
+            f"them. Use `defectlab synth --method {self.name} --run RUN`"
+        )
+
+    @classmethod
+    def from_run(cls, run_dir: Path) -> TranslationGAN:
+        from defectlab.api import load_run  # the API imports the registry, which imports us
+
+        model = load_run(run_dir).model
+        if not isinstance(model, cls):
+            raise ConfigError(f"{run_dir} holds a {model.name} run, not {cls.name}")
+        return model
+
+    def configure_synthesis(self, overrides: dict[str, str]) -> None:
+        """Apply ``--set key=value`` strings to a trained model before synthesis. Only
+        :attr:`synthesis_fields` may change: the others describe the trained networks."""
+        fixed = sorted(set(overrides) - set(self.synthesis_fields))
+        if fixed:
+            raise ConfigError(
+                f"{self.name}: {', '.join(fixed)} cannot change after training; at synthesis "
+                f"time only {', '.join(self.synthesis_fields)} can be set"
+            )
+        self.config = apply_overrides(self.config, overrides, "")
+
+    def _as_model_input(self, image: np.ndarray, what: str) -> np.ndarray:
+        array = np.asarray(image, np.float32)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if array.ndim != 3 or array.shape[2] != self.channels:
+            raise ConfigError(
+                f"{self.name} was trained on {self.channels}-channel images; {what} has shape "
+                f"{image.shape} (pass --channels {self.channels})"
+            )
+        return resize_image(array, self.image_size)
+
+    def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
+        return tensor.to(self.device) * 2 - 1
+
+    def use_defect_examples(self, images: Sequence[np.ndarray]) -> None:
+        self.examples = [self._as_model_input(im, "a defect example") for im in images]
+
+    @torch.no_grad()
+    def synthesize(self, image: np.ndarray, rng: np.random.Generator) -> SynthSample:
+        """Translate one normal image into a defect image; the mask is :func:`difference_mask`
+        of the result and the (model-size) source. Images of another size are resized to the
+        model's size first, and the sample is returned at that size."""
+        source = self._as_model_input(image, "the normal image")
+        self.nets.eval()
+        generated, record = self.translate(self._to_tensor(source), rng)
+        out = ((generated[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+        rule = self.config.mask
+        mask, threshold = difference_mask(out, source, rule)
+        if image.ndim == 2:
+            out = out[:, :, 0]
+        record = {
+            "method": self.name,
+            **record,
+            "mask_rule": rule.describe(),
+            "mask_threshold": round(threshold, 6),
+            "mask_area": int(mask.sum()),
+            "resized": tuple(image.shape[:2]) != (self.image_size, self.image_size),
+        }
+        return SynthSample(out.astype(np.float32), mask, record)
+
+    # --- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "nets": {name: dict(net.state_dict()) for name, net in self.nets.items()},
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        nets = state["nets"]
+        if set(nets) != set(self.nets):
+            raise ValueError(f"{self.name}: networks {sorted(nets)} != {sorted(self.nets)}")
+        for name, net in self.nets.items():
+            try:
+                net.load_state_dict(nets[name])
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"{self.name}: weights of {name} do not fit this model (image size "
+                    f"{self.image_size}, {self.channels} channels, width {self.config.width}): "
+                    f"{str(exc).splitlines()[0]}"
+                ) from exc
+        self.steps = int(state["steps"])
+
+    def training_state(self) -> dict[str, Any]:
+        if not self.optimizers:
+            return {}
+        return {
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "buffers": {k: b.cpu() for k, b in self.buffers.items()},
+            "low_d_steps": dict(self.low_d_steps),
+        }
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if not self.optimizers:
+            self.setup_training(0)
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+            self.schedulers[name].load_state_dict(state["schedulers"][name])
+        self.buffers = {k: b.to(self.device) for k, b in state["buffers"].items()}
+        self.low_d_steps = {k: int(v) for k, v in state["low_d_steps"].items()}
