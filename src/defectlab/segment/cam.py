@@ -43,12 +43,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectlab.base import ModelConfig, Prediction
-from defectlab.detect.features import check_identity
 from defectlab.errors import ConfigError
 from defectlab.registry import register
 from defectlab.segment.augment import AugmentSettings, augment_pairs
 from defectlab.segment.base import Segmenter
-from defectlab.segment.networks import ENCODER_STRIDES, ENCODERS, Lite0Encoder, PlainEncoder
+from defectlab.segment.networks import (
+    ENCODER_STRIDES,
+    ENCODERS,
+    Lite0Encoder,
+    PlainEncoder,
+    TrainableState,
+    load_network_state,
+    network_state,
+)
 from defectlab.segment.unet import InputShapeError
 
 NORMALIZATIONS = ("probability", "minmax")
@@ -169,7 +176,7 @@ def _peak_normalise(maps: torch.Tensor) -> torch.Tensor:
     return torch.where(peak > 0, maps / peak.clamp_min(1e-12), torch.zeros_like(maps))
 
 
-class CAMNet(nn.Module):
+class CAMNet(TrainableState):
     """Encoder + (global average ‖ max pooling of the deepest stage) → MLP → one logit."""
 
     def __init__(
@@ -206,23 +213,6 @@ class CAMNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classify(self.stage_features(images)[-1])
-
-    def trainable_state(self) -> dict[str, Any]:
-        """Everything but frozen, installed Lite0 weights."""
-        state = self.state_dict()
-        if isinstance(self.encoder, Lite0Encoder) and self.encoder.frozen:
-            state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
-        return dict(state)
-
-    def load_trainable_state(self, state: dict[str, Any]) -> None:
-        frozen = isinstance(self.encoder, Lite0Encoder) and self.encoder.frozen
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not (frozen and k.startswith("encoder."))]
-        if missing or unexpected:
-            raise RuntimeError(
-                f"cam network state does not match: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}"
-            )
 
 
 @register
@@ -347,15 +337,10 @@ class CAMSegmenter(Segmenter):
 
     # --- state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"net": self.net.trainable_state()}
-        if isinstance(self.net.encoder, Lite0Encoder):
-            state["backbone"] = self.net.encoder.identity()
-        return state
+        return network_state(self.net)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if isinstance(self.net.encoder, Lite0Encoder):
-            check_identity(self.name, dict(state.get("backbone", {})), self.net.encoder.identity())
-        self.net.load_trainable_state(state["net"])
+        load_network_state(self.name, self.net, state)
 
     def training_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"label_counts": list(self._label_counts)}

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectlab.detect.features import Lite0Features
+from defectlab.detect.features import Lite0Features, check_identity
 
 ARCHITECTURES = ("unet", "unet3plus")
 ENCODERS = ("plain", "lite0")
@@ -212,7 +212,48 @@ class UNet3PlusDecoder(nn.Module):
 # --- the full network ------------------------------------------------------------------------
 
 
-class SegmentationNet(nn.Module):
+class TrainableState(nn.Module):
+    """For networks with an ``encoder``: their state without the frozen, installed Lite0
+    weights (checkpoints store those weights' identity instead), and its strict reload."""
+
+    encoder: nn.Module
+
+    def _frozen_backbone(self) -> bool:
+        return isinstance(self.encoder, Lite0Encoder) and self.encoder.frozen
+
+    def trainable_state(self) -> dict[str, Any]:
+        state = self.state_dict()
+        if self._frozen_backbone():
+            state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+        return dict(state)
+
+    def load_trainable_state(self, state: dict[str, Any]) -> None:
+        frozen = self._frozen_backbone()
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (frozen and k.startswith("encoder."))]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"{type(self).__name__} state does not match: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+
+
+def network_state(net: TrainableState) -> dict[str, Any]:
+    """A model's checkpoint state for ``net``, with the Lite0 backbone's identity."""
+    state: dict[str, Any] = {"net": net.trainable_state()}
+    if isinstance(net.encoder, Lite0Encoder):
+        state["backbone"] = net.encoder.identity()
+    return state
+
+
+def load_network_state(model_name: str, net: TrainableState, state: dict[str, Any]) -> None:
+    """Reload :func:`network_state`, refusing a checkpoint made with other Lite0 weights."""
+    if isinstance(net.encoder, Lite0Encoder):
+        check_identity(model_name, dict(state.get("backbone", {})), net.encoder.identity())
+    net.load_trainable_state(state["net"])
+
+
+class SegmentationNet(TrainableState):
     """Encoder + decoder + ``segmentation_head`` (pixel logits at input size) +
     ``classification_head`` (one image logit from the pooled deepest features).
 
@@ -268,23 +309,6 @@ class SegmentationNet(nn.Module):
         deepest = features[-1]
         pooled = torch.cat([deepest.mean(dim=(2, 3)), deepest.amax(dim=(2, 3))], dim=1)
         return logits, self.classification_head(pooled)[:, 0]
-
-    def trainable_state(self) -> dict[str, Any]:
-        """Parameters and buffers that are not the frozen, installed Lite0 weights."""
-        state = self.state_dict()
-        if isinstance(self.encoder, Lite0Encoder) and self.encoder.frozen:
-            state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
-        return dict(state)
-
-    def load_trainable_state(self, state: dict[str, Any]) -> None:
-        strict = not (isinstance(self.encoder, Lite0Encoder) and self.encoder.frozen)
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if strict or not k.startswith("encoder.")]
-        if missing or unexpected:
-            raise RuntimeError(
-                f"segmentation network state does not match: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}"
-            )
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

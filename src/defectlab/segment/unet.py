@@ -27,7 +27,6 @@ from typing import Any, ClassVar
 import torch
 
 from defectlab.base import Model, ModelConfig, Prediction
-from defectlab.detect.features import check_identity
 from defectlab.errors import ConfigError
 from defectlab.ops import top_fraction_mean
 from defectlab.registry import register
@@ -42,7 +41,13 @@ from defectlab.segment.augment import (
 )
 from defectlab.segment.base import Segmenter
 from defectlab.segment.losses import LOSSES, segmentation_loss
-from defectlab.segment.networks import ENCODER_STRIDES, ENCODERS, Lite0Encoder, SegmentationNet
+from defectlab.segment.networks import (
+    ENCODER_STRIDES,
+    ENCODERS,
+    SegmentationNet,
+    load_network_state,
+    network_state,
+)
 
 SCORES = ("combined", "classifier", "topk")
 
@@ -253,15 +258,10 @@ class SegmentationModel(Model):
 
     # --- state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"net": self.net.trainable_state()}
-        if isinstance(self.net.encoder, Lite0Encoder):
-            state["backbone"] = self.net.encoder.identity()
-        return state
+        return network_state(self.net)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if isinstance(self.net.encoder, Lite0Encoder):
-            check_identity(self.name, dict(state.get("backbone", {})), self.net.encoder.identity())
-        self.net.load_trainable_state(state["net"])
+        load_network_state(self.name, self.net, state)
 
     def training_state(self) -> dict[str, Any]:
         if self.optimizer is None:
