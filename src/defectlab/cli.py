@@ -126,7 +126,7 @@ def cmd_demo(args: argparse.Namespace) -> str:
 
     result = run_demo(Path(args.out), device=args.device)
     return (
-        f"demo: pixelstats on ELPV solar cells, image AUROC {_fmt(result['image_auroc'])} "
+        f"demo: {result['model']} on ELPV solar cells, image AUROC {_fmt(result['image_auroc'])} "
         f"({result['seconds']:.0f} s) → {result['report']}"
     )
 

@@ -43,6 +43,7 @@ def run_demo(out: Path, device: str = "auto", progress: bool = True) -> dict[str
         galleries=[("Procedural synthetic defects (red: exact mask)", gallery)],
     )
     return {
+        "model": DEMO_MODEL,
         "image_auroc": metrics["image_auroc"],
         "image_ap": metrics["image_ap"],
         "report": str(eval_dir / "report.html"),
