@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MAGNETIC_TILE = SHARED_DATA / "magnetic-tile"
@@ -72,3 +73,38 @@ requires_magnetic_tile = pytest.mark.skipif(
     not (MAGNETIC_TILE / "MT_Free").is_dir() and not os.environ.get("CI"),
     reason="needs ../shared/data/magnetic-tile",
 )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions on a shared 2-core machine: one thread avoids oversubscription.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def striped_normals(n: int, seed: int = 0, size: int = 64) -> np.ndarray:
+    """(N, H, W, 1) in [0, 1]: diagonal stripes of random phase and level, slight noise;
+    normal images for the feature-based detectors' tests."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    images = []
+    for _ in range(n):
+        phase, level = rng.uniform(0, 2 * np.pi), rng.uniform(0.4, 0.5)
+        image = level + 0.15 * np.sin(2 * np.pi * (x + y) / 16 + phase)
+        images.append(image + rng.normal(0, 0.02, (size, size)))
+    return np.clip(np.stack(images), 0, 1)[..., None].astype(np.float32)
+
+
+def with_square(images: np.ndarray, top: int, left: int, side: int) -> np.ndarray:
+    """A copy of (N, H, W, C) images with a saturated square: an obvious anomaly."""
+    out = images.copy()
+    out[:, top : top + side, left : left + side] = 1.0
+    return out
+
+
+def to_nchw(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, C) numpy images → the (N, C, H, W) tensor models take."""
+    return torch.from_numpy(images.transpose(0, 3, 1, 2).copy())

@@ -120,6 +120,12 @@ class RunConfig:
             raise ConfigError(f"not a defectlab run config: {exc}") from exc
 
 
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Model configs validate their string options with this, naming the field."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
 def restore_tuples(d: dict[str, Any]) -> dict[str, Any]:
     """JSON has no tuples: turn lists read back from config.json into tuples again."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}

@@ -19,3 +19,8 @@ class TrainingError(DefectlabError):
 
 class ConfigError(DefectlabError):
     """A configuration value is unknown or has the wrong type."""
+
+
+class InputShapeError(ConfigError, ValueError):
+    """The image size or channel count does not suit a network: a ValueError (as a model's
+    own validation raises) that the command line, catching ConfigError, prints as one line."""

@@ -12,18 +12,13 @@ from torch import nn
 
 from defectlab.detect.deepsvdd import DeepSVDD, DeepSVDDConfig
 from defectlab.training import fit
+from tests.conftest import to_nchw, with_square
 
 SIZE = 32
 SMALL = {"width": 8, "depth": 2, "rep_dim": 16, "kernel_size": 3}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions: one thread avoids thread oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _normals(n: int, seed: int = 0) -> np.ndarray:
@@ -36,16 +31,6 @@ def _normals(n: int, seed: int = 0) -> np.ndarray:
         image = level + 0.1 * np.sin(2 * np.pi * x + phase) + 0.05 * y
         images.append(image + rng.normal(0, 0.01, (SIZE, SIZE)))
     return np.clip(np.stack(images), 0, 1)[..., None].astype(np.float32)
-
-
-def _with_square(images: np.ndarray, top: int = 18, left: int = 8, side: int = 6) -> np.ndarray:
-    out = images.copy()
-    out[:, top : top + side, left : left + side] = 1.0
-    return out
-
-
-def _tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
 
 
 def _model(**overrides) -> DeepSVDD:
@@ -80,7 +65,7 @@ def test_center_is_the_guarded_mean_of_initial_features_and_stays_fixed(tmp_path
     fit(model, images, run_dir=tmp_path / "a", batch_size=32, progress=False)
     initial.encoder.train()
     with torch.no_grad():
-        expected = initial.encoder(_tensor(images)).mean(dim=(0, 2, 3))
+        expected = initial.encoder(to_nchw(images)).mean(dim=(0, 2, 3))
     guarded = torch.where(expected.abs() < 0.1, torch.where(expected < 0, -0.1, 0.1), expected)
     assert (expected.abs() < 0.1).any()  # the guard was exercised
     assert torch.allclose(model.center, guarded, atol=1e-5)
@@ -104,7 +89,7 @@ def test_one_class_training_lowers_the_mean_distance(tmp_path: Path) -> None:
     last = np.mean([r["mean_dist"] for r in history if r["epoch"] == 8])
     assert last < 0.5 * first
 
-    x = _tensor(_normals(16, seed=1))
+    x = to_nchw(_normals(16, seed=1))
     untrained = _model(epochs=8, lr=3e-3)
     untrained.center = model.center  # same centre, initial weights
     untrained.encoder.train()
@@ -129,7 +114,7 @@ def test_soft_boundary_radius_is_the_epoch_distance_quantile(monkeypatch) -> Non
 
     monkeypatch.setattr(DeepSVDD, "_distances", recording)
     model.setup_training(32)
-    batches = _tensor(_normals(32)).split(8)
+    batches = to_nchw(_normals(32)).split(8)
     radii = []
     for epoch in range(5):
         seen.clear()
@@ -144,7 +129,7 @@ def test_soft_boundary_radius_is_the_epoch_distance_quantile(monkeypatch) -> Non
     assert radii[0] == 0.0 and radii[1] > 0
     assert len(set(radii[1:])) == 4  # updated after every SVDD epoch
     # soft-boundary scores are distances minus R²: a share of normal locations is negative
-    out = model.predict(_tensor(_normals(8, seed=3)))
+    out = model.predict(to_nchw(_normals(8, seed=3)))
     assert (out.maps < 0).any() and (out.maps > 0).any()
 
 
@@ -152,8 +137,8 @@ def test_separates_bright_squares_and_the_map_peaks_on_them(tmp_path: Path) -> N
     model = _model(epochs=8, lr=3e-3)
     _fit(model, tmp_path / "run", n=64)
     normals = _normals(8, seed=7)
-    out_normal = model.predict(_tensor(normals))
-    out_defect = model.predict(_tensor(_with_square(normals)))
+    out_normal = model.predict(to_nchw(normals))
+    out_defect = model.predict(to_nchw(with_square(normals, 18, 8, 6)))
     assert out_normal.maps.shape == (8, SIZE, SIZE) and out_normal.scores.shape == (8,)
     assert out_defect.scores.min() > out_normal.scores.max()
     for heat in out_defect.maps:
@@ -162,7 +147,7 @@ def test_separates_bright_squares_and_the_map_peaks_on_them(tmp_path: Path) -> N
 
     # "global": the distance of the global-average-pooled feature to c
     model.config.score = "global"
-    x = _tensor(_with_square(normals))
+    x = to_nchw(with_square(normals, 18, 8, 6))
     model.encoder.eval()
     with torch.no_grad():
         pooled = model.encoder(x).mean(dim=(2, 3))
@@ -179,7 +164,7 @@ def test_state_round_trip_gives_identical_scores(tmp_path: Path) -> None:
     state = torch.load(buffer, weights_only=True)
     clone = _model(epochs=3, objective="soft-boundary")
     clone.load_state_dict(state)
-    x = _tensor(_with_square(_normals(4, seed=2)))
+    x = to_nchw(with_square(_normals(4, seed=2), 18, 8, 6))
     a, b = model.predict(x), clone.predict(x)
     assert model.radius > 0 and clone.radius == model.radius
     assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
@@ -262,5 +247,5 @@ def test_resume_after_interruption_reproduces_the_run(
     assert torch.equal(resumed.center, reference.center)
     for key, value in reference.state_dict()["encoder"].items():
         assert torch.equal(resumed.state_dict()["encoder"][key], value), key
-    x = _tensor(_normals(4, seed=9))
+    x = to_nchw(_normals(4, seed=9))
     assert torch.equal(resumed.predict(x).scores, reference.predict(x).scores)

@@ -17,14 +17,7 @@ from defectlab.detect.patchmemory import PatchMemory, PatchMemoryConfig
 from defectlab.errors import CheckpointError, ConfigError, DataError
 from defectlab.runs import load_checkpoint, restore_model, save_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convolutions on a busy 2-core machine: one thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,42 +13,14 @@ from defectlab.detect.flow import ActNorm, Flow, FlowConfig, ScaleFlow, location
 from defectlab.errors import CheckpointError
 from defectlab.runs import load_checkpoint, restore_model, save_checkpoint
 from defectlab.training import fit
+from tests.conftest import striped_normals, to_nchw, with_square
 
 SIZE = 64
 SMALL = {"flow_steps": 4, "lr": 2e-3}
 SQUARE = (36, 16, 12)  # top, left, side of the synthetic defect
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convolutions on a busy 2-core machine: one thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _normals(n: int, seed: int = 0) -> np.ndarray:
-    """(N, H, W, 1) in [0, 1]: diagonal stripes of random phase and level, slight noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:SIZE, 0:SIZE]
-    images = []
-    for _ in range(n):
-        phase, level = rng.uniform(0, 2 * np.pi), rng.uniform(0.4, 0.5)
-        image = level + 0.15 * np.sin(2 * np.pi * (x + y) / 16 + phase)
-        images.append(image + rng.normal(0, 0.02, (SIZE, SIZE)))
-    return np.clip(np.stack(images), 0, 1)[..., None].astype(np.float32)
-
-
-def _with_square(images: np.ndarray) -> np.ndarray:
-    top, left, side = SQUARE
-    out = images.copy()
-    out[:, top : top + side, left : left + side] = 1.0
-    return out
-
-
-def _tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(**overrides) -> Flow:
@@ -57,7 +29,7 @@ def _model(**overrides) -> Flow:
 
 
 def _fit(model: Flow, run_dir: Path, n: int = 32, **kwargs) -> list[dict]:
-    return fit(model, _normals(n), run_dir=run_dir, batch_size=8, progress=False, **kwargs)
+    return fit(model, striped_normals(n), run_dir=run_dir, batch_size=8, progress=False, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +97,7 @@ def test_training_increases_the_likelihood_of_normal_features(trained, tmp_path:
     assert {"loss", "nll_s8", "nll_s16"} <= history[0].keys()
     first, last = history[0]["loss"], np.mean([r["loss"] for r in history if r["epoch"] == 8])
     assert last < first - 0.3
-    held_out = _tensor(_normals(16, seed=7))
+    held_out = to_nchw(striped_normals(16, seed=7))
     short = _model(epochs=1)
     _fit(short, tmp_path)
     assert model.log_likelihood(held_out).mean() > short.log_likelihood(held_out).mean() + 0.2
@@ -133,10 +105,10 @@ def test_training_increases_the_likelihood_of_normal_features(trained, tmp_path:
 
 def test_separates_an_obvious_anomaly_and_localises_it(trained) -> None:
     model, _ = trained
-    normals = _normals(8, seed=3)
+    normals = striped_normals(8, seed=3)
     with torch.inference_mode():  # as the API calls it
-        good = model.predict(_tensor(normals))
-        bad = model.predict(_tensor(_with_square(normals)))
+        good = model.predict(to_nchw(normals))
+        bad = model.predict(to_nchw(with_square(normals, *SQUARE)))
     assert good.maps.shape == (8, SIZE, SIZE) and good.scores.shape == (8,)
     assert bad.scores.min() > good.scores.max()
     top, left, side = SQUARE
@@ -151,7 +123,7 @@ def test_gradient_map_has_image_size_and_peaks_near_the_defect(trained) -> None:
     model, _ = trained
     gradient = Flow(FlowConfig(**(SMALL | {"epochs": 8, "map": "gradient"})), image_size=SIZE)
     gradient.load_state_dict(model.state_dict())
-    images = _tensor(_with_square(_normals(6, seed=4)))
+    images = to_nchw(with_square(striped_normals(6, seed=4), *SQUARE))
     with torch.inference_mode():  # the gradient branch must work under inference mode
         out = gradient.predict(images)
     assert out.maps.shape == (6, SIZE, SIZE)
@@ -174,7 +146,7 @@ def test_gradient_map_equals_autograd_of_the_total_nll(trained) -> None:
         image_size=SIZE,
     )
     gradient.load_state_dict(model.state_dict())
-    image = _tensor(_with_square(_normals(1, seed=5))).double()
+    image = to_nchw(with_square(striped_normals(1, seed=5), *SQUARE)).double()
     gradient.features.double()
     gradient.flows.double()
     maps = gradient.predict(image).maps[0]
@@ -201,7 +173,7 @@ def test_save_load_gives_identical_scores(trained, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="before fit"):
         clone.predict(torch.rand(1, 1, SIZE, SIZE))
     restore_model(load_checkpoint(path, "flow"), clone, path)
-    images = _tensor(_with_square(_normals(4, seed=6)))
+    images = to_nchw(with_square(striped_normals(4, seed=6), *SQUARE))
     a, b = model.predict(images), clone.predict(images)
     assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
     other = Flow(FlowConfig(**(SMALL | {"flow_steps": 2})), image_size=SIZE)
@@ -236,7 +208,7 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path: Path, monkeyp
     assert [r["loss"] for r in history] == [r["loss"] for r in ref_history]
     for key, value in reference.flows.state_dict().items():
         assert torch.equal(value, resumed.flows.state_dict()[key]), key
-    images = _tensor(_with_square(_normals(3, seed=8)))
+    images = to_nchw(with_square(striped_normals(3, seed=8), *SQUARE))
     assert torch.equal(reference.predict(images).scores, resumed.predict(images).scores)
 
 

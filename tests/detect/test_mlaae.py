@@ -12,6 +12,7 @@ from defectlab import registry
 from defectlab.detect.mlaae import MLAAE, MLAAEConfig
 from defectlab.runs import load_checkpoint, restore_model, save_checkpoint
 from defectlab.training import fit
+from tests.conftest import to_nchw
 
 SIZE = 32
 #: a small network so that training in the tests takes a few seconds
@@ -40,10 +41,6 @@ def _with_square(images: np.ndarray, seed: int = 1) -> np.ndarray:
     return out
 
 
-def _tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-
-
 def _model(epochs: int = 1, size: int = SIZE, channels: int = 1, **overrides) -> MLAAE:
     torch.manual_seed(0)
     return MLAAE(
@@ -64,13 +61,7 @@ def _fit(model: MLAAE, run_dir: Path, n: int = 32, checkpoint_every: int = 3, **
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny layers run ~10x faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained(tmp_path_factory, **overrides) -> tuple[MLAAE, list[dict]]:
@@ -125,7 +116,7 @@ def test_discriminators_give_probabilities_and_learn(trained) -> None:
         assert all(0 <= row[key] <= 1 for row in history)
     disc = [row["disc"] for row in history]
     assert len(set(disc)) > 1 and abs(np.mean(disc[-6:]) - disc[0]) > 1e-3
-    codes = model.encode(_tensor(_normal(8, seed=3)))[1:]
+    codes = model.encode(to_nchw(_normal(8, seed=3)))[1:]
     for p in model.discriminate(list(codes)) + model.discriminate(
         [torch.randn_like(c) for c in codes]
     ):
@@ -146,7 +137,7 @@ def test_bright_square_scores_above_normal_images(trained) -> None:
     model, _ = trained
     normal = _normal(16, seed=7)
     defect = _with_square(normal)
-    normal_out, defect_out = model.predict(_tensor(normal)), model.predict(_tensor(defect))
+    normal_out, defect_out = model.predict(to_nchw(normal)), model.predict(to_nchw(defect))
     assert defect_out.scores.min() > normal_out.scores.max()
     # the map is hottest inside the pasted square
     inside = torch.from_numpy((defect != normal)[..., 0])
@@ -157,14 +148,14 @@ def test_bright_square_scores_above_normal_images(trained) -> None:
 def test_score_terms_are_normalised_to_about_one_on_normal_images(trained) -> None:
     """Raw level norms differ by orders of magnitude; normalised terms are all O(1)."""
     model, _ = trained
-    pixel, features = model.score_terms(_tensor(_normal(32, seed=13)))
+    pixel, features = model.score_terms(to_nchw(_normal(32, seed=13)))
     terms = torch.cat([pixel[:, None], features], dim=1).mean(dim=0)
     assert ((terms > 0.5) & (terms < 2.0)).all(), terms
 
 
 def test_normalisers_use_the_weights_that_made_the_reconstruction() -> None:
     model, twin = _model(norm_momentum=0.0), _model(norm_momentum=0.0)  # same initial weights
-    x = _tensor(_normal(8))
+    x = to_nchw(_normal(8))
     model.training_step({"image": x})  # momentum 0: norms = this step's mean squared residuals
     with torch.no_grad():
         features, low, high = twin.encode(x)
@@ -180,7 +171,7 @@ def test_feature_terms_follow_the_formula(trained, mode: str) -> None:
     """Term i = sqrt(mean((E_i(x) - E_i(x^))^2) / norm_i), in relative mode further divided
     by the image's own mean square of E_i(x)."""
     model, _ = trained
-    x = _tensor(_with_square(_normal(3, seed=17)))
+    x = to_nchw(_with_square(_normal(3, seed=17)))
     clone = MLAAE(MLAAEConfig(**(SMALL | {"feature_residual": mode})), image_size=SIZE)
     clone.load_state_dict(model.state_dict())
     pixel, features = clone.score_terms(x)
@@ -199,7 +190,7 @@ def test_feature_terms_follow_the_formula(trained, mode: str) -> None:
 
 def test_alpha_and_beta_select_pixel_or_feature_terms(trained) -> None:
     model, _ = trained
-    x = _tensor(_with_square(_normal(4, seed=9)))
+    x = to_nchw(_with_square(_normal(4, seed=9)))
     pixel, features = model.score_terms(x)
     state = model.state_dict()
 
@@ -230,7 +221,7 @@ def test_save_and_load_give_identical_scores(trained, tmp_path: Path) -> None:
     path = tmp_path / "model.pt"
     save_checkpoint(path, model)
     clone = _model()  # different random weights until loaded
-    x = _tensor(_with_square(_normal(4, seed=11)))
+    x = to_nchw(_with_square(_normal(4, seed=11)))
     assert not torch.equal(clone.predict(x).scores, model.predict(x).scores)
     restore_model(load_checkpoint(path, "mlaae"), clone, path)
     assert torch.equal(clone.predict(x).scores, model.predict(x).scores)
@@ -267,7 +258,7 @@ def test_bad_image_size_and_channels_are_refused() -> None:
 
 
 def test_interrupted_training_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
-    x = _tensor(_with_square(_normal(4, seed=5)))
+    x = to_nchw(_with_square(_normal(4, seed=5)))
     reference = _model(epochs=2)
     ref_history = _fit(reference, tmp_path / "ref", n=24)
 

@@ -14,6 +14,7 @@ from defectlab.detect import patchmemory as pm
 from defectlab.detect.patchmemory import PatchMemory, PatchMemoryConfig, greedy_coreset
 from defectlab.runs import load_checkpoint, restore_model, save_checkpoint
 from defectlab.training import fit
+from tests.conftest import striped_normals, to_nchw, with_square
 
 SIZE = 64
 PATCHES = (SIZE // 8) ** 2  # stride-8 grid: 64 patch features per image
@@ -22,36 +23,7 @@ SQUARE = (36, 16, 12)
 TINY = {"memory_bank_size": 64, "max_memory_mb": 0.3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convolutions on a busy 2-core machine: one thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _normals(n: int, seed: int = 0) -> np.ndarray:
-    """(N, H, W, 1) in [0, 1]: diagonal stripes of random phase and level, slight noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:SIZE, 0:SIZE]
-    images = []
-    for _ in range(n):
-        phase, level = rng.uniform(0, 2 * np.pi), rng.uniform(0.4, 0.5)
-        image = level + 0.15 * np.sin(2 * np.pi * (x + y) / 16 + phase)
-        images.append(image + rng.normal(0, 0.02, (SIZE, SIZE)))
-    return np.clip(np.stack(images), 0, 1)[..., None].astype(np.float32)
-
-
-def _with_square(images: np.ndarray) -> np.ndarray:
-    top, left, side = SQUARE
-    out = images.copy()
-    out[:, top : top + side, left : left + side] = 1.0
-    return out
-
-
-def _tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(**overrides) -> PatchMemory:
@@ -66,7 +38,7 @@ def _fit(model: PatchMemory, run_dir: Path, images: np.ndarray, **kwargs) -> Pat
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> PatchMemory:
     model = _model(coreset_ratio=0.25)
-    return _fit(model, tmp_path_factory.mktemp("pm"), _normals(32))
+    return _fit(model, tmp_path_factory.mktemp("pm"), striped_normals(32))
 
 
 # --- greedy k-center -------------------------------------------------------------------------
@@ -97,11 +69,11 @@ def test_greedy_k_center_picks_the_farthest_point_each_time() -> None:
 
 
 def test_greedy_picks_are_a_deterministic_function_of_seed_and_data(tmp_path: Path) -> None:
-    images = _normals(16)
+    images = striped_normals(16)
     a = _fit(_model(coreset_ratio=0.1, seed=3), tmp_path / "a", images)
     b = _fit(_model(coreset_ratio=0.1, seed=3), tmp_path / "b", images)
     c = _fit(_model(coreset_ratio=0.1, seed=4), tmp_path / "c", images)
-    d = _fit(_model(coreset_ratio=0.1, seed=3), tmp_path / "d", _normals(16, seed=1))
+    d = _fit(_model(coreset_ratio=0.1, seed=3), tmp_path / "d", striped_normals(16, seed=1))
     assert torch.equal(a.memory, b.memory)
     assert not torch.equal(a.memory, c.memory)  # another projection and first pick
     assert not torch.equal(a.memory, d.memory)
@@ -109,13 +81,13 @@ def test_greedy_picks_are_a_deterministic_function_of_seed_and_data(tmp_path: Pa
 
 # --- budget and bounded memory ------------------------------------------------------------------
 def test_coreset_size_respects_ratio_and_budget(tmp_path: Path) -> None:
-    images = _normals(16)  # 1024 patches
+    images = striped_normals(16)  # 1024 patches
     by_ratio = _fit(_model(coreset_ratio=0.05), tmp_path / "r", images)
     assert by_ratio.memory.shape == (math.ceil(0.05 * 16 * PATCHES), 152)
     by_budget = _fit(_model(coreset_ratio=0.5, memory_bank_size=100), tmp_path / "b", images)
     assert by_budget.memory.shape == (100, 152)
     # the memory rows are real training patches
-    rows = PatchMemory._rows(by_budget.embed(_tensor(images)))
+    rows = PatchMemory._rows(by_budget.embed(to_nchw(images)))
     exact = torch.cdist(
         by_budget.memory.double(), rows.double(), compute_mode="donot_use_mm_for_euclid_dist"
     )
@@ -142,9 +114,9 @@ def test_pool_never_exceeds_its_cap_when_fed_ten_times_more_images(
 
     monkeypatch.setattr(PatchMemory, "training_step", spy_step)
     monkeypatch.setattr(pm, "greedy_coreset", spy_greedy)
-    small = _fit(_model(**TINY), tmp_path / "small", _normals(16))
+    small = _fit(_model(**TINY), tmp_path / "small", striped_normals(16))
     small_sizes, sizes[:] = list(sizes), []
-    large = _fit(_model(**TINY), tmp_path / "large", _normals(160, seed=2))
+    large = _fit(_model(**TINY), tmp_path / "large", striped_normals(160, seed=2))
     assert len(sizes) == 20 and large._seen == 160 * PATCHES
     assert max(valid for valid, _ in small_sizes + sizes) <= cfg.pool_rows
     assert {capacity for _, capacity in small_sizes + sizes} == {cfg.pool_rows}  # one buffer
@@ -169,20 +141,20 @@ def test_budget_too_small_for_the_memory_bank_is_refused() -> None:
 
 # --- inference ----------------------------------------------------------------------------------
 def test_training_patches_are_at_distance_zero_with_the_full_memory(tmp_path: Path) -> None:
-    images = _normals(8)
+    images = striped_normals(8)
     model = _fit(_model(coreset_ratio=1.0, score="max", map_sigma=0.0), tmp_path / "full", images)
     assert model.memory.shape[0] == 8 * PATCHES
-    train = model.predict(_tensor(images[:4]))
-    unseen = model.predict(_tensor(_normals(4, seed=9)))
+    train = model.predict(to_nchw(images[:4]))
+    unseen = model.predict(to_nchw(striped_normals(4, seed=9)))
     assert train.scores.max() < 1e-2 * unseen.scores.min()
     assert train.maps.abs().max() < 1e-2 * unseen.maps.mean()
 
 
 def test_separates_an_obvious_anomaly_and_localises_it(trained: PatchMemory) -> None:
-    normals = _normals(8, seed=3)
+    normals = striped_normals(8, seed=3)
     with torch.inference_mode():
-        good = trained.predict(_tensor(normals))
-        bad = trained.predict(_tensor(_with_square(normals)))
+        good = trained.predict(to_nchw(normals))
+        bad = trained.predict(to_nchw(with_square(normals, *SQUARE)))
     assert good.maps.shape == (8, SIZE, SIZE) and good.scores.shape == (8,)
     assert bad.scores.min() > good.scores.max()
     top, left, side = SQUARE
@@ -192,7 +164,7 @@ def test_separates_an_obvious_anomaly_and_localises_it(trained: PatchMemory) -> 
 
 
 def test_reweighted_score_follows_patchcore(trained: PatchMemory) -> None:
-    images = _tensor(_with_square(_normals(3, seed=4)))
+    images = to_nchw(with_square(striped_normals(3, seed=4), *SQUARE))
     plain = PatchMemory(PatchMemoryConfig(coreset_ratio=0.25, score="max"), image_size=SIZE)
     plain.load_state_dict(trained.state_dict())
     weighted, maximum = trained.predict(images).scores, plain.predict(images).scores
@@ -220,13 +192,13 @@ def test_save_load_gives_identical_scores(trained: PatchMemory, tmp_path: Path) 
     with pytest.raises(RuntimeError, match="before fit"):
         clone.predict(torch.rand(1, 1, SIZE, SIZE))
     restore_model(load_checkpoint(path, "patchmemory"), clone, path)
-    images = _tensor(_with_square(_normals(4, seed=6)))
+    images = to_nchw(with_square(striped_normals(4, seed=6), *SQUARE))
     a, b = trained.predict(images), clone.predict(images)
     assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
 
 
 def test_interrupted_training_resumes_to_the_same_memory(tmp_path: Path, monkeypatch) -> None:
-    images = _normals(48, seed=5)  # 6 steps of 8 images; the tiny pool overflows repeatedly
+    images = striped_normals(48, seed=5)  # 6 steps of 8 images; the tiny pool overflows repeatedly
     reference = _fit(_model(**TINY), tmp_path / "ref", images, checkpoint_every=2)
 
     calls = {"n": 0}

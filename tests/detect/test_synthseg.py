@@ -24,13 +24,7 @@ MODELS = {"synth-unet": SynthUNet, "synth-unet3plus": SynthUNet3Plus}
 SMALL = {"width": 8, "cat_channels": 8, "roi": "none"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test machine's two cores are shared: one thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def textured(n: int, size: int = 64, seed: int = 0) -> np.ndarray:

@@ -24,18 +24,13 @@ from defectlab.segment.arearatio import (
     superpixels,
 )
 from defectlab.training import fit
+from tests.conftest import to_nchw
 
 SIZE = 32
 SMALL = {"width": 8, "feature_dim": 8, "n_segments": 32, "gcn_hidden": 16, "lr": 3e-3}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,10 +51,6 @@ def _blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         images.append(np.clip(image, 0, 1))
         masks.append(mask)
     return np.stack(images)[..., None].astype(np.float32), np.stack(masks)
-
-
-def _tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
 
 
 def _model(**overrides) -> AreaRatioGCN:
@@ -249,7 +240,7 @@ def test_training_lowers_loss_and_the_map_finds_the_blobs(tmp_path: Path) -> Non
     assert last < 0.5 * first
 
     test_images, test_masks = _blobs(12, seed=1)
-    out = model.predict(_tensor(test_images))
+    out = model.predict(to_nchw(test_images))
     assert out.maps.shape == (12, SIZE, SIZE) and out.scores.shape == (12,)
     assert float(out.maps.min()) >= 0 and float(out.maps.max()) <= 1
     inside = torch.from_numpy(test_masks) > 0
@@ -262,7 +253,7 @@ def test_registered_and_the_gradient_reaches_the_fcn_through_vertex_features() -
     images, masks = _blobs(4, seed=5)
     model.setup_training(4)
     before = model.fcn.enc1[0].weight.detach().clone()
-    losses = model.training_step({"image": _tensor(images), "mask": torch.from_numpy(masks)})
+    losses = model.training_step({"image": to_nchw(images), "mask": torch.from_numpy(masks)})
     assert set(losses) == {"loss", "bce", "area_loss", "labelled"}
     assert model.fcn.enc1[0].weight.grad is not None
     assert model.fcn.enc1[0].weight.grad.abs().sum() > 0
@@ -310,7 +301,7 @@ def test_ratio_outside_unit_interval_is_refused() -> None:
 
 def test_state_round_trip_and_exact_resume_of_the_optimiser() -> None:
     images, masks = _blobs(8, seed=2)
-    batch = {"image": _tensor(images), "mask": torch.from_numpy(masks)}
+    batch = {"image": to_nchw(images), "mask": torch.from_numpy(masks)}
     model = _model(ratio_noise=0.2)
     model.setup_training(8)
     model.training_step(batch)
@@ -323,7 +314,7 @@ def test_state_round_trip_and_exact_resume_of_the_optimiser() -> None:
 
     clone = AreaRatioGCN(AreaRatioConfig(**(SMALL | {"ratio_noise": 0.2})), image_size=SIZE)
     clone.load_state_dict(saved(model.state_dict()))
-    x = _tensor(_blobs(4, seed=3)[0])
+    x = to_nchw(_blobs(4, seed=3)[0])
     a, b = model.predict(x), clone.predict(x)
     assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
 
@@ -370,7 +361,7 @@ def test_resume_after_interruption_reproduces_the_run(tmp_path: Path, monkeypatc
     monkeypatch.setattr(AreaRatioGCN, "training_step", original)
     resumed, history = _resumable_run(tmp_path / "run", resume=True)
     assert history == ref_history
-    x = _tensor(_blobs(2, seed=6)[0])
+    x = to_nchw(_blobs(2, seed=6)[0])
     assert torch.equal(resumed.predict(x).maps, reference.predict(x).maps)
 
 

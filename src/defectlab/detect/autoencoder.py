@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectlab.base import ModelConfig, Prediction
+from defectlab.config import check_choice
 from defectlab.detect.base import Detector
-from defectlab.errors import ConfigError
+from defectlab.errors import InputShapeError
 from defectlab.ops import gaussian_blur, top_fraction_mean
 from defectlab.registry import register
 
@@ -52,11 +53,6 @@ SCORES = ("topk", "pixel_count")
 KERNELS = ("imq", "rbf")
 #: IMQ kernel scales of Tolstikhin et al.'s reference code, multiplying C = 2·d·σ²
 IMQ_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
-
-
-class InputShapeError(ConfigError, ValueError):
-    """The image size does not suit the network: a ValueError that the command line, which
-    catches :class:`~defectlab.errors.ConfigError`, prints as one line."""
 
 
 # --- image similarity ------------------------------------------------------------------------
@@ -286,11 +282,6 @@ class ReconstructionNet(nn.Module):
 # --- configuration ---------------------------------------------------------------------------
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
 @dataclass
 class AutoencoderConfig(ModelConfig):
     epochs: int = 20
@@ -342,9 +333,9 @@ class AutoencoderConfig(ModelConfig):
                 f"width and latent_channels must be positive, got {self.width}, "
                 f"{self.latent_channels}"
             )
-        _check_choice("pixel_loss", self.pixel_loss, PIXEL_LOSSES)
-        _check_choice("map_residual", self.map_residual, MAP_RESIDUALS)
-        _check_choice("score", self.score, SCORES)
+        check_choice("pixel_loss", self.pixel_loss, PIXEL_LOSSES)
+        check_choice("map_residual", self.map_residual, MAP_RESIDUALS)
+        check_choice("score", self.score, SCORES)
         if not 0 < self.score_top_fraction <= 1:
             raise ValueError(f"score_top_fraction must be in (0, 1], got {self.score_top_fraction}")
         if not 0 < self.level_quantile < 1:
@@ -378,7 +369,7 @@ class WAEConfig(AutoencoderConfig):
         super().__post_init__()
         if not (self.mmd_weight >= 0 and math.isfinite(self.mmd_weight)):
             raise ValueError(f"mmd_weight must be a non-negative number, got {self.mmd_weight}")
-        _check_choice("kernel", self.kernel, KERNELS)
+        check_choice("kernel", self.kernel, KERNELS)
 
 
 # --- models ----------------------------------------------------------------------------------

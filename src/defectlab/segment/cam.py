@@ -43,20 +43,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectlab.base import ModelConfig, Prediction
+from defectlab.config import check_choice
 from defectlab.errors import ConfigError
 from defectlab.registry import register
 from defectlab.segment.augment import AugmentSettings, augment_pairs
 from defectlab.segment.base import Segmenter
 from defectlab.segment.networks import (
-    ENCODER_STRIDES,
     ENCODERS,
     Lite0Encoder,
     PlainEncoder,
     TrainableState,
+    check_encoder_input,
     load_network_state,
     network_state,
 )
-from defectlab.segment.unet import InputShapeError
 
 NORMALIZATIONS = ("probability", "minmax")
 REFINEMENTS = ("none", "guided")
@@ -103,18 +103,10 @@ class CAMConfig(ModelConfig):
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}; got {self.encoder!r}")
-        if self.normalize not in NORMALIZATIONS:
-            raise ValueError(
-                f"normalize must be one of {', '.join(NORMALIZATIONS)}; got {self.normalize!r}"
-            )
-        if self.cam_method not in CAM_METHODS:
-            raise ValueError(
-                f"cam_method must be one of {', '.join(CAM_METHODS)}; got {self.cam_method!r}"
-            )
-        if self.refine not in REFINEMENTS:
-            raise ValueError(f"refine must be one of {', '.join(REFINEMENTS)}; got {self.refine!r}")
+        check_choice("encoder", self.encoder, ENCODERS)
+        check_choice("normalize", self.normalize, NORMALIZATIONS)
+        check_choice("cam_method", self.cam_method, CAM_METHODS)
+        check_choice("refine", self.refine, REFINEMENTS)
         if self.width < 1:
             raise ValueError(f"width must be positive, got {self.width}")
         layers = tuple(int(i) for i in self.cam_layers)
@@ -233,14 +225,7 @@ class CAMSegmenter(Segmenter):
     def __init__(self, config: CAMConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         cfg = self.config
-        stride = ENCODER_STRIDES[cfg.encoder]
-        if self.image_size < stride or self.image_size % stride:
-            raise InputShapeError(
-                f"{self.name}: image_size {self.image_size} is not a multiple of {stride} "
-                f"(the total stride of the {cfg.encoder!r} encoder); use e.g. 64, 128 or 256"
-            )
-        if self.channels not in (1, 3):
-            raise InputShapeError(f"{self.name}: channels must be 1 or 3, got {self.channels}")
+        check_encoder_input(self.name, cfg.encoder, self.image_size, self.channels)
         self.net = CAMNet(cfg.encoder, self.channels, cfg.width, cfg.freeze_encoder, self.device)
         self.optimizer: torch.optim.Optimizer | None = None
         #: normal and defect images seen in training: class weights, one-class refusal

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectlab.detect.features import Lite0Features, check_identity
+from defectlab.errors import InputShapeError
 
 ARCHITECTURES = ("unet", "unet3plus")
 ENCODERS = ("plain", "lite0")
@@ -49,6 +50,19 @@ ENCODERS = ("plain", "lite0")
 LITE0_BLOCKS = (0, 2, 4, 10, 15)
 #: total down-sampling of each encoder: the input side must be a multiple of it
 ENCODER_STRIDES = {"plain": 16, "lite0": 32}
+
+
+def check_encoder_input(model: str, encoder: str, image_size: int, channels: int) -> None:
+    """The input a network on ``encoder`` can take: sides a multiple of its total stride,
+    grey or RGB."""
+    stride = ENCODER_STRIDES[encoder]
+    if image_size < stride or image_size % stride:
+        raise InputShapeError(
+            f"{model}: image_size {image_size} is not a multiple of {stride} "
+            f"(the total stride of the {encoder!r} encoder); use e.g. 64, 128 or 256"
+        )
+    if channels not in (1, 3):
+        raise InputShapeError(f"{model}: channels must be 1 or 3, got {channels}")
 
 
 def conv_block(in_channels: int, out_channels: int, convs: int = 2) -> nn.Sequential:

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from defectlab.base import Model, ModelConfig, Prediction
-from defectlab.errors import ConfigError
+from defectlab.config import check_choice
 from defectlab.ops import top_fraction_mean
 from defectlab.registry import register
 from defectlab.segment.augment import (
@@ -42,24 +42,14 @@ from defectlab.segment.augment import (
 from defectlab.segment.base import Segmenter
 from defectlab.segment.losses import LOSSES, segmentation_loss
 from defectlab.segment.networks import (
-    ENCODER_STRIDES,
     ENCODERS,
     SegmentationNet,
+    check_encoder_input,
     load_network_state,
     network_state,
 )
 
 SCORES = ("combined", "classifier", "topk")
-
-
-class InputShapeError(ConfigError, ValueError):
-    """The image size or channel count does not suit the network: a ValueError that the
-    command line, which catches :class:`~defectlab.errors.ConfigError`, prints as one line."""
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 @dataclass
@@ -110,13 +100,13 @@ class SegmenterConfig(ModelConfig):
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be positive, got {self.lr}")
-        _check_choice("encoder", self.encoder, ENCODERS)
-        _check_choice("loss", self.loss, LOSSES)
-        _check_choice("score", self.score, SCORES)
-        _check_choice("tta_combine", self.tta_combine, TTA_COMBINE)
+        check_choice("encoder", self.encoder, ENCODERS)
+        check_choice("loss", self.loss, LOSSES)
+        check_choice("score", self.score, SCORES)
+        check_choice("tta_combine", self.tta_combine, TTA_COMBINE)
         self.tta_transforms = tuple(self.tta_transforms)
         for name in self.tta_transforms:
-            _check_choice("tta_transforms", name, TTA_TRANSFORMS)
+            check_choice("tta_transforms", name, TTA_TRANSFORMS)
         for name in ("width", "cat_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -168,14 +158,7 @@ class SegmentationModel(Model):
     def __init__(self, config: SegmenterConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         cfg = self.config
-        stride = ENCODER_STRIDES[cfg.encoder]
-        if self.image_size < stride or self.image_size % stride:
-            raise InputShapeError(
-                f"{self.name}: image_size {self.image_size} is not a multiple of {stride} "
-                f"(the total stride of the {cfg.encoder!r} encoder); use e.g. 64, 128 or 256"
-            )
-        if self.channels not in (1, 3):
-            raise InputShapeError(f"{self.name}: channels must be 1 or 3, got {self.channels}")
+        check_encoder_input(self.name, cfg.encoder, self.image_size, self.channels)
         self.net = SegmentationNet(
             self.architecture,
             cfg.encoder,
