@@ -42,14 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectlab.base import ModelConfig, Prediction
+from defectlab.base import Prediction
 from defectlab.config import check_choice
 from defectlab.errors import ConfigError
 from defectlab.registry import register
-from defectlab.segment.augment import AugmentSettings, augment_pairs
+from defectlab.segment.augment import augment_pairs
 from defectlab.segment.base import Segmenter
 from defectlab.segment.networks import (
-    ENCODERS,
     Lite0Encoder,
     PlainEncoder,
     TrainableState,
@@ -57,6 +56,7 @@ from defectlab.segment.networks import (
     load_network_state,
     network_state,
 )
+from defectlab.segment.unet import EncoderTrainingConfig
 
 NORMALIZATIONS = ("probability", "minmax")
 REFINEMENTS = ("none", "guided")
@@ -66,16 +66,7 @@ N_STAGES = 5
 
 
 @dataclass
-class CAMConfig(ModelConfig):
-    epochs: int = 30
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    #: "plain" (small conv encoder from scratch) or "lite0" (ImageNet Lite0)
-    encoder: str = "plain"
-    #: keep the pretrained Lite0 weights fixed (ignored by the plain encoder)
-    freeze_encoder: bool = True
-    #: channels of the plain encoder's first stage
-    width: int = 16
+class CAMConfig(EncoderTrainingConfig):
     #: encoder stages whose CAMs are averaged (−1 deepest, −2 the one before, …)
     cam_layers: tuple[int, ...] = (-1, -2)
     #: "gradcam" (channel weight = mean gradient) or "layercam" (per-position ReLU(gradient))
@@ -90,25 +81,12 @@ class CAMConfig(ModelConfig):
     #: weight normal and defect images equally in the BCE, by their running counts (defects
     #: are few)
     balance_classes: bool = True
-    #: training augmentation (flip, shift, brightness, contrast, blur, noise)
-    augment: bool = True
-    aug_brightness: float = 0.1
-    aug_contrast: float = 0.2
-    aug_noise: float = 0.02
-    aug_blur_probability: float = 0.2
-    aug_shift: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        check_choice("encoder", self.encoder, ENCODERS)
+        super().__post_init__()
         check_choice("normalize", self.normalize, NORMALIZATIONS)
         check_choice("cam_method", self.cam_method, CAM_METHODS)
         check_choice("refine", self.refine, REFINEMENTS)
-        if self.width < 1:
-            raise ValueError(f"width must be positive, got {self.width}")
         layers = tuple(int(i) for i in self.cam_layers)
         if not layers or any(not -N_STAGES <= i < N_STAGES for i in layers):
             raise ValueError(
@@ -122,26 +100,6 @@ class CAMConfig(ModelConfig):
             raise ValueError(f"guide_radius must be at least 1, got {self.guide_radius}")
         if not (self.guide_eps > 0 and math.isfinite(self.guide_eps)):
             raise ValueError(f"guide_eps must be positive, got {self.guide_eps}")
-        for name in ("weight_decay", "aug_brightness", "aug_contrast", "aug_noise"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a non-negative number, got {value}")
-        if not 0 <= self.aug_blur_probability <= 1:
-            raise ValueError(
-                f"aug_blur_probability must be in [0, 1], got {self.aug_blur_probability}"
-            )
-        if not 0 <= self.aug_shift < 0.5:
-            raise ValueError(f"aug_shift must be in [0, 0.5), got {self.aug_shift}")
-
-    def augment_settings(self) -> AugmentSettings:
-        return AugmentSettings(
-            flip=True,
-            brightness=self.aug_brightness,
-            contrast=self.aug_contrast,
-            noise=self.aug_noise,
-            blur_probability=self.aug_blur_probability,
-            shift=self.aug_shift,
-        )
 
 
 def guided_filter(

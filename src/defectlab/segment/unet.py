@@ -53,7 +53,10 @@ SCORES = ("combined", "classifier", "topk")
 
 
 @dataclass
-class SegmenterConfig(ModelConfig):
+class EncoderTrainingConfig(ModelConfig):
+    """What every model trained on the segment encoders shares: optimiser, encoder choice
+    and training augmentation (``SegmenterConfig``, ``CAMConfig``)."""
+
     epochs: int = 30
     #: AdamW learning rate and weight decay
     lr: float = 1e-3
@@ -64,6 +67,46 @@ class SegmenterConfig(ModelConfig):
     freeze_encoder: bool = True
     #: channels of the plain encoder's first stage (w, 2w, 4w, 8w, 8w)
     width: int = 16
+    #: training augmentation (flip, shift, brightness, contrast, blur, noise)
+    augment: bool = True
+    aug_brightness: float = 0.1
+    aug_contrast: float = 0.2
+    aug_noise: float = 0.02
+    aug_blur_probability: float = 0.2
+    aug_shift: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        check_choice("encoder", self.encoder, ENCODERS)
+        if self.width < 1:
+            raise ValueError(f"width must be positive, got {self.width}")
+        for name in ("weight_decay", "aug_brightness", "aug_contrast", "aug_noise"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a non-negative number, got {value}")
+        if not 0 <= self.aug_blur_probability <= 1:
+            raise ValueError(
+                f"aug_blur_probability must be in [0, 1], got {self.aug_blur_probability}"
+            )
+        if not 0 <= self.aug_shift < 0.5:
+            raise ValueError(f"aug_shift must be in [0, 0.5), got {self.aug_shift}")
+
+    def augment_settings(self) -> AugmentSettings:
+        return AugmentSettings(
+            flip=True,
+            brightness=self.aug_brightness,
+            contrast=self.aug_contrast,
+            noise=self.aug_noise,
+            blur_probability=self.aug_blur_probability,
+            shift=self.aug_shift,
+        )
+
+
+@dataclass
+class SegmenterConfig(EncoderTrainingConfig):
     #: UNet3+ only: channels each full-scale input is projected to
     cat_channels: int = 16
     #: "dice_bce" or "dice_focal"
@@ -74,13 +117,6 @@ class SegmenterConfig(ModelConfig):
     focal_gamma: float = 2.0
     #: weight of the image-label BCE of the classification head
     classification_weight: float = 0.5
-    #: training augmentation (flip, shift, brightness, contrast, blur, noise)
-    augment: bool = True
-    aug_brightness: float = 0.1
-    aug_contrast: float = 0.2
-    aug_noise: float = 0.02
-    aug_blur_probability: float = 0.2
-    aug_shift: float = 0.05
     #: image score: "combined", "classifier" or "topk" (mean of the map's top fraction)
     score: str = "combined"
     #: weight of the classification probability in the "combined" score
@@ -96,29 +132,20 @@ class SegmenterConfig(ModelConfig):
     tta_brightness: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        check_choice("encoder", self.encoder, ENCODERS)
+        super().__post_init__()
         check_choice("loss", self.loss, LOSSES)
         check_choice("score", self.score, SCORES)
         check_choice("tta_combine", self.tta_combine, TTA_COMBINE)
         self.tta_transforms = tuple(self.tta_transforms)
         for name in self.tta_transforms:
             check_choice("tta_transforms", name, TTA_TRANSFORMS)
-        for name in ("width", "cat_channels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.cat_channels < 1:
+            raise ValueError(f"cat_channels must be positive, got {self.cat_channels}")
         for name in (
-            "weight_decay",
             "dice_weight",
             "pixel_weight",
             "focal_gamma",
             "classification_weight",
-            "aug_brightness",
-            "aug_contrast",
-            "aug_noise",
             "tta_noise",
             "tta_brightness",
         ):
@@ -127,24 +154,12 @@ class SegmenterConfig(ModelConfig):
                 raise ValueError(f"{name} must be a non-negative number, got {value}")
         if self.dice_weight == 0 and self.pixel_weight == 0:
             raise ValueError("dice_weight and pixel_weight are both 0: nothing to segment")
-        for name in ("aug_blur_probability", "classification_share", "tta_threshold"):
+        for name in ("classification_share", "tta_threshold"):
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
-        if not 0 <= self.aug_shift < 0.5:
-            raise ValueError(f"aug_shift must be in [0, 0.5), got {self.aug_shift}")
         if not 0 < self.score_top_fraction <= 1:
             raise ValueError(f"score_top_fraction must be in (0, 1], got {self.score_top_fraction}")
-
-    def augment_settings(self) -> AugmentSettings:
-        return AugmentSettings(
-            flip=True,
-            brightness=self.aug_brightness,
-            contrast=self.aug_contrast,
-            noise=self.aug_noise,
-            blur_probability=self.aug_blur_probability,
-            shift=self.aug_shift,
-        )
 
 
 class SegmentationModel(Model):
