@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from defectlab.base import ModelConfig, Prediction
+from defectlab.data.loading import load_samples
+from defectlab.data.splits import Split
 from defectlab.detect.base import Detector
 from defectlab.errors import DataError
 from defectlab.registry import register
@@ -112,6 +114,7 @@ class Ensemble(Detector):
         runs = [load_run(run, str(self.device)) for run in self.config.runs]
         self.members = [run.model for run in runs]
         self.member_thresholds = [(run.image_threshold, run.pixel_threshold) for run in runs]
+        self.member_data = [run.config.data for run in runs]  # what each member was fed
         weights = self.config.weights or (1.0,) * len(self.members)
         self.weights = torch.tensor(weights, device=self.device) / sum(weights)
         count = len(self.members)
@@ -138,17 +141,19 @@ class Ensemble(Detector):
 
     def _fit_router(self) -> None:
         """Nearest-centroid image-type classifier from each member's own training images."""
-        from defectlab.api import _load
-        from defectlab.config import RunConfig
-        from defectlab.data.splits import Split
-        from defectlab.runs import read_json
-
         descriptors = []
-        for run in self.config.runs:
-            config = RunConfig.from_dict(read_json(Path(run) / "config.json"))
+        for run, data in zip(self.config.runs, self.member_data, strict=True):
             train = Split.load(Path(run) / "split.json")["train"]
             step = max(1, len(train) // self.config.router_images)
-            loaded = _load(train[::step][: self.config.router_images], config.data, "", False)
+            loaded = load_samples(
+                train[::step][: self.config.router_images],
+                data.image_size,
+                data.channels,
+                data.mask_threshold,
+                workers=data.workers,
+                desc=f"{run}: router images",
+                progress=False,
+            )
             if not len(loaded.samples):
                 raise DataError(f"{run}: none of its training images can be read to fit the router")
             images = torch.from_numpy(loaded.images.transpose(0, 3, 1, 2)).to(self.device)
