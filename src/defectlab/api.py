@@ -32,7 +32,6 @@ from defectlab.config import (
     restore_tuples,
 )
 from defectlab.data.io import (
-    IMAGE_EXTENSIONS,
     ImageReadError,
     read_image,
     read_mask,
@@ -45,12 +44,16 @@ from defectlab.data.layouts import (
     NORMAL,
     Dataset,
     LayoutOptions,
-    is_mask_name,
     load_dataset,
 )
-from defectlab.data.loading import LoadedImages, iter_files, load_samples, report_failures
+from defectlab.data.loading import (
+    LoadedImages,
+    list_input_images,
+    load_samples,
+    report_failures,
+)
 from defectlab.data.splits import Split, make_split
-from defectlab.data.transforms import extract_tiles, resize_image, resize_map, stitch_tiles
+from defectlab.data.transforms import resize_image
 from defectlab.errors import CheckpointError, ConfigError, DataError
 from defectlab.evaluate.metrics import (
     best_dice_threshold,
@@ -59,7 +62,7 @@ from defectlab.evaluate.metrics import (
     compute_metrics,
 )
 from defectlab.evaluate.report import ReportImage, write_report
-from defectlab.evaluate.visualize import heatmap_overlay, mask_outline
+from defectlab.evaluate.visualize import mask_outline
 from defectlab.runs import (
     environment_info,
     load_checkpoint,
@@ -140,7 +143,7 @@ def _trainable_class(name: str) -> type[Model]:
     return cls
 
 
-def _require_scorer(run: TrainedRun) -> None:
+def require_scorer(run: TrainedRun) -> None:
     """Learned synthesizers have runs too, but nothing to predict or evaluate with."""
     if run.model.family == "synthesizer":
         name = run.config.model
@@ -442,98 +445,36 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
 # --- predict ---------------------------------------------------------------------------------
 
 
-def _list_inputs(path: Path) -> list[Path]:
-    if not path.exists():
-        raise DataError(f"{path}: does not exist")
-    if path.is_file():
-        return [path]
-    found = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    stems = {(p.parent, p.stem) for p in found if p.suffix.lower() != ".png"}
-    # masks are not inputs: <stem>_mask.* files, and a PNG beside a same-stem JPEG/TIFF/BMP
-    # (the magnetic-tile convention)
-    files = sorted(
-        p
-        for p in found
-        if not is_mask_name(p.stem)
-        and not (p.suffix.lower() == ".png" and (p.parent, p.stem) in stems)
-    )
-    if not files:
-        raise DataError(f"{path}: folder has no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return files
-
-
-def _output_name(path: Path, root: Path) -> str:
-    relative = path.relative_to(root) if root.is_dir() else Path(path.name)
-    return "__".join(relative.with_suffix("").parts)
-
-
-def _score_full_image(run: TrainedRun, image: np.ndarray, tile: bool) -> tuple[float, np.ndarray]:
-    size = run.config.data.image_size
-    if tile:
-        tiles, positions = extract_tiles(image, size, overlap=size // 4)
-        scores, maps = predict_arrays(run.model, tiles)
-        return float(scores.max()), stitch_tiles(maps, positions, image.shape[:2])
-    scores, maps = predict_arrays(run.model, resize_image(image, size)[None])
-    return float(scores[0]), resize_map(maps[0], image.shape[:2])
-
-
 def predict(
     run_dir: str | Path,
     input_path: str | Path,
     out: str | Path,
     *,
     device: str = "auto",
+    backend: str = "torch",
     tile: bool = False,
     batch_size: int = 16,
+    workers: int = 2,
     overlays: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Score images; write ``scores.csv``, a mask and an overlay PNG per image.
+    """Inspect an image file or a folder with a trained run (``backend="torch"``) or its ONNX
+    export (``backend="onnx"``): ``results.jsonl``, ``scores.csv``, a mask (and overlay) PNG
+    per image. Streams with bounded memory and resumes an interrupted call; see
+    :func:`defectlab.deploy.batch.inspect_folder`."""
+    from defectlab.deploy.backends import open_inspector
+    from defectlab.deploy.batch import inspect_folder
 
-    Images are scored at the run's resolution and maps are resized back to each image's own
-    size; with ``tile=True`` large images are cut into overlapping model-size tiles instead
-    and the tile maps stitched (score = the highest tile score).
-    """
-    run = load_run(run_dir, device)
-    _require_scorer(run)
-    input_path, out = Path(input_path), Path(out)
-    files = _list_inputs(input_path)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, failures = [], []
-    started = time.perf_counter()
-    bar = tqdm(
-        total=len(files), desc="inspecting", unit="img", disable=not progress, file=sys.stderr
+    return inspect_folder(
+        open_inspector(run_dir, backend, device),
+        input_path,
+        out,
+        tile=tile,
+        batch_size=batch_size,
+        workers=workers,
+        overlays=overlays,
+        progress=progress,
     )
-    low, high = run.map_range
-    for paths, images, bad in iter_files(files, run.config.data.channels, batch_size):
-        failures += bad
-        for path, image in zip(paths, images, strict=True):
-            score, heat = _score_full_image(run, image, tile)
-            mask = heat >= run.pixel_threshold
-            name = _output_name(path, input_path)
-            write_png(out / "masks" / f"{name}.png", mask.astype(np.uint8) * 255)
-            if overlays:
-                overlay = mask_outline(heatmap_overlay(image, heat, low, high), mask)
-                write_png(out / "overlays" / f"{name}.png", overlay)
-            rows.append(
-                {
-                    "path": str(path),
-                    "score": f"{score:.6g}",
-                    "is_defect": int(score >= run.image_threshold),
-                }
-            )
-        bar.update(len(paths) + len(bad))
-    bar.close()
-    report_failures(failures, len(files))
-    write_csv(out / "scores.csv", rows)
-    elapsed = time.perf_counter() - started
-    return {
-        "n_images": len(rows),
-        "n_defect": sum(r["is_defect"] for r in rows),
-        "n_skipped": len(failures),
-        "images_per_second": len(rows) / elapsed if elapsed > 0 else 0.0,
-        "out": str(out),
-    }
 
 
 # --- evaluate --------------------------------------------------------------------------------
@@ -553,7 +494,7 @@ def evaluate(
     """Evaluate on the test split of ``data`` (never on images the run trained or calibrated
     on); write ``metrics.json``, ``scores.csv`` and ``report.html`` into ``out``."""
     run = load_run(run_dir, device)
-    _require_scorer(run)
+    require_scorer(run)
     out = Path(out)
     data_cfg = apply_overrides(run.config.data, {"path": str(data)}, "data.")
     if category is not None:
@@ -719,7 +660,7 @@ def _images_for_synthesis(
         dataset = load_dataset(path)
         paths = [s.path for s in (dataset.normal if kind == "normal" else dataset.defect)]
     except DataError:
-        paths = _list_inputs(path)
+        paths = list_input_images(path)
     paths = sorted(paths)[:limit]
     images, failures = [], []
     for p in paths:

@@ -39,6 +39,8 @@ class Model(ABC):
     Config: ClassVar[type[ModelConfig]] = ModelConfig
     #: bump when the checkpoint state changes meaning; old checkpoints are then refused
     state_version: ClassVar[int] = 1
+    #: why inference cannot be an ONNX graph (``None``: it can); see :meth:`export_blocker`
+    onnx_blocker: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -89,6 +91,11 @@ class Model(ABC):
 
     def load_training_state(self, state: dict[str, Any]) -> None:  # noqa: B027
         """Restore what :meth:`training_state` saved."""
+
+    def export_blocker(self) -> str | None:
+        """Why this trained model cannot be exported to ONNX, or ``None``. Inference that
+        leaves PyTorch (OpenCV, NumPy) or needs autograd cannot be traced into a graph."""
+        return self.onnx_blocker
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.config)

@@ -21,7 +21,7 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
         return images
     kernel = gaussian_kernel1d(sigma, images.device).to(images.dtype)
     radius = kernel.numel() // 2
-    channels = images.shape[1]
+    channels = int(images.shape[1])  # a constant when traced for ONNX export
     padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
     horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
     vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
@@ -33,5 +33,5 @@ def top_fraction_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
     """Mean of the highest ``fraction`` of each map's values: a score robust to single hot
     pixels yet sensitive to small defects. (B, H, W) → (B,)."""
     flat = maps.flatten(1)
-    k = max(1, round(flat.shape[1] * fraction))
+    k = max(1, round(int(flat.shape[1]) * fraction))
     return flat.topk(k, dim=1).values.mean(dim=1)

@@ -6,6 +6,7 @@ Decoding runs in a thread pool (OpenCV releases the GIL), so a folder loads on e
 from __future__ import annotations
 
 import sys
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -14,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from defectlab.data.io import ImageReadError, read_image, read_mask
-from defectlab.data.layouts import Sample
+from defectlab.data.io import IMAGE_EXTENSIONS, ImageReadError, read_image, read_mask
+from defectlab.data.layouts import Sample, is_mask_name
 from defectlab.data.transforms import resize_image, resize_mask
 from defectlab.errors import DataError
 
@@ -116,21 +117,60 @@ def load_samples(
     )
 
 
+def list_input_images(path: Path) -> list[Path]:
+    """The image file ``path``, or every image under the folder ``path`` (recursive, sorted)
+    except masks: ``<stem>_mask.*`` files, and a PNG beside a same-stem JPEG/TIFF/BMP (the
+    magnetic-tile convention)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: does not exist")
+    if path.is_file():
+        return [path]
+    found = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    stems = {(p.parent, p.stem) for p in found if p.suffix.lower() != ".png"}
+    files = sorted(
+        p
+        for p in found
+        if not is_mask_name(p.stem)
+        and not (p.suffix.lower() == ".png" and (p.parent, p.stem) in stems)
+    )
+    if not files:
+        raise DataError(f"{path}: folder has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
 def iter_files(
-    paths: Sequence[Path], channels: int, batch_size: int, workers: int = 2
+    paths: Sequence[Path], channels: int, batch_size: int, workers: int = 2, prefetch: int = 2
 ) -> Iterator[tuple[list[Path], list[np.ndarray], list[tuple[str, str]]]]:
-    """Stream full-resolution images in batches: (paths read, images, failures in batch)."""
+    """Stream full-resolution images in batches: (paths read, images, failures in batch).
+
+    Decoding runs ``prefetch`` batches ahead of the consumer in a thread pool, so reading
+    overlaps with the model, while at most ``(prefetch + 1) × batch_size`` images are held
+    however many files there are.
+    """
+
+    def read(p: Path) -> np.ndarray | tuple[str, str]:
+        try:
+            return read_image(p, channels)
+        except ImageReadError as exc:
+            return (exc.path, exc.reason)
+
+    starts = iter(range(0, len(paths), batch_size))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
+        pending: deque = deque()
 
-            def read(p: Path) -> np.ndarray | tuple[str, str]:
-                try:
-                    return read_image(p, channels)
-                except ImageReadError as exc:
-                    return (exc.path, exc.reason)
+        def submit_next() -> None:
+            start = next(starts, None)
+            if start is not None:
+                chunk = list(paths[start : start + batch_size])
+                pending.append((chunk, [pool.submit(read, p) for p in chunk]))
 
-            out = list(pool.map(read, chunk))
+        for _ in range(max(0, prefetch) + 1):
+            submit_next()
+        while pending:
+            chunk, futures = pending.popleft()
+            out = [f.result() for f in futures]
+            submit_next()
             good = [(p, o) for p, o in zip(chunk, out, strict=True) if isinstance(o, np.ndarray)]
             bad = [o for o in out if isinstance(o, tuple)]
             yield [p for p, _ in good], [o for _, o in good], bad

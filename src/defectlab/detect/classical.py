@@ -85,6 +85,9 @@ class CannyConfig(ModelConfig):
 @register
 class CannyDiff(Detector):
     name: ClassVar[str] = "canny"
+    onnx_blocker: ClassVar[str | None] = (
+        "Canny's hysteresis edge tracing runs in OpenCV (cv2.Canny), outside the torch graph"
+    )
     description: ClassVar[str] = (
         "Canny edge difference: edges where normal images rarely have one (baseline)"
     )
@@ -339,6 +342,14 @@ class GoldenTemplate(Detector):
         return median.float().view(self.channels, self.image_size, self.image_size)
 
     # --- inference -----------------------------------------------------------------------------
+    def export_blocker(self) -> str | None:
+        if self.config.alignment != "none":
+            return (
+                f"alignment={self.config.alignment} aligns each image to the template in "
+                "OpenCV; train with alignment=none (fixed-position parts) to export"
+            )
+        return None
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
         if self.template is None or self.std is None:

@@ -169,6 +169,13 @@ class Ensemble(Detector):
         descriptor = image_type_descriptor(images.to(self.device)) / self.descriptor_scale
         return torch.cdist(descriptor, self.centroids).argmin(dim=1)
 
+    def export_blocker(self) -> str | None:
+        for run, member in zip(self.config.runs, self.members, strict=True):
+            reason = member.export_blocker()
+            if reason:
+                return f"member {run} ({member.name}): {reason}"
+        return None
+
     def _member_outputs(self, images: torch.Tensor) -> list[Prediction]:
         return [
             member.predict(_adapt(images, member.image_size, member.channels))

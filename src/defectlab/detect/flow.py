@@ -332,6 +332,14 @@ class Flow(Detector):
             nll_map = self._nll_map([n.detach() for n in nlls], tuple(images.shape[-2:]))
         return grad_map.detach(), nll_map.detach()
 
+    def export_blocker(self) -> str | None:
+        if self.config.map == "gradient":
+            return (
+                "map=gradient differentiates the NLL with respect to the input at inference "
+                "(autograd), which ONNX graphs do not compute; train with map=nll to export"
+            )
+        return None
+
     def predict(self, images: torch.Tensor) -> Prediction:
         if not self._trained:
             raise RuntimeError("flow: predict before fit")

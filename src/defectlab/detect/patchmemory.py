@@ -171,6 +171,8 @@ def nearest_distances(
     k = min(k, memory.shape[0])
     offset = memory.mean(dim=0)
     queries, memory = queries - offset, memory - offset
+    if torch.compiler.is_exporting():  # a graph cannot loop over a symbolic batch: one cdist
+        return torch.cdist(queries, memory).topk(k, dim=1, largest=False)
     chunk = max(1, _CDIST_BYTES // (4 * memory.shape[0]))
     dists, indices = [], []
     for start in range(0, queries.shape[0], chunk):

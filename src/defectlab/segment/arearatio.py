@@ -479,6 +479,10 @@ class AreaRatioConfig(ModelConfig):
 @register
 class AreaRatioGCN(Segmenter):
     name: ClassVar[str] = "arearatio-gcn"
+    onnx_blocker: ClassVar[str | None] = (
+        "superpixel clustering and graph construction are iterative and data-dependent per "
+        "image (NumPy/SciPy), which a static graph cannot express"
+    )
     #: the API passes per-image ``area_ratio``/``area_margin`` (from a CSV) in the batches
     learns_from_area_ratios: ClassVar[bool] = True
     description: ClassVar[str] = (

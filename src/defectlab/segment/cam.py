@@ -170,6 +170,10 @@ class CAMSegmenter(Segmenter):
     """Classifier on image labels; maps are multi-scale CAMs (see module docstring)."""
 
     name: ClassVar[str] = "cam"
+    onnx_blocker: ClassVar[str | None] = (
+        "class activation maps need the gradient of the class logit at inference (autograd), "
+        "which ONNX graphs do not compute"
+    )
     description: ClassVar[str] = (
         "weak segmentation from image labels: classifier + multi-scale LayerCAM/Grad-CAM maps"
     )

@@ -1,0 +1,1 @@
+"""Deployment: ONNX export, batch inspection, the HTTP service."""

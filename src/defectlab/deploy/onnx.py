@@ -1,0 +1,306 @@
+"""ONNX export of a trained run, with the input layout and the calibrated decision baked into
+the graph, and ONNX Runtime inference behind the :class:`~defectlab.deploy.backends.Inspector`
+interface.
+
+The graph takes ``image``: float32 ``(batch, S, S, C)`` in [0, 1] (NHWC, the layout images
+are decoded in) and returns
+
+* ``score`` ``(batch,)`` – the model's image score,
+* ``score_z`` ``(batch,)`` – the score standardised by the normal validation scores
+  (comparable across models, the ensemble's normalisation),
+* ``anomaly_map`` ``(batch, S, S)``,
+* ``mask`` ``(batch, S, S)`` uint8 – ``anomaly_map >= pixel_threshold``,
+* ``is_defect`` ``(batch,)`` uint8 – ``score >= image_threshold``.
+
+Resizing to S stays outside the graph, in :func:`defectlab.deploy.backends.score_images`
+for both backends: ONNX ``Resize`` has no equivalent of OpenCV's area interpolation, and a
+different resize would make the two backends disagree. The export is refused unless ONNX
+Runtime reproduces PyTorch on check images (validation images of the run's data when they
+are still readable, otherwise seeded synthetic ones) within ``ATOL + RTOL·|value|``; the
+measured differences go into the metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from defectlab import __version__
+from defectlab.base import Model
+from defectlab.data.io import atomic_path, atomic_write_text
+from defectlab.deploy.backends import METADATA_FILE, ONNX_FILE, Inspector, torch_inspector
+from defectlab.errors import CheckpointError, ConfigError
+
+#: ONNX operator set of exported graphs (ONNX Runtime 1.17+ runs it)
+OPSET = 18
+FORMAT = "defectlab-onnx"
+FORMAT_VERSION = 1
+#: export check: |onnx − torch| ≤ ATOL + RTOL·|torch| for scores and maps
+ATOL, RTOL = 1e-4, 1e-4
+OUTPUTS = ("score", "score_z", "anomaly_map", "mask", "is_defect")
+
+
+def _networks(model: Model) -> list[nn.Module]:
+    """Every network a model holds, including those of member models (ensembles)."""
+    found: list[nn.Module] = []
+
+    def visit(value: Any) -> None:
+        if isinstance(value, nn.Module):
+            found.append(value)
+        elif isinstance(value, Model):
+            for item in vars(value).values():
+                visit(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+
+    for item in vars(model).values():
+        visit(item)
+    return found
+
+
+class InspectionGraph(nn.Module):
+    """Layout conversion + the model's ``predict`` + the calibrated decision, as one module
+    to trace. The model's networks are registered as submodules so their weights become
+    named graph initialisers."""
+
+    def __init__(self, model: Model, calibration: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.networks = nn.ModuleList(_networks(model))
+        self.networks.eval().requires_grad_(False)
+        std = float(calibration.get("normal_score_std", 1.0)) or 1.0
+        thresholds = {
+            "image_threshold": calibration["image_threshold"],
+            "pixel_threshold": calibration["pixel_threshold"],
+            "score_mean": calibration.get("normal_score_mean", 0.0),
+            "score_std": std,
+        }
+        for name, value in thresholds.items():
+            self.register_buffer(name, torch.tensor(float(value)))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        prediction = self.model.predict(image.permute(0, 3, 1, 2).clamp(0.0, 1.0))
+        score, heat = prediction.scores.float(), prediction.maps.float()
+        return (
+            score,
+            (score - self.score_mean) / self.score_std,
+            heat,
+            (heat >= self.pixel_threshold).to(torch.uint8),
+            (score >= self.image_threshold).to(torch.uint8),
+        )
+
+
+def _check_images(run: Any, n: int = 8) -> tuple[np.ndarray, str]:
+    """Up to ``n`` validation images of the run's own data (real inputs exercise the model's
+    real value ranges), or seeded synthetic images when the data is no longer readable."""
+    from defectlab.api import _load
+    from defectlab.data.splits import Split
+    from defectlab.errors import DefectlabError
+
+    config = run.config.data
+    try:
+        split = Split.load(run.run_dir / "split.json")
+        samples = (split["val"] + split["test"])[:n]
+        loaded = _load(samples, config, "loading check images", progress=False)
+        return loaded.images, f"{len(loaded.images)} images of {config.path} (validation/test)"
+    except (DefectlabError, OSError, KeyError):
+        rng = np.random.default_rng(0)
+        size, channels = config.image_size, config.channels
+        base = rng.uniform(0.3, 0.7, (n, 1, 1, channels))
+        images = np.clip(base + rng.normal(0, 0.05, (n, size, size, channels)), 0, 1)
+        return images.astype(np.float32), f"{n} seeded synthetic images (run data unreadable)"
+
+
+def _differences(reference: dict[str, np.ndarray], exported: dict[str, np.ndarray]) -> dict:
+    out: dict[str, Any] = {}
+    for key in ("score", "anomaly_map"):
+        ref, got = reference[key], exported[key]
+        excess = np.abs(got - ref) - (ATOL + RTOL * np.abs(ref))
+        out[f"max_abs_{key}_diff"] = float(np.abs(got - ref).max())
+        out[f"{key}_within_tolerance"] = bool((excess <= 0).all())
+    out["mask_disagreement"] = float((reference["mask"] != exported["mask"]).mean())
+    out["decision_disagreement"] = float((reference["is_defect"] != exported["is_defect"]).mean())
+    return out
+
+
+def _session(path: Path, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_onnx(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Export the trained run at ``run_dir`` to ``out`` (default ``run_dir/export``):
+    ``model.onnx`` and ``metadata.json``. Raises :class:`ConfigError` naming the reason
+    when the model cannot be expressed as an ONNX graph or ONNX Runtime disagrees with
+    PyTorch beyond the tolerance."""
+    import onnxruntime
+
+    inspector = torch_inspector(run_dir, device="cpu")
+    run = inspector.trained
+    model: Model = run.model
+    blocker = model.export_blocker()
+    if blocker:
+        raise ConfigError(f"{run_dir}: {model.name} cannot be exported to ONNX: {blocker}")
+    out = Path(out) if out is not None else Path(run_dir) / "export"
+    graph = InspectionGraph(model, run.calibration)
+    size, channels = inspector.image_size, inspector.channels
+    example = torch.rand(2, size, size, channels, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        try:
+            program = torch.onnx.export(
+                graph,
+                (example,),
+                dynamo=True,
+                input_names=["image"],
+                output_names=list(OUTPUTS),
+                dynamic_shapes=({0: batch},),
+                opset_version=OPSET,
+                external_data=False,
+                verbose=False,
+            )
+        except Exception as exc:  # the exporter raises many types; all mean "not traceable"
+            raise ConfigError(
+                f"{run_dir}: {model.name} could not be traced for ONNX: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            ) from exc
+    with atomic_path(out / ONNX_FILE) as tmp:
+        program.save(str(tmp))
+
+    images, source = _check_images(run)
+    if len(images) % 2 == 0:  # an odd batch (the trace used 2) catches a frozen batch size
+        images = np.concatenate([images, images[:1]])
+    with torch.no_grad():
+        reference = dict(zip(OUTPUTS, graph(torch.from_numpy(images)), strict=True))
+    reference = {k: v.numpy() for k, v in reference.items()}
+    try:
+        outputs = _session(out / ONNX_FILE).run(None, {"image": images})
+        produced = dict(zip(OUTPUTS, outputs, strict=True))
+    except Exception as exc:  # ONNX Runtime's own exception types
+        (out / ONNX_FILE).unlink(missing_ok=True)
+        raise ConfigError(
+            f"{run_dir}: the exported {model.name} graph does not run in ONNX Runtime: {exc}"
+        ) from exc
+    check = {"images": len(images), "source": source, "atol": ATOL, "rtol": RTOL}
+    check |= _differences(reference, produced)
+    if not (check["score_within_tolerance"] and check["anomaly_map_within_tolerance"]):
+        (out / ONNX_FILE).unlink(missing_ok=True)
+        raise ConfigError(
+            f"{run_dir}: ONNX Runtime disagrees with PyTorch for {model.name} beyond "
+            f"{ATOL:g} + {RTOL:g}·|value| (score {check['max_abs_score_diff']:.3g}, map "
+            f"{check['max_abs_anomaly_map_diff']:.3g}); not exported"
+        )
+    low, high = inspector.map_range
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "defectlab": __version__,
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "opset": OPSET,
+        "model": model.name,
+        "family": model.family,
+        "model_state_version": model.state_version,
+        "run": str(Path(run_dir)),
+        "onnx_file": ONNX_FILE,
+        "sha256": _sha256(out / ONNX_FILE),
+        "input": {
+            "name": "image",
+            "shape": ["batch", size, size, channels],
+            "dtype": "float32",
+            "layout": "NHWC",
+            "range": [0.0, 1.0],
+            "preprocessing": (
+                f"decode; convert to {channels} channel(s); scale to [0, 1] by the bit depth; "
+                f"resize to {size}x{size} (area when shrinking, bilinear when growing) — "
+                "defectlab.data.io.read_image + defectlab.data.transforms.resize_image"
+            ),
+        },
+        "outputs": list(OUTPUTS),
+        "image_threshold": inspector.image_threshold,
+        "pixel_threshold": inspector.pixel_threshold,
+        "map_range": [low, high],
+        "calibration": run.calibration,
+        "check": check,
+    }
+    atomic_write_text(out / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
+    return {"out": str(out), **metadata}
+
+
+@dataclass
+class OnnxInspector(Inspector):
+    """An exported model run by ONNX Runtime (thread-safe; one session shared by all calls)."""
+
+    session: Any = None
+    metadata: dict[str, Any] | None = None
+
+    def score(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        scores, maps = [], []
+        for start in range(0, len(images), batch_size):
+            chunk = np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)
+            score, heat = self.session.run(["score", "anomaly_map"], {"image": chunk})
+            scores.append(score)
+            maps.append(heat)
+        return np.concatenate(scores), np.concatenate(maps)
+
+    def info(self) -> dict[str, Any]:
+        meta = self.metadata or {}
+        return super().info() | {"opset": meta.get("opset"), "exported_with": meta.get("torch")}
+
+
+def onnx_inspector(folder: Path, threads: int | None = None) -> OnnxInspector:
+    """Open an export folder; the metadata must be ours, of this format version, and match
+    the graph file byte for byte (a swapped or truncated model.onnx is refused)."""
+    meta_path = folder / METADATA_FILE
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: unreadable export metadata ({exc})") from exc
+    if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_path}: not a {FORMAT} v{FORMAT_VERSION} export "
+            f"(format {metadata.get('format')!r} v{metadata.get('format_version')!r})"
+        )
+    graph = folder / metadata["onnx_file"]
+    if not graph.is_file() or _sha256(graph) != metadata["sha256"]:
+        raise CheckpointError(f"{graph}: missing or does not match its metadata checksum")
+    size = metadata["input"]["shape"][1]
+    return OnnxInspector(
+        model=metadata["model"],
+        image_size=int(size),
+        channels=int(metadata["input"]["shape"][3]),
+        image_threshold=float(metadata["image_threshold"]),
+        pixel_threshold=float(metadata["pixel_threshold"]),
+        map_range=(float(metadata["map_range"][0]), float(metadata["map_range"][1])),
+        run_dir=Path(metadata["run"]),
+        backend="onnx",
+        session=_session(graph, threads),
+        metadata=metadata,
+    )

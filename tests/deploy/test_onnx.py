@@ -1,0 +1,164 @@
+"""ONNX export: the graph reproduces PyTorch on real images, carries its thresholds, refuses
+what it cannot express, and a tampered export is refused."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import defectlab.api as dl
+from defectlab import registry
+from defectlab.data.io import read_image
+from defectlab.data.layouts import DEFECT, NORMAL, load_dataset
+from defectlab.data.transforms import resize_image
+from defectlab.deploy.backends import open_inspector, score_images, torch_inspector
+from defectlab.deploy.onnx import ATOL, RTOL, export_onnx, onnx_inspector
+from defectlab.errors import CheckpointError, ConfigError
+from tests.conftest import textured, with_defect, write_image
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(3)
+    root = tmp_path_factory.mktemp("folder")
+    for i in range(24):
+        write_image(root / "normal" / f"n{i:02d}.png", textured(rng, SIZE))
+    for i in range(8):
+        image, mask = with_defect(textured(rng, SIZE), rng)
+        write_image(root / "defect" / f"d{i:02d}.png", image)
+        write_image(root / "masks" / f"d{i:02d}.png", mask)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One trained run per model family the export must cover: a reconstruction
+    autoencoder, a U-Net trained on synthetic defects, a feature memory (nearest-neighbour
+    search in the graph) and a fixed-position template without alignment."""
+    base = tmp_path_factory.mktemp("runs")
+    settings = {
+        "ae": ["model.epochs=1"],
+        "synth-unet": ["model.epochs=1"],
+        "patchmemory": [],
+        "template": ["model.alignment=none"],
+    }
+    return {
+        name: dl.train(
+            name,
+            data_root,
+            base / name,
+            image_size=SIZE,
+            device="cpu",
+            overrides=extra,
+            progress=False,
+        ).run_dir
+        for name, extra in settings.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def real_cells() -> np.ndarray:
+    """Six real ELPV solar cells (three defective) at the model size."""
+    dataset = load_dataset("elpv")
+    picked = [s for s in dataset.samples if s.label == NORMAL][:3]
+    picked += [s for s in dataset.samples if s.label == DEFECT][:3]
+    return np.stack([resize_image(read_image(s.path), SIZE) for s in picked])
+
+
+@pytest.mark.parametrize("model", ["ae", "synth-unet", "patchmemory", "template"])
+def test_onnx_runtime_matches_pytorch_on_real_images(
+    model: str, runs: dict[str, Path], real_cells: np.ndarray, tmp_path: Path
+) -> None:
+    meta = export_onnx(runs[model], tmp_path / "export")
+    assert meta["check"]["score_within_tolerance"] and meta["check"]["images"] % 2 == 1
+    eager = torch_inspector(runs[model], device="cpu")
+    exported = onnx_inspector(tmp_path / "export")
+    assert exported.image_threshold == eager.image_threshold
+    assert exported.pixel_threshold == eager.pixel_threshold
+    for batch in (1, 5):  # the batch dimension is dynamic
+        scores, maps = eager.score(real_cells, batch_size=batch)
+        onnx_scores, onnx_maps = exported.score(real_cells, batch_size=batch)
+        np.testing.assert_allclose(onnx_scores, scores, atol=ATOL, rtol=RTOL)
+        np.testing.assert_allclose(onnx_maps, maps, atol=ATOL, rtol=RTOL)
+
+
+def test_graph_outputs_apply_the_calibrated_decision(
+    runs: dict[str, Path], real_cells: np.ndarray, tmp_path: Path
+) -> None:
+    export_onnx(runs["ae"], tmp_path / "export")
+    exported = onnx_inspector(tmp_path / "export")
+    meta = json.loads((tmp_path / "export" / "metadata.json").read_text())
+    score, score_z, heat, mask, is_defect = exported.session.run(None, {"image": real_cells})
+    calibration = meta["calibration"]
+    np.testing.assert_array_equal(is_defect, (score >= meta["image_threshold"]).astype(np.uint8))
+    np.testing.assert_array_equal(mask, (heat >= meta["pixel_threshold"]).astype(np.uint8))
+    expected_z = (score - calibration["normal_score_mean"]) / calibration["normal_score_std"]
+    np.testing.assert_allclose(score_z, expected_z, rtol=1e-5, atol=1e-5)
+    assert meta["input"]["shape"] == ["batch", SIZE, SIZE, 1]
+    assert meta["input"]["layout"] == "NHWC"
+
+
+def test_predict_with_the_onnx_backend_matches_torch(
+    runs: dict[str, Path], data_root: Path, tmp_path: Path
+) -> None:
+    export_onnx(runs["synth-unet"], runs["synth-unet"] / "export")  # found inside the run
+    scores = {}
+    for backend in ("torch", "onnx"):
+        out = tmp_path / backend
+        result = dl.predict(
+            runs["synth-unet"], data_root / "defect", out, backend=backend, progress=False
+        )
+        assert result["backend"] == backend and result["n_images"] == 8
+        rows = csv.DictReader((out / "scores.csv").read_text().splitlines())
+        scores[backend] = np.array([float(r["score"]) for r in rows])
+    np.testing.assert_allclose(scores["onnx"], scores["torch"], atol=ATOL, rtol=RTOL)
+
+
+def test_tiled_onnx_scoring_stitches_full_size_maps(runs: dict[str, Path], tmp_path: Path) -> None:
+    export_onnx(runs["ae"], tmp_path / "export")
+    panel = np.random.default_rng(0).uniform(0.3, 0.6, (150, 200, 1)).astype(np.float32)
+    eager = score_images(torch_inspector(runs["ae"], "cpu"), [panel], tile=True)
+    exported = score_images(open_inspector(tmp_path, "onnx"), [panel], tile=True)
+    assert exported[0][1].shape == (150, 200)
+    np.testing.assert_allclose(exported[0][1], eager[0][1], atol=1e-3, rtol=1e-3)
+
+
+def test_models_that_cannot_be_graphs_say_why(data_root: Path, tmp_path: Path) -> None:
+    run = dl.train("canny", data_root, tmp_path / "canny", image_size=SIZE, progress=False)
+    with pytest.raises(ConfigError, match=r"canny cannot be exported to ONNX: .*OpenCV"):
+        export_onnx(run.run_dir, tmp_path / "export")
+    assert not (tmp_path / "export" / "model.onnx").exists()
+
+
+def test_every_registered_scorer_declares_its_export_status() -> None:
+    """Models that cannot be graphs carry a reason; the others must leave it empty."""
+    blocked = {}
+    for entry in registry.available():
+        if entry.family in ("detector", "segmenter"):
+            reason = entry.cls.onnx_blocker
+            if reason is not None:
+                assert len(reason) > 30, entry.name
+                blocked[entry.name] = reason
+    assert {"canny", "cam", "arearatio-gcn"} <= set(blocked)
+    assert not {"ae", "vae", "wae", "mlaae", "unet", "synth-unet", "patchmemory"} & set(blocked)
+
+
+def test_tampered_or_foreign_exports_are_refused(runs: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "export"
+    export_onnx(runs["ae"], folder)
+    graph = folder / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="checksum"):
+        onnx_inspector(folder)
+    (folder / "metadata.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(CheckpointError, match="not a defectlab-onnx"):
+        onnx_inspector(folder)
+    with pytest.raises(CheckpointError, match="defectlab export"):
+        open_inspector(tmp_path / "nowhere", "onnx")
