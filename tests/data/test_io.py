@@ -4,7 +4,13 @@ import cv2
 import numpy as np
 import pytest
 
-from defectlab.data.io import ImageReadError, atomic_write_text, read_image, read_mask
+from defectlab.data.io import (
+    ImageReadError,
+    atomic_write_text,
+    decode_image,
+    read_image,
+    read_mask,
+)
 from tests.conftest import write_image
 
 
@@ -92,3 +98,21 @@ def test_atomic_write_leaves_no_partial_file(tmp_path: Path) -> None:
         raise Boom
     assert target.read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_decode_image_matches_read_image(tmp_path: Path, channels: int) -> None:
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    paths = [
+        write_image(tmp_path / "grey.png", grey),
+        write_image(tmp_path / "deep.png", grey.astype(np.uint16) * 257 + 3),
+        write_image(tmp_path / "rgb.jpg", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)),
+    ]
+    cv2.imwrite(str(tmp_path / "rgba.png"), rng.integers(0, 256, (8, 8, 4), dtype=np.uint8))
+    for path in [*paths, tmp_path / "rgba.png"]:
+        decoded = decode_image(path.read_bytes(), path.name, channels)
+        np.testing.assert_array_equal(decoded, read_image(path, channels))
+    for content, reason in [(b"", "empty file"), (b"text", "not a decodable image")]:
+        with pytest.raises(ImageReadError, match=f"upload.txt: {reason}"):
+            decode_image(content, "upload.txt")

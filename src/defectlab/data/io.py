@@ -47,11 +47,19 @@ def _decode(path: str | Path) -> np.ndarray:
         raw = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise ImageReadError(path, f"cannot read file ({exc.strerror or exc})") from exc
+    return _decode_buffer(raw, path)
+
+
+def _decode_buffer(raw: np.ndarray, name: str | Path) -> np.ndarray:
+    """Decode encoded bytes (a file's or an upload's) with bit depth and channels untouched."""
     if raw.size == 0:
-        raise ImageReadError(path, "empty file (0 bytes)")
-    array = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+        raise ImageReadError(name, "empty file (0 bytes)")
+    try:
+        array = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # e.g. a header claiming more pixels than OpenCV allows
+        raise ImageReadError(name, f"not a decodable image ({exc.err or exc})") from exc
     if array is None or array.size == 0:
-        raise ImageReadError(path, "not a decodable image (corrupt or unsupported format)")
+        raise ImageReadError(name, "not a decodable image (corrupt or unsupported format)")
     return array
 
 
@@ -75,16 +83,32 @@ def read_image(path: str | Path, channels: int = 1) -> np.ndarray:
     ``channels=1`` converts colour to luminance; ``channels=3`` replicates grey. Alpha is
     dropped. Raises :class:`ImageReadError` naming the file when it cannot be decoded.
     """
+    _check_channels(channels)
+    return _normalise(_decode(path), path, channels)
+
+
+def decode_image(data: bytes, name: str, channels: int = 1) -> np.ndarray:
+    """Decode an image held in memory (an HTTP upload) exactly as :func:`read_image` decodes a
+    file, so a served model sees the same pixels as ``predict`` on the same file. ``name``
+    only labels errors: :class:`ImageReadError` says ``name: reason``."""
+    _check_channels(channels)
+    return _normalise(_decode_buffer(np.frombuffer(data, dtype=np.uint8), name), name, channels)
+
+
+def _check_channels(channels: int) -> None:
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    array = _decode(path)
+
+
+def _normalise(array: np.ndarray, name: str | Path, channels: int) -> np.ndarray:
+    """A decoded array (any depth, grey/BGR/BGRA) → float32 ``(H, W, channels)`` RGB in [0, 1]."""
     if array.ndim == 3 and array.shape[2] == 4:
         array = array[:, :, :3]
     if array.ndim == 3 and array.shape[2] == 3:
         array = array[:, :, ::-1]  # OpenCV decodes BGR
     elif array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
-    image = _to_unit_float(np.ascontiguousarray(array), path)
+    image = _to_unit_float(np.ascontiguousarray(array), name)
     if image.ndim == 2:
         image = image[:, :, None]
     if channels == 1 and image.shape[2] == 3:
