@@ -9,15 +9,27 @@ real test cells through the same :class:`~defectlab.deploy.backends.Inspector` c
 and the p50/p99 latency of one batch call, with ``--threads`` CPU threads for both
 backends. Run it with nothing else on the machine; runs and exports are cached in ``--out``.
 
+``--serve MODEL``: the HTTP service's throughput under the load test instead: ``defectlab
+serve`` on that model's run (``--serve-backend``, ``--sizes``' first size) in its own
+process, ``--requests`` uploads of a real 300x300 ELPV cell PNG at ``--concurrency`` from
+an asynchronous client; prints req/s, p50/p99 latency, the status counts and the server's
+RSS before and after.
+
     .venv/bin/python benchmarks/inference.py --sizes 128 256 --threads 2 --out runs/inference
+    .venv/bin/python benchmarks/inference.py --serve synth-unet --sizes 128 --out runs/inference
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
+import socket
+import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +95,118 @@ def time_calls(score, images: np.ndarray, batch: int, calls: int) -> dict[str, f
     }
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load_test(url: str, body: bytes, total: int, concurrency: int) -> dict:
+    import httpx
+
+    async def run() -> dict:
+        statuses: Counter[int] = Counter()
+        latencies: list[float] = []
+        remaining = iter(range(total))
+        limits = httpx.Limits(max_connections=concurrency)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+            async def post() -> int:
+                files = {"image": ("cell.png", body, "image/png")}
+                return (await client.post("/inspect", files=files)).status_code
+
+            for _ in range(concurrency):  # warm-up
+                await post()
+
+            async def worker() -> None:
+                for _ in remaining:
+                    started = time.perf_counter()
+                    statuses[await post()] += 1
+                    latencies.append(time.perf_counter() - started)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            elapsed = time.perf_counter() - started
+        ms = np.array(latencies) * 1e3
+        return {
+            "requests": total,
+            "concurrency": concurrency,
+            "requests_per_second": total / elapsed,
+            "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)),
+            "statuses": dict(statuses),
+        }
+
+    return asyncio.run(run())
+
+
+def serve_benchmark(args: argparse.Namespace) -> dict:
+    import cv2
+    import httpx
+
+    from defectlab.data.io import to_uint8
+
+    size = args.sizes[0]
+    run_dir = trained_run(args.serve, size, args)
+    if args.serve_backend == "onnx" and not (run_dir / "export" / "metadata.json").exists():
+        from defectlab.deploy.onnx import export_onnx
+
+        export_onnx(run_dir)
+    png = cv2.imencode(".png", to_uint8(test_cells(300, 1)[0]))[1]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "defectlab",
+            "serve",
+            "--run",
+            str(run_dir),
+            "--port",
+            str(port),
+            "--backend",
+            args.serve_backend,
+            "--device",
+            "cpu",
+        ],
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError(f"the service did not start on {url}")
+        before = rss_mb(server.pid)
+        result = load_test(url, png.tobytes(), args.requests, args.concurrency)
+        result |= {
+            "model": args.serve,
+            "size": size,
+            "backend": args.serve_backend,
+            "server_rss_mb_before": before,
+            "server_rss_mb_after": rss_mb(server.pid),
+        }
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print(
+        f"service {args.serve} ({args.serve_backend}, {size} px): {result['requests']} "
+        f"requests at concurrency {result['concurrency']}: "
+        f"{result['requests_per_second']:.1f} req/s, p50 {result['p50_ms']:.0f} ms, "
+        f"p99 {result['p99_ms']:.0f} ms, statuses {result['statuses']}, server RSS "
+        f"{result['server_rss_mb_before']:.0f} → {result['server_rss_mb_after']:.0f} MB"
+    )
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
@@ -92,8 +216,18 @@ def main() -> None:
     parser.add_argument("--train-fraction", type=float, default=0.05)
     parser.add_argument("--calls", type=int, default=0, help="timed calls (default by batch)")
     parser.add_argument("--out", type=Path, default=Path("runs/inference"))
+    parser.add_argument("--serve", metavar="MODEL", help="load-test the HTTP service instead")
+    parser.add_argument("--serve-backend", choices=("torch", "onnx"), default="torch")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.serve:
+        result = serve_benchmark(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        name = f"service-{args.serve}-{args.serve_backend}-{args.sizes[0]}.json"
+        (args.out / name).write_text(json.dumps({"command": " ".join(sys.argv), **result}))
+        return
     from defectlab.deploy.backends import torch_inspector
     from defectlab.deploy.onnx import export_onnx, onnx_inspector
     from defectlab.errors import DefectlabError

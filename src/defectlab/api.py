@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from defectlab import distributed as dist
 from defectlab import registry
 from defectlab.base import Model
 from defectlab.config import (
@@ -329,11 +331,17 @@ def train(
     overrides: Sequence[str] = (),
     resume: bool = False,
     progress: bool = True,
+    distributed: bool = False,
 ) -> TrainedRun:
     """Train a detector or segmenter into run directory ``out`` and calibrate its thresholds.
 
     With ``resume=True`` the stored config of ``out`` is used and training continues from
     ``out/checkpoints/last.pt``.
+
+    With ``distributed=True`` this process is one of several started by ``torchrun``
+    (:mod:`defectlab.distributed`): each trains on its share of every batch, rank 0 alone
+    calibrates and writes the run directory, and every rank returns the same TrainedRun
+    (rank 0's model and thresholds).
     """
     run_dir = Path(out)
     started = time.perf_counter()
@@ -355,18 +363,51 @@ def train(
             raise ConfigError(
                 f"{run_dir} already holds a run; use a new --out folder (or --resume to continue)"
             )
-    torch_device = resolve_device(config.train.device)
+    if not distributed:
+        return _train_into(run_dir, config, resume=resume, progress=progress, started=started)
+    context = dist.init_from_env(config.train.device)
+    try:
+        return _train_into(
+            run_dir, config, resume=resume, progress=progress, started=started, context=context
+        )
+    finally:
+        dist.shutdown(context)
+
+
+def _quiet_logger() -> logging.Logger:
+    """The log of ranks other than 0: rank 0 alone writes ``log.txt``."""
+    logger = logging.getLogger("defectlab.run.quiet")
+    logger.disabled = True
+    return logger
+
+
+def _train_into(
+    run_dir: Path,
+    config: RunConfig,
+    *,
+    resume: bool,
+    progress: bool,
+    started: float,
+    context: dist.Context | None = None,
+) -> TrainedRun:
+    """Load the data, train, calibrate and write the run; in a distributed run
+    (``context``) every rank trains and rank 0 alone calibrates and writes files."""
+    main = context is None or context.rank == 0
+    progress = progress and main
+    torch_device = context.device if context is not None else resolve_device(config.train.device)
     seed_everything(config.train.seed)
-    log = run_logger(run_dir)
+    log = run_logger(run_dir) if main else _quiet_logger()
     log.info("train %s on %s (resume=%s)", config.model, config.data.path, resume)
 
     dataset, split = _dataset_and_split(config.data)
     if resume:  # the stored split is the one the run started with, whatever changed since
         split = Split.load(run_dir / "split.json")
-    else:
+    elif main:
         write_json(run_dir / "config.json", config.to_dict())
         split.save(run_dir / "split.json")
-    write_json(run_dir / "environment.json", environment_info(torch_device))
+    processes = {"world_size": context.world_size, "backend": context.backend} if context else {}
+    if main:
+        write_json(run_dir / "environment.json", environment_info(torch_device) | processes)
 
     net = _make_model(config, torch_device)
     train_samples = split["train"]
@@ -394,31 +435,40 @@ def train(
         checkpoint_every=config.train.checkpoint_every,
         resume=resume,
         progress=progress,
+        distributed=context is not None,
     )
-    # a synthesizer scores nothing: it has no thresholds to calibrate
-    calibration = (
+    # a synthesizer scores nothing: it has no thresholds to calibrate; rank 0 calibrates
+    calibration: dict[str, Any] = (
         {}
-        if net.family == "synthesizer"
+        if net.family == "synthesizer" or not main
         else _calibrate(net, val_data, config.calibration, val_defect)
     )
-    save_checkpoint(run_dir / MODEL_FILE, net, calibration=calibration, run_config=config.to_dict())
-    write_json(run_dir / "calibration.json", calibration)
-    last_losses = {
-        k: v for k, v in (history[-1] if history else {}).items() if k not in ("epoch", "step")
-    }
-    metrics = {
-        "model": config.model,
-        "dataset": dataset.summary(),
-        "split": split.name,
-        "n_train": len(train_data.samples),
-        "n_val": len(val_data.samples),
-        "skipped_files": [f"{p}: {r}" for p, r in train_data.failures + val_data.failures],
-        "final_losses": last_losses,
-        "calibration": calibration,
-        "train_seconds": round(time.perf_counter() - started, 2),
-    }
-    write_json(run_dir / "metrics.json", metrics)
-    log.info("trained in %.1f s; calibration %s", metrics["train_seconds"], calibration)
+    if context is not None:
+        calibration = dist.broadcast_object(calibration)
+    if main:
+        save_checkpoint(
+            run_dir / MODEL_FILE, net, calibration=calibration, run_config=config.to_dict()
+        )
+        write_json(run_dir / "calibration.json", calibration)
+        last_losses = {
+            k: v for k, v in (history[-1] if history else {}).items() if k not in ("epoch", "step")
+        }
+        metrics = {
+            "model": config.model,
+            "dataset": dataset.summary(),
+            "split": split.name,
+            "n_train": len(train_data.samples),
+            "n_val": len(val_data.samples),
+            "skipped_files": [f"{p}: {r}" for p, r in train_data.failures + val_data.failures],
+            "final_losses": last_losses,
+            "calibration": calibration,
+            "train_seconds": round(time.perf_counter() - started, 2),
+            **processes,
+        }
+        write_json(run_dir / "metrics.json", metrics)
+        log.info("trained in %.1f s; calibration %s", metrics["train_seconds"], calibration)
+    if context is not None:  # the run directory is complete when any rank returns
+        dist.barrier()
     return TrainedRun(run_dir, config, net, calibration)
 
 

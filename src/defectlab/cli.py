@@ -64,7 +64,15 @@ def cmd_train(args: argparse.Namespace) -> str:
         seed=args.seed,
         overrides=args.set,
         resume=args.resume,
+        distributed=args.distributed,
     )
+    if args.distributed:
+        from defectlab.distributed import launched_rank  # only this command needs it
+
+        if launched_rank() != 0:  # one summary per torchrun launch: rank 0 prints it
+            return ""
+    if not run.calibration:  # a learned synthesizer scores nothing, so has no thresholds
+        return f"trained {run.config.model} → {run.run_dir} (sample it with `defectlab synth`)"
     return (
         f"trained {run.config.model} → {run.run_dir} (image threshold "
         f"{run.image_threshold:.4g}, pixel threshold {run.pixel_threshold:.4g})"
@@ -77,14 +85,30 @@ def cmd_predict(args: argparse.Namespace) -> str:
         args.input,
         args.out,
         device=args.device,
+        backend=args.backend,
         tile=args.tile,
         batch_size=args.batch_size,
+        workers=args.workers,
         overlays=not args.no_overlays,
     )
+    resumed = f" (+{result['n_resumed']} done before)" if result["n_resumed"] else ""
     return (
-        f"{result['n_images']} images inspected ({result['images_per_second']:.1f} img/s), "
-        f"{result['n_defect']} flagged defective, {result['n_skipped']} skipped → "
+        f"{result['n_images']} images inspected{resumed} with {result['backend']} "
+        f"({result['images_per_second']:.1f} img/s), {result['n_defect']} of "
+        f"{result['n_total']} flagged defective, {result['n_skipped']} skipped → "
         f"{result['out']}/scores.csv"
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> str:
+    from defectlab.deploy.onnx import export_onnx
+
+    meta = export_onnx(args.run, args.out)
+    check = meta["check"]
+    return (
+        f"exported {meta['model']} to ONNX (opset {meta['opset']}); ONNX Runtime matches PyTorch "
+        f"on {check['images']} images within {check['max_abs_score_diff']:.2g} (scores), "
+        f"{check['max_abs_anomaly_map_diff']:.2g} (maps) → {meta['out']}/model.onnx"
     )
 
 
@@ -129,6 +153,23 @@ def cmd_demo(args: argparse.Namespace) -> str:
         f"demo: {result['model']} on ELPV solar cells, image AUROC {_fmt(result['image_auroc'])} "
         f"({result['seconds']:.0f} s) → {result['report']}"
     )
+
+
+def cmd_serve(args: argparse.Namespace) -> str:
+    from defectlab.deploy.serve import serve
+
+    serve(
+        args.run,
+        backend=args.backend,
+        device=args.device,
+        host=args.host,
+        port=args.port,
+        tile=args.tile,
+        max_upload_bytes=round(args.max_upload_mb * 2**20),
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+    )
+    return f"stopped serving {args.run} on http://{args.host}:{args.port}"
 
 
 def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
@@ -183,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true", help="continue an interrupted run from its last checkpoint"
     )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one of several processes started by torchrun (gloo on CPU, nccl on CUDA): "
+        "each trains on its share of every batch, rank 0 writes the run",
+    )
     _add_common(p)
     p.set_defaults(func=cmd_train)
 
@@ -196,9 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--tile", action="store_true", help="score large images as overlapping model-size tiles"
     )
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2, help="image decoding/writing threads")
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="onnx: run the export in --run (or --run/export) with ONNX Runtime",
+    )
     p.add_argument("--no-overlays", action="store_true", help="write masks and scores only")
     _add_common(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a trained run to ONNX with its thresholds baked in")
+    p.add_argument("--run", required=True)
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--out", help="export folder (default RUN/export)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="metrics and report on the test split of a dataset")
     p.add_argument("--run", required=True)
@@ -232,6 +292,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_synth)
 
+    p = sub.add_parser("serve", help="serve a trained run over HTTP (POST /inspect)")
+    p.add_argument("--run", required=True, help="run folder (or export folder for --backend onnx)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    p.add_argument(
+        "--tile", action="store_true", help="score large images as overlapping model-size tiles"
+    )
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get 413")
+    p.add_argument(
+        "--max-concurrency", type=int, default=2, help="inferences running at once (threads)"
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting beyond those get 503"
+    )
+    _add_common(p)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("demo", help="the main job on the bundled ELPV solar cells")
     p.add_argument("--out", default="demo-output")
     _add_common(p)
@@ -256,5 +334,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = " (resume training with --resume)" if args.command == "train" else ""
         print(f"defectlab {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
-    print(f"{summary} [{time.perf_counter() - started:.1f} s]")
+    if summary:  # empty for the non-main processes of a distributed run
+        print(f"{summary} [{time.perf_counter() - started:.1f} s]")
     return 0

@@ -5,6 +5,10 @@ The loop owns no optimiser: models step their own (GANs have several). It guaran
 batch order depends only on (seed, epoch), and saves model, optimiser and RNG state every
 ``checkpoint_every`` steps and at each epoch end, so an interrupted run resumed with
 ``resume=True`` continues from the same step and ends with the same numbers.
+
+With ``distributed=True`` each process of a torchrun launch trains on its share of every
+global batch and the gradients are averaged across processes: see
+:mod:`defectlab.distributed` for how and why.
 """
 
 from __future__ import annotations
@@ -18,15 +22,39 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from defectlab import distributed as dist
 from defectlab.base import Model
 from defectlab.data.io import write_csv
-from defectlab.errors import CheckpointError, TrainingError
+from defectlab.errors import CheckpointError, ConfigError, TrainingError
 from defectlab.runs import load_checkpoint, restore_model, save_checkpoint
 
 
 def _batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return list(torch.randperm(n, generator=generator).split(batch_size))
+
+
+def _shard(
+    index: torch.Tensor, labels: torch.Tensor, rank: int, world_size: int
+) -> tuple[torch.Tensor, float]:
+    """This rank's items of global batch ``index`` and its share of the batch (the weight of
+    its gradients and losses).
+
+    Ordered by label first, so defect images spread evenly over the ranks. A rank left
+    without an item (a last batch smaller than the number of ranks) gets a copy of one with
+    weight 0: it takes part in every collective and changes nothing.
+    """
+    ordered = index[torch.argsort(labels[index], stable=True)]
+    own = ordered[rank::world_size]
+    if len(own) == 0:
+        return ordered[rank % len(ordered)].reshape(1), 0.0
+    return own, len(own) / len(ordered)
+
+
+def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """Seed of rank ``rank``'s random stream (rank > 0, or any rank after a resume with
+    another number of processes)."""
+    return int(np.random.SeedSequence([seed % 2**32, rank, step]).generate_state(1)[0])
 
 
 def fit(
@@ -42,12 +70,18 @@ def fit(
     checkpoint_every: int = 100,
     resume: bool = False,
     progress: bool = True,
+    distributed: bool = False,
 ) -> list[dict[str, Any]]:
     """Train ``model`` on ``images`` (N, H, W, C) float32 in [0, 1]; return the loss history.
 
     Batches are dicts with ``image`` (B, C, H, W), ``mask`` (B, H, W) and ``label`` (B,) on
     the model's device, plus one (B,) entry per array in ``extras`` (per-image weak labels
     such as ``area_ratio``).
+
+    ``distributed=True`` (inside a process group, see :func:`defectlab.distributed.
+    init_from_env`): this rank trains on its share of each global batch of ``batch_size``
+    images, only rank 0 writes the checkpoint and log, and every rank returns the same
+    history and ends with rank 0's model.
     """
     n = len(images)
     if n == 0:
@@ -73,6 +107,18 @@ def fit(
     epochs = int(model.config.epochs)
     if epochs < 1:
         raise TrainingError(f"{model.name}: epochs must be at least 1, got {epochs}")
+    if distributed and not dist.is_initialized():
+        raise TrainingError(
+            "fit(distributed=True) needs a process group: call "
+            "defectlab.distributed.init_from_env() first"
+        )
+    rank, world_size = (dist.rank(), dist.world()) if distributed else (0, 1)
+    main = rank == 0
+    if batch_size < world_size:
+        raise ConfigError(
+            f"train.batch_size {batch_size} is smaller than the {world_size} training "
+            "processes: every process needs at least one image per step"
+        )
 
     torch.manual_seed(seed)
     model.setup_training(n)
@@ -85,7 +131,13 @@ def fit(
         start_epoch, start_step = progress_state["epoch"], progress_state["step"]
         global_step = progress_state["global_step"]
         history = list(progress_state["history"])
-        torch.set_rng_state(progress_state["torch_rng"])
+        rank_states = progress_state.get("torch_rng_ranks")
+        if rank_states is not None and len(rank_states) == world_size:
+            torch.set_rng_state(rank_states[rank])
+        elif main:
+            torch.set_rng_state(progress_state["torch_rng"])
+        else:  # saved by another number of processes: a fresh stream for this rank
+            torch.manual_seed(_rank_seed(seed, rank, global_step))
         if progress_state["n_train"] != n:
             raise CheckpointError(
                 f"{checkpoint}: was trained on {progress_state['n_train']} images, now {n}"
@@ -95,8 +147,16 @@ def fit(
             f"{checkpoint} exists: this run was started before. Resume it with --resume or "
             "train into a new --out folder"
         )
+    sync = dist.sync_model(model) if distributed else None
+    if sync is not None and not resume and not main:
+        torch.manual_seed(_rank_seed(seed, rank))
 
     def save(epoch: int, step: int) -> None:
+        if sync is not None:  # one well-defined model to save: the ranks' average buffers
+            dist.average_buffers(model)
+        rng_states = dist.gather(torch.get_rng_state()) if sync is not None else []
+        if not main:
+            return
         save_checkpoint(
             checkpoint,
             model,
@@ -108,6 +168,7 @@ def fit(
                 "torch_rng": torch.get_rng_state(),
                 "n_train": n,
                 "model": model.training_state(),
+                **({"torch_rng_ranks": rng_states} if sync is not None else {}),
             },
         )
         write_csv(log_path, history)
@@ -117,37 +178,58 @@ def fit(
         total=epochs * steps_per_epoch,
         initial=global_step,
         desc=f"training {model.name}",
-        disable=not progress,
+        disable=not (progress and main),
         file=sys.stderr,
         leave=False,
     )
-    for epoch in range(start_epoch, epochs):
-        for step, index in enumerate(_batch_order(n, batch_size, seed, epoch)):
-            if epoch == start_epoch and step < start_step:
-                continue
-            batch = {
-                "image": image_tensor[index].to(model.device),
-                "mask": mask_tensor[index].to(model.device),
-                "label": label_tensor[index].to(model.device),
-                **{name: values[index].to(model.device) for name, values in extra_tensors.items()},
-            }
-            losses = model.training_step(batch)
-            bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
-            if bad:
-                raise TrainingError(
-                    f"{model.name}: non-finite loss {bad} at epoch {epoch + 1}, step {step + 1}; "
-                    f"the last good checkpoint is {checkpoint if checkpoint.exists() else 'none'}."
-                    " Lower the learning rate or check the input images."
+    try:
+        for epoch in range(start_epoch, epochs):
+            for step, global_index in enumerate(_batch_order(n, batch_size, seed, epoch)):
+                if epoch == start_epoch and step < start_step:
+                    continue
+                index, share = (
+                    _shard(global_index, label_tensor, rank, world_size)
+                    if sync is not None
+                    else (global_index, 1.0)
                 )
-            global_step += 1
-            history.append({"epoch": epoch + 1, "step": global_step, **losses})
-            bar.update(1)
-            if losses:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in list(losses.items())[:3]})
-            if global_step % checkpoint_every == 0:
-                save(epoch, step + 1)
-        model.end_epoch(epoch)
-        save(epoch + 1, 0)
-    bar.close()
-    model.finish_training()
+                batch = {
+                    "image": image_tensor[index].to(model.device),
+                    "mask": mask_tensor[index].to(model.device),
+                    "label": label_tensor[index].to(model.device),
+                    **{k: values[index].to(model.device) for k, values in extra_tensors.items()},
+                }
+                if sync is not None:
+                    sync.weight = share
+                losses = model.training_step(batch)
+                if sync is not None:
+                    losses = dist.all_reduce_losses(losses, share)
+                bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+                if bad:
+                    last = checkpoint if checkpoint.exists() else "none"
+                    raise TrainingError(
+                        f"{model.name}: non-finite loss {bad} at epoch {epoch + 1}, step "
+                        f"{step + 1}; the last good checkpoint is {last}. Lower the learning "
+                        "rate or check the input images."
+                    )
+                if sync is not None:
+                    sync.check_parameters()
+                global_step += 1
+                history.append({"epoch": epoch + 1, "step": global_step, **losses})
+                bar.update(1)
+                if losses:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in list(losses.items())[:3]})
+                if global_step % checkpoint_every == 0:
+                    save(epoch, step + 1)
+            model.end_epoch(epoch)
+            if sync is not None:  # every epoch starts with one model on every rank
+                dist.average_buffers(model)
+                dist.broadcast_state(model)
+            save(epoch + 1, 0)
+        bar.close()
+        model.finish_training()
+        if sync is not None:
+            dist.broadcast_state(model)
+    finally:
+        if sync is not None:
+            sync.close()
     return history

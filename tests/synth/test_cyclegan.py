@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from defectlab import api
+from defectlab.cli import main
 from defectlab.errors import ConfigError
 from defectlab.runs import load_checkpoint, save_checkpoint
 from defectlab.synth.crossgan import CrossGAN, CrossGANConfig
@@ -106,7 +107,9 @@ def test_bad_config_names_the_field(field: str, value: object) -> None:
         CycleGANConfig(**{field: value})
 
 
-def test_train_and_synthesize_through_the_api(folder_root: Path, tmp_path: Path) -> None:
+def test_train_from_the_command_line_and_synthesize_through_the_api(
+    folder_root: Path, tmp_path: Path
+) -> None:
     overrides = [
         "data.defects_per_class=2",
         "epochs=1",
@@ -115,7 +118,12 @@ def test_train_and_synthesize_through_the_api(folder_root: Path, tmp_path: Path)
         *(f"model.{k}={v}" for k, v in TINY.items() if k in ("width", "disc_layers")),
     ]
     out = tmp_path / "run"
-    api.train("cyclegan", folder_root, out, image_size=SIZE, overrides=overrides, progress=False)
+    code = main(
+        ["train", "--model", "cyclegan", "--data", str(folder_root), "--out", str(out)]
+        + ["--image-size", str(SIZE)]
+        + [arg for override in overrides for arg in ("--set", override)]
+    )
+    assert code == 0  # the command line's summary has no thresholds to print for a GAN
     with pytest.raises(ConfigError, match="not crossgan"):
         CrossGAN.from_run(out)
     out2 = tmp_path / "synth"

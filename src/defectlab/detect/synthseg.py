@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from defectlab import distributed
 from defectlab.detect.base import Detector
 from defectlab.registry import register
 from defectlab.segment.unet import SegmentationModel, SegmenterConfig
@@ -156,8 +157,8 @@ class SynthUNet(SegmentationModel, Detector):
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         images = batch["image"]
-        if self.batch_size is None:
-            self.batch_size = int(images.shape[0])
+        if self.batch_size is None:  # of the global batch: a distributed rank sees a share
+            self.batch_size = round(distributed.all_sum(images.shape[0]))
         level = self.curriculum_level()
         images, masks = self.paint(images, self.step, level)
         losses = self.train_on_pairs(images, masks)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from defectlab import distributed
 from defectlab.base import Model, ModelConfig, Prediction
 from defectlab.config import apply_overrides
 from defectlab.data.io import to_uint8, write_png
@@ -488,7 +489,9 @@ class TranslationGAN(Model, Synthesizer):
         if not self.optimizers:
             self.setup_training(0)
         pair = self._pair(batch)
-        if pair is None:
+        # distributed training: when one rank has no pair, every rank skips the step, so all
+        # run the same optimiser steps (and gradient all-reduces)
+        if distributed.any_rank(pair is None) or pair is None:
             return {}
         x, y = (p * 2 - 1 for p in pair)
         self.nets.train()
