@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,14 @@ def runs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
 
 
 @pytest.fixture(scope="module")
+def ae_export(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The autoencoder's export, shared by the tests that only read it."""
+    folder = tmp_path_factory.mktemp("ae") / "export"
+    export_onnx(runs["ae"], folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def real_cells() -> np.ndarray:
     """Six real ELPV solar cells (three defective) at the model size."""
     dataset = load_dataset("elpv")
@@ -90,11 +99,10 @@ def test_onnx_runtime_matches_pytorch_on_real_images(
 
 
 def test_graph_outputs_apply_the_calibrated_decision(
-    runs: dict[str, Path], real_cells: np.ndarray, tmp_path: Path
+    ae_export: Path, real_cells: np.ndarray
 ) -> None:
-    export_onnx(runs["ae"], tmp_path / "export")
-    exported = onnx_inspector(tmp_path / "export")
-    meta = json.loads((tmp_path / "export" / "metadata.json").read_text())
+    exported = onnx_inspector(ae_export)
+    meta = json.loads((ae_export / "metadata.json").read_text())
     score, score_z, heat, mask, is_defect = exported.session.run(None, {"image": real_cells})
     calibration = meta["calibration"]
     np.testing.assert_array_equal(is_defect, (score >= meta["image_threshold"]).astype(np.uint8))
@@ -121,11 +129,10 @@ def test_predict_with_the_onnx_backend_matches_torch(
     np.testing.assert_allclose(scores["onnx"], scores["torch"], atol=ATOL, rtol=RTOL)
 
 
-def test_tiled_onnx_scoring_stitches_full_size_maps(runs: dict[str, Path], tmp_path: Path) -> None:
-    export_onnx(runs["ae"], tmp_path / "export")
+def test_tiled_onnx_scoring_stitches_full_size_maps(runs: dict[str, Path], ae_export: Path) -> None:
     panel = np.random.default_rng(0).uniform(0.3, 0.6, (150, 200, 1)).astype(np.float32)
     eager = score_images(torch_inspector(runs["ae"], "cpu"), [panel], tile=True)
-    exported = score_images(open_inspector(tmp_path, "onnx"), [panel], tile=True)
+    exported = score_images(open_inspector(ae_export.parent, "onnx"), [panel], tile=True)
     assert exported[0][1].shape == (150, 200)
     np.testing.assert_allclose(exported[0][1], eager[0][1], atol=1e-3, rtol=1e-3)
 
@@ -150,9 +157,9 @@ def test_every_registered_scorer_declares_its_export_status() -> None:
     assert not {"ae", "vae", "wae", "mlaae", "unet", "synth-unet", "patchmemory"} & set(blocked)
 
 
-def test_tampered_or_foreign_exports_are_refused(runs: dict[str, Path], tmp_path: Path) -> None:
+def test_tampered_or_foreign_exports_are_refused(ae_export: Path, tmp_path: Path) -> None:
     folder = tmp_path / "export"
-    export_onnx(runs["ae"], folder)
+    shutil.copytree(ae_export, folder)
     graph = folder / "model.onnx"
     graph.write_bytes(graph.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match="checksum"):
