@@ -266,6 +266,37 @@ def _weak_labels(net: Model, train: LoadedImages, data: DataConfig) -> dict[str,
     }
 
 
+def _with_defect_classes(config: RunConfig, split: Split) -> RunConfig:
+    """Models that learn per defect type (``learns_defect_types``, e.g. maskgan) get the
+    sorted defect types of the training defects as ``defect_classes`` unless set already, so
+    the class list is part of the run's config and its checkpoint."""
+    cls = _trainable_class(config.model)
+    if not getattr(cls, "learns_defect_types", False) or config.model_config.get("defect_classes"):
+        return config
+    types = tuple(sorted({s.defect_type for s in split["train_defect"]}))
+    return replace(config, model_config={**config.model_config, "defect_classes": types})
+
+
+def _defect_class_ids(net: Model, train: LoadedImages) -> dict[str, np.ndarray]:
+    """Per-image index into the model's ``defect_classes`` (normal images: −1), as the
+    ``defect_class`` batch entry, for models that learn per defect type."""
+    if not getattr(net, "learns_defect_types", False):
+        return {}
+    classes = list(net.config.defect_classes)
+    ids = []
+    for sample in train.samples:
+        if sample.label != DEFECT:
+            ids.append(-1)
+        elif sample.defect_type in classes:
+            ids.append(classes.index(sample.defect_type))
+        else:
+            raise DataError(
+                f"{sample.path}: defect type {sample.defect_type!r} is not one of "
+                f"{net.name}'s defect_classes {tuple(classes)}"
+            )
+    return {"defect_class": np.array(ids, np.float32)}
+
+
 def _calibrate(
     model: Model,
     val: LoadedImages,
@@ -402,9 +433,11 @@ def _train_into(
     dataset, split = _dataset_and_split(config.data)
     if resume:  # the stored split is the one the run started with, whatever changed since
         split = Split.load(run_dir / "split.json")
-    elif main:
-        write_json(run_dir / "config.json", config.to_dict())
-        split.save(run_dir / "split.json")
+    else:
+        config = _with_defect_classes(config, split)
+        if main:
+            write_json(run_dir / "config.json", config.to_dict())
+            split.save(run_dir / "split.json")
     processes = {"world_size": context.world_size, "backend": context.backend} if context else {}
     if main:
         write_json(run_dir / "environment.json", environment_info(torch_device) | processes)
@@ -428,7 +461,7 @@ def _train_into(
         train_data.images,
         masks=train_data.masks,
         labels=train_data.labels,
-        extras=_weak_labels(net, train_data, config.data),
+        extras=_weak_labels(net, train_data, config.data) | _defect_class_ids(net, train_data),
         run_dir=run_dir,
         batch_size=config.train.batch_size,
         seed=config.train.seed,

@@ -30,6 +30,7 @@ BUILTIN_MODULES = (
     "defectlab.segment.cam",
     "defectlab.synth.crossgan",
     "defectlab.synth.cyclegan",
+    "defectlab.synth.maskgan",
     "defectlab.synth.procedural",
 )
 

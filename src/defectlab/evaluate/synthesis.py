@@ -67,6 +67,7 @@ __all__ = [
     "gaussian_fit",
     "inception_score_from_logits",
     "kid_from_features",
+    "mask_realism",
     "mask_statistics",
     "mean_pairwise_distance",
     "mmd2_unbiased",
@@ -523,6 +524,33 @@ def outside_region_fraction(masks: Any, regions: Any) -> dict[str, Any]:
         "mean": float(np.mean(valid)) if valid else None,
         "overall": outside / total if total else None,
     }
+
+
+def mask_realism(real: Any, fake: Any, regions: Any = None) -> dict[str, Any]:
+    """Are generated masks shaped like real defect masks, and do they stay on the part?
+
+    Summaries of area fraction, elongation and component count for both sets, their
+    Wasserstein-1 distances (:func:`compare_mask_statistics`) and, given the object
+    ``regions`` of the generated masks' source images (one for all, or one per mask; e.g.
+    :func:`defectlab.synth.maskgan.object_region`), the share of generated mask pixels outside
+    the object (:func:`outside_region_fraction`) and the share of non-empty masks with any
+    pixel outside it.
+    """
+    stats = {"real": mask_statistics(real), "fake": mask_statistics(fake)}
+    result: dict[str, Any] = {
+        "real": stats["real"]["summary"],
+        "fake": stats["fake"]["summary"],
+        "distance": compare_mask_statistics(stats["real"], stats["fake"]),
+    }
+    if regions is not None:
+        outside = outside_region_fraction(fake, regions)
+        per = [p for p in outside["per_mask"] if p is not None]
+        result["outside_object"] = {
+            "pixel_share": outside["overall"],
+            "mean_per_mask": outside["mean"],
+            "masks_touching_outside": sum(p > 0 for p in per) / len(per) if per else None,
+        }
+    return result
 
 
 # --- folders ---------------------------------------------------------------------------------

@@ -1,0 +1,1142 @@
+"""MaskGAN: mask-then-image defect generation with exact pixel labels (MISSION S1, seed 001).
+
+A normal image and Gaussian noise give a defect **mask** (stage 1); the normal image and that
+mask give the **defect image** (stage 2), painted inside the mask only. The mask is the label
+by construction: outside it the output *is* the input.
+
+Networks (``w = width``, images in [-1, 1], masks in [0, 1]; names are the keys of
+``self.nets``; S1 wording in brackets)::
+
+    mask_generator  [stage-1 generator, encoder-decoder]:
+        ResidualEncoder(C, w, mask_blocks): conv7×7 w, conv4×4/2 2w, conv4×4/2 4w (IN, ReLU),
+        residual blocks → (4w, H/4, W/4)  [intermediate defect features]
+        ⊕ noise: ``noise_channels`` Gaussian maps drawn on a ``noise_grid``² grid, bilinearly
+          up-sampled to H/4 (smooth, spatially varying: they move and reshape the defect)
+        ⊕ class embedding tiled (``class_conditional`` only)
+        conv3×3 4w + IN + ReLU, residual block, 2 × [bilinear ×2, conv3×3, IN, ReLU]
+        [up-sample], conv7×7 → ``n_masks`` channels, sigmoid [normalise] → soft masks
+    region_discriminator      [stage-1 region level]: multi-scale PatchGAN on masks 2m − 1
+    masked_image_discriminator [stage-1 image level]: multi-scale PatchGAN on image ⊙ mask
+        (real defect image ⊙ its real mask vs normal image ⊙ generated mask)
+    defect_generator [stage-2 generator]:
+        encoder: ResidualEncoder(C + 1, w, image_blocks) on [x ⊙ (1 − m), m]
+        decoder: two ModulationBlocks [feature-modulation blocks, SPADE-like: each
+          normalisation is a parameter-free instance norm followed by per-pixel γ, β that
+          two convolutions predict from the mask (and class map)], at H/4 → 2w and at
+          H/2 → w, each followed by bilinear ×2
+        defect_focus [defect-focus module]: a sigmoid gate conv3×3([h, m]) re-weights the
+          features per pixel and channel, then conv7×7 + Tanh → foreground F
+        output: m·F + (1 − m)·x
+    image_discriminator       [stage-2 image level]: multi-scale PatchGAN on whole images
+    defect_region_discriminator [stage-2 region level]: multi-scale PatchGAN on
+        [image ⊙ mask, mask]: the defect regions cut out with their masks
+
+With ``class_conditional`` every generator gets a learned class embedding and every
+discriminator one-hot class maps as extra input channels (a conditional GAN). The classes are
+``defect_classes``, which :func:`defectlab.api.train` fills with the sorted defect types of
+the training split and feeds per image as ``batch["defect_class"]``.
+
+**Stage-2 input.** The generator sees the normal image with the mask region blanked
+(``x ⊙ (1 − m)``, plus ``m``): whatever it paints there replaces the normal texture anyway,
+and the hole is what lets it learn from the few real defects by reconstruction (below)
+without learning to copy its input. The seed's "features of the normal image" are the
+features of the part around the defect.
+
+**Boundary-aware loss** (:func:`object_region`, :func:`boundary_loss`). The object of a
+normal image is found by the rule ``object_rule``:
+
+* ``otsu``: grey (mean over channels) thresholded at Otsu's level; ``fixed``: at
+  ``object_threshold`` (grey in [0, 1]). ``object_polarity`` says which side is the object:
+  ``bright``, ``dark``, or ``auto`` — the side covering less of the 1-px image border (a part
+  lies inside its background). A 3×3 opening then closing removes threshold speckle;
+* ``frame``: the whole image — for images with no clear object, such as magnetic-tile crops
+  that fill the frame;
+* ``auto`` (default): ``otsu`` when Otsu's separability η = σ²_between / σ²_total is at least
+  ``object_min_separation`` (a clearly two-level image: part and background), else
+  ``frame``. η is about 0.64 for a unimodal Gaussian texture and 0.75 for a uniform one,
+  near 1 for a part on a plain background (default threshold 0.85).
+
+Every rule then removes a border margin of ``object_margin`` px. The loss is the mean over
+pixels and masks of ``m · (1 − object)``: zero when the generated masks lie inside the
+object, growing with the mask mass outside it.
+
+**Training** (one step, on a batch paired as in
+:class:`~defectlab.synth.gan_parts.TranslationGAN`: ``n = max(#normal, #defect)`` of each,
+the smaller kind topped up from a rolling buffer; defect images with an empty mask carry no
+shape and are left out; each fake takes the class of the real defect it is paired with):
+
+* stage 1 (``stage`` = ``joint`` or ``mask``): ``m_g = mask_generator(x, z, c)``. The
+  discriminators first (detached fakes): region level real ``m_y`` vs ``m_g``, image level
+  real ``y ⊙ m_y`` vs ``x ⊙ m_g``. Then the generator against the updated, frozen ones:
+  ``adv_weight·(both adversarial terms) + boundary_weight·boundary_loss(m_g, object(x))``;
+* stage 2 (``joint`` or ``image``): the fake ``ŷ = m·F + (1 − m)·x`` uses the real masks of
+  the paired defects (``image``) or stage 1's masks binarised at ``mask_threshold``
+  (``joint``; an empty one is replaced by the paired real mask). Discriminators: image level
+  real ``y`` vs ``ŷ``, region level real ``[y ⊙ m_y, m_y]`` vs ``[ŷ ⊙ m, m]``. Generator:
+  ``adv_weight·(both) + recon_weight·L1`` of the foreground painted into a real defect's own
+  mask against that defect (mean over mask pixels): the reconstruction term is an addition to
+  the seed, which lists only the adversarial losses; ``recon_weight=0`` drops it.
+
+``gan_loss`` is ``bce`` (non-saturating cross-entropy, the default), ``hinge`` or ``lsgan``.
+One Adam (β1 0.5) and step decay per trained network. ``stage=mask`` and ``stage=image`` train
+one stage only (the other's networks get no optimiser and stay as they are); with
+``init_from=RUN`` a run starts from another maskgan run's weights, so the stages can be trained
+one after the other. A discriminator whose loss stays below ``collapse_threshold`` for
+``collapse_patience`` steps stops training with a :class:`~defectlab.errors.TrainingError`, as
+does a non-finite loss (:func:`defectlab.training.fit`). Sample grids: rows normal | generated
+mask | generated defect image, and real defect | real mask | its reconstruction.
+
+**Sampling** (:meth:`MaskGAN.synthesize`). Per sample, from the sample's rng: the defect class
+(``defect_class``, or one of ``defect_classes`` at random), a noise seed, the mask head
+(``n_masks`` > 1). The mask rule (:func:`binarize_mask`): soft mask ≥ ``mask_threshold``, then
+8-connected components smaller than ``mask_min_area`` px (at model size) removed. An empty
+result is redrawn with a new noise seed, up to ``mask_attempts`` draws in all; if all are empty
+the sample keeps an empty mask and an unchanged image, says so in its record (``mask_area`` 0)
+and a warning is issued. Stage 2 then paints ``F`` for the binary mask, and the output is
+composed with ``np.where(mask, F, image)`` **at the input's own size** (the mask
+nearest-neighbour and ``F`` bilinearly — area-averaged when shrinking — resized from the model
+size when they differ): outside the mask every output value is the input value, bit for bit.
+The record holds the method, defect type, noise seed, mask head, draws, rule, mask area and the
+mask's share outside the object region.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defectlab import distributed
+from defectlab.base import Model, ModelConfig, Prediction
+from defectlab.config import apply_overrides
+from defectlab.data.io import to_uint8, write_png
+from defectlab.data.transforms import resize_image, resize_mask
+from defectlab.errors import ConfigError, TrainingError
+from defectlab.registry import register
+from defectlab.synth.base import Synthesizer, SynthSample
+from defectlab.synth.gan_parts import (
+    MultiScaleDiscriminator,
+    ResidualBlock,
+    ResidualEncoder,
+    adversarial_loss,
+    count_parameters,
+    image_grid,
+    min_image_size,
+    set_requires_grad,
+    to_image_conv,
+)
+
+STAGES = ("joint", "mask", "image")
+GAN_LOSSES = ("bce", "hinge", "lsgan")
+OBJECT_RULES = ("auto", "otsu", "fixed", "frame")
+POLARITIES = ("auto", "bright", "dark")
+
+#: stage → (generator, discriminators)
+STAGE_NETWORKS = {
+    "mask": ("mask_generator", ("region_discriminator", "masked_image_discriminator")),
+    "image": ("defect_generator", ("image_discriminator", "defect_region_discriminator")),
+}
+
+
+# --- object region and the boundary-aware loss -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectRule:
+    """How :func:`object_region` finds the part in a normal image (module docstring)."""
+
+    rule: str = "auto"
+    threshold: float = 0.5
+    polarity: str = "auto"
+    margin: int = 4
+    min_separation: float = 0.85
+
+    def describe(self) -> str:
+        core = {
+            "auto": f"otsu if eta>={self.min_separation:g} else frame",
+            "otsu": "otsu",
+            "fixed": f"grey>{self.threshold:g}",
+            "frame": "frame",
+        }[self.rule]
+        return f"{core} polarity={self.polarity} margin={self.margin}"
+
+
+def _otsu(grey: np.ndarray) -> tuple[int, float]:
+    """Otsu's threshold of a uint8 image and its separability η = σ²_between / σ²_total."""
+    hist = np.bincount(grey.ravel(), minlength=256).astype(np.float64) / grey.size
+    levels = np.arange(256, dtype=np.float64)
+    total_var = float(((levels - (levels * hist).sum()) ** 2 * hist).sum())
+    if total_var <= 0:
+        return 0, 0.0
+    w0 = np.cumsum(hist)
+    m0 = np.cumsum(levels * hist)
+    mean = m0[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mean * w0 - m0) ** 2 / (w0 * (1 - w0))
+    between = np.nan_to_num(between, nan=0.0, posinf=0.0)
+    level = int(np.argmax(between))
+    return level, float(between[level] / total_var)
+
+
+def object_region(image: np.ndarray, rule: ObjectRule) -> np.ndarray:
+    """Bool (H, W) object mask of a normal image (H, W[, C]) in [0, 1]: where defects may go."""
+    array = np.nan_to_num(np.asarray(image, np.float32))
+    grey = array.mean(axis=2) if array.ndim == 3 else array
+    kind = rule.rule
+    level = rule.threshold
+    if kind in ("auto", "otsu"):
+        otsu_level, separation = _otsu(to_uint8(np.clip(grey, 0, 1)))
+        level = (otsu_level + 0.5) / 255.0  # grey > level ⇔ uint8 grey > Otsu's level
+        if kind == "auto":
+            kind = "otsu" if separation >= rule.min_separation else "frame"
+    if kind == "frame":
+        region = np.ones(grey.shape, bool)
+    else:
+        bright = grey > level
+        polarity = rule.polarity
+        if polarity == "auto":
+            border = np.concatenate([bright[0], bright[-1], bright[1:-1, 0], bright[1:-1, -1]])
+            polarity = "dark" if border.mean() > 0.5 else "bright"
+        region = (bright if polarity == "bright" else ~bright).astype(np.uint8)
+        kernel = np.ones((3, 3), np.uint8)
+        region = cv2.morphologyEx(region, cv2.MORPH_OPEN, kernel)
+        region = cv2.morphologyEx(region, cv2.MORPH_CLOSE, kernel).astype(bool)
+    if rule.margin > 0:
+        region[: rule.margin] = region[-rule.margin :] = False
+        region[:, : rule.margin] = region[:, -rule.margin :] = False
+    return region
+
+
+def boundary_loss(masks: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """Mean over pixels and masks of the mask mass outside the object: ``m · (1 − object)``.
+
+    ``masks`` (B, K, H, W) soft masks, ``regions`` (B, 1, H, W) object masks (0/1). Zero when
+    every mask lies inside its object; it pulls masks onto the part, not the background."""
+    return (masks * (1.0 - regions)).mean()
+
+
+def binarize_mask(soft: np.ndarray, threshold: float, min_area: int) -> np.ndarray:
+    """The sampling mask rule: ``soft ≥ threshold``, then 8-connected components smaller
+    than ``min_area`` pixels removed (a few stray pixels are not a defect)."""
+    mask = (np.asarray(soft) >= threshold).astype(np.uint8)
+    if min_area > 1 and mask.any():
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        keep = np.zeros(n, bool)
+        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_area
+        mask = keep[labels].astype(np.uint8)
+    return mask.astype(bool)
+
+
+# --- losses ----------------------------------------------------------------------------------
+
+
+def gan_loss(
+    logits: torch.Tensor | Sequence[torch.Tensor], real: bool, kind: str, discriminator: bool
+) -> torch.Tensor:
+    """Adversarial loss, mean over discriminator scales. ``hinge``: the discriminator takes
+    ``relu(1 − D)`` on real and ``relu(1 + D)`` on fake, the generator ``−D``; ``bce``
+    (non-saturating) and ``lsgan`` are :func:`~defectlab.synth.gan_parts.adversarial_loss`
+    with target 1 (real) or 0 (fake)."""
+    if kind != "hinge":
+        return adversarial_loss(logits, 1.0 if real else 0.0, kind)
+    maps = [logits] if isinstance(logits, torch.Tensor) else list(logits)
+    if not discriminator:
+        return torch.stack([-m.mean() for m in maps]).mean()
+    sign = -1.0 if real else 1.0
+    return torch.stack([F.relu(1.0 + sign * m).mean() for m in maps]).mean()
+
+
+# --- networks --------------------------------------------------------------------------------
+
+
+def _up(c_in: int, c_out: int) -> nn.Module:
+    """Bilinear ×2 → conv3×3 → IN → ReLU. Instance norm, not batch norm: sampling one image in
+    eval mode then behaves exactly as training does."""
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+        nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode="reflect"),
+        nn.InstanceNorm2d(c_out, affine=True),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _tile(code: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return code[:, :, None, None].expand(-1, -1, *like.shape[2:])
+
+
+class MaskGenerator(nn.Module):
+    """Stage 1: normal image + noise (+ class) → ``n_masks`` soft masks in [0, 1]."""
+
+    def __init__(
+        self,
+        channels: int,
+        width: int,
+        blocks: int,
+        noise_channels: int,
+        n_masks: int,
+        n_classes: int,
+        class_dim: int,
+    ) -> None:
+        super().__init__()
+        self.encoder = ResidualEncoder(channels, width, blocks)
+        self.class_embedding = nn.Embedding(n_classes, class_dim) if n_classes else None
+        extra = noise_channels + (class_dim if n_classes else 0)
+        self.fuse = nn.Sequential(
+            nn.Conv2d(4 * width + extra, 4 * width, 3, padding=1, padding_mode="reflect"),
+            nn.InstanceNorm2d(4 * width, affine=True),
+            nn.ReLU(inplace=True),
+            ResidualBlock(4 * width, "instance"),
+        )
+        self.decoder = nn.Sequential(
+            _up(4 * width, 2 * width),
+            _up(2 * width, width),
+            nn.Conv2d(width, n_masks, 7, padding=3, padding_mode="reflect"),
+        )
+
+    def forward(
+        self, images: torch.Tensor, noise: torch.Tensor, classes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        features = self.encoder(images)
+        noise = F.interpolate(noise, size=features.shape[2:], mode="bilinear", align_corners=False)
+        parts = [features, noise]
+        if self.class_embedding is not None:
+            parts.append(_tile(self.class_embedding(classes), features))
+        return torch.sigmoid(self.decoder(self.fuse(torch.cat(parts, dim=1))))
+
+
+class FeatureModulation(nn.Module):
+    """SPADE-like normalisation: parameter-free instance norm, then per-pixel γ, β predicted
+    from the condition (mask, class map) resized to the features: ``norm(h)·(1 + γ) + β``.
+    The mask decides, pixel by pixel, how the decoder's features are scaled and shifted."""
+
+    def __init__(self, channels: int, cond_channels: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.InstanceNorm2d(channels, affine=False)
+        self.shared = nn.Sequential(
+            nn.Conv2d(cond_channels, hidden, 3, padding=1), nn.ReLU(inplace=True)
+        )
+        self.gamma = nn.Conv2d(hidden, channels, 3, padding=1)
+        self.beta = nn.Conv2d(hidden, channels, 3, padding=1)
+
+    def forward(self, features: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        cond = F.interpolate(cond, size=features.shape[2:], mode="area")
+        hidden = self.shared(cond)
+        return self.norm(features) * (1 + self.gamma(hidden)) + self.beta(hidden)
+
+
+class ModulationBlock(nn.Module):
+    """SPADE residual block: [modulation → LeakyReLU → conv3×3] × 2, plus a modulated 1×1
+    shortcut; ``c_in`` → ``c_out`` channels at the same resolution."""
+
+    def __init__(self, c_in: int, c_out: int, cond_channels: int, hidden: int) -> None:
+        super().__init__()
+        self.mod1 = FeatureModulation(c_in, cond_channels, hidden)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode="reflect")
+        self.mod2 = FeatureModulation(c_out, cond_channels, hidden)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, padding_mode="reflect")
+        self.shortcut_mod = FeatureModulation(c_in, cond_channels, hidden)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, bias=False)
+
+    def forward(self, features: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        dx = self.conv1(F.leaky_relu(self.mod1(features, cond), 0.2))
+        dx = self.conv2(F.leaky_relu(self.mod2(dx, cond), 0.2))
+        return self.shortcut(self.shortcut_mod(features, cond)) + dx
+
+
+class DefectFocus(nn.Module):
+    """The defect-focus module: a sigmoid gate from the features and the mask re-weights
+    every feature per pixel, so the foreground is built from what the mask points at; then
+    conv7×7 + Tanh → the defect foreground F (image channels, [-1, 1])."""
+
+    def __init__(self, width: int, channels: int, cond_channels: int) -> None:
+        super().__init__()
+        self.gate = nn.Sequential(
+            nn.Conv2d(width + cond_channels, width, 3, padding=1, padding_mode="reflect"),
+            nn.Sigmoid(),
+        )
+        self.to_foreground = to_image_conv(width, channels)
+
+    def forward(self, features: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        gate = self.gate(torch.cat([features, cond], dim=1))
+        return self.to_foreground(features * gate)
+
+
+class DefectGenerator(nn.Module):
+    """Stage 2: (normal image, mask, class) → defect foreground F. Compose with
+    :func:`compose`."""
+
+    def __init__(
+        self, channels: int, width: int, blocks: int, n_classes: int, class_dim: int
+    ) -> None:
+        super().__init__()
+        self.encoder = ResidualEncoder(channels + 1, width, blocks)
+        self.class_embedding = nn.Embedding(n_classes, class_dim) if n_classes else None
+        cond = 1 + (class_dim if n_classes else 0)
+        self.modulation = nn.ModuleList(
+            [
+                ModulationBlock(4 * width, 2 * width, cond, width),
+                ModulationBlock(2 * width, width, cond, width),
+            ]
+        )
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.defect_focus = DefectFocus(width, channels, cond)
+
+    def forward(
+        self, images: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        features = self.encoder(torch.cat([images * (1 - masks), masks], dim=1))
+        cond = masks
+        if self.class_embedding is not None:
+            cond = torch.cat([masks, _tile(self.class_embedding(classes), masks)], dim=1)
+        for block in self.modulation:
+            features = self.up(block(features, cond))
+        return self.defect_focus(features, cond)
+
+
+def compose(images: torch.Tensor, masks: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
+    """``m·F + (1 − m)·x``: the differentiable fusion used in training (soft masks allowed)."""
+    return masks * foreground + (1 - masks) * images
+
+
+# --- config ----------------------------------------------------------------------------------
+
+
+@dataclass
+class MaskGANConfig(ModelConfig):
+    """MaskGAN settings; the module docstring explains each group."""
+
+    epochs: int = 400
+    #: base channel count: encoders work at up to 4× this, discriminators up to 8×
+    width: int = 32
+    #: residual blocks of the mask generator's and the defect generator's encoders
+    mask_blocks: int = 2
+    image_blocks: int = 2
+    #: noise: channels and the side of the grid they are drawn on (up-sampled to H/4)
+    noise_channels: int = 8
+    noise_grid: int = 4
+    #: soft masks per forward pass (each a separate candidate)
+    n_masks: int = 1
+    #: "joint" trains both stages, "mask" stage 1 only, "image" stage 2 only
+    stage: str = "joint"
+    #: start from the weights of another maskgan run (same size, channels and networks)
+    init_from: str = ""
+    #: class conditioning on ``defect_classes`` (filled from the data by api.train)
+    class_conditional: bool = False
+    defect_classes: tuple[str, ...] = ()
+    class_dim: int = 8
+    #: Adam, one per network, and step decay every ``lr_decay_epochs`` epochs
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    lr_decay_epochs: int = 200
+    lr_decay_gamma: float = 0.5
+    #: discriminators: strided convs per scale and number of scales
+    disc_layers: int = 4
+    disc_scales: int = 3
+    #: "bce" (non-saturating), "hinge" or "lsgan"
+    gan_loss: str = "bce"
+    #: loss weights
+    adv_weight: float = 1.0
+    boundary_weight: float = 10.0
+    recon_weight: float = 10.0
+    #: object region of the boundary-aware loss
+    object_rule: str = "auto"
+    object_threshold: float = 0.5
+    object_polarity: str = "auto"
+    object_margin: int = 4
+    object_min_separation: float = 0.85
+    #: images of each kind remembered to pair batches that lack one kind
+    buffer_size: int = 16
+    #: a discriminator below ``collapse_threshold`` for ``collapse_patience`` steps has
+    #: collapsed: training stops (0 = never)
+    collapse_threshold: float = 1e-3
+    collapse_patience: int = 200
+    #: sample grid every ``sample_every`` steps (0 = off) and at the end, into ``sample_dir``
+    sample_every: int = 0
+    sample_dir: str = ""
+    #: sampling: mask rule, draws before giving up on an empty mask, and the class ("" = a
+    #: random one of ``defect_classes`` per sample)
+    mask_threshold: float = 0.5
+    mask_min_area: int = 8
+    mask_attempts: int = 10
+    defect_class: str = ""
+
+    def __post_init__(self) -> None:
+        self.defect_classes = tuple(str(c) for c in self.defect_classes)
+        at_least_one = (
+            "width",
+            "mask_blocks",
+            "image_blocks",
+            "noise_channels",
+            "noise_grid",
+            "n_masks",
+            "class_dim",
+            "lr_decay_epochs",
+            "disc_layers",
+            "disc_scales",
+            "buffer_size",
+            "mask_attempts",
+        )
+        for key in at_least_one:
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("lr", "lr_decay_gamma"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
+        nonneg = (
+            "weight_decay",
+            "adv_weight",
+            "boundary_weight",
+            "recon_weight",
+            "object_margin",
+            "collapse_threshold",
+            "collapse_patience",
+            "sample_every",
+            "mask_min_area",
+        )
+        for key in nonneg:
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("mask_threshold", "object_threshold", "object_min_separation"):
+            if not 0 < getattr(self, key) < 1:
+                raise ValueError(f"{key} must be in (0, 1), got {getattr(self, key)}")
+        choices = {
+            "stage": STAGES,
+            "gan_loss": GAN_LOSSES,
+            "object_rule": OBJECT_RULES,
+            "object_polarity": POLARITIES,
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if len(set(self.defect_classes)) != len(self.defect_classes):
+            raise ValueError(f"defect_classes has duplicates: {self.defect_classes}")
+        if (
+            self.defect_class
+            and self.defect_classes
+            and (self.defect_class not in self.defect_classes)
+        ):
+            raise ValueError(
+                f"defect_class {self.defect_class!r} is not one of the trained defect_classes "
+                f"{self.defect_classes}"
+            )
+
+    @property
+    def object(self) -> ObjectRule:
+        return ObjectRule(
+            self.object_rule,
+            self.object_threshold,
+            self.object_polarity,
+            self.object_margin,
+            self.object_min_separation,
+        )
+
+    @property
+    def n_classes(self) -> int:
+        """Classes the networks condition on (0: unconditional)."""
+        return len(self.defect_classes) if self.class_conditional else 0
+
+
+# --- the synthesizer -------------------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    """Paired normal images and real defects (images in [-1, 1], masks (n, 1, H, W) 0/1,
+    class ids (n,))."""
+
+    normal: torch.Tensor
+    defect: torch.Tensor
+    mask: torch.Tensor
+    classes: torch.Tensor
+
+
+@register
+class MaskGAN(Model, Synthesizer):
+    """See the module docstring for networks, losses, training and sampling."""
+
+    name: ClassVar[str] = "maskgan"
+    family: ClassVar[str] = "synthesizer"
+    description: ClassVar[str] = (
+        "two-stage learned synthesis: a defect mask from the normal image + noise, then the "
+        "defect painted inside it (outside pixels untouched); trains on normal + a few defect "
+        "images with masks"
+    )
+    needs_training: ClassVar[bool] = True
+    trains_on_defects: ClassVar[bool] = True
+    #: api.train fills ``defect_classes`` and feeds ``batch["defect_class"]``
+    learns_defect_types: ClassVar[bool] = True
+    Config = MaskGANConfig
+    config: MaskGANConfig
+    #: config fields that may change after training (they do not touch the networks)
+    synthesis_fields: ClassVar[tuple[str, ...]] = (
+        "mask_threshold",
+        "mask_min_area",
+        "mask_attempts",
+        "defect_class",
+        "object_rule",
+        "object_threshold",
+        "object_polarity",
+        "object_margin",
+        "object_min_separation",
+    )
+    #: loss key → discriminator, per stage
+    collapse_watch: ClassVar[dict[str, str]] = {
+        "d1_region": "region_discriminator",
+        "d1_image": "masked_image_discriminator",
+        "d2_image": "image_discriminator",
+        "d2_region": "defect_region_discriminator",
+    }
+
+    def __init__(self, config: MaskGANConfig | None = None, **kwargs: Any) -> None:
+        Model.__init__(self, config, **kwargs)
+        cfg = self.config
+        smallest = min_image_size(cfg.disc_layers, cfg.disc_scales)
+        if self.image_size % 4 or self.image_size < smallest:
+            raise ValueError(
+                f"{self.name}: image_size {self.image_size} must be a multiple of 4 (two stride-2 "
+                f"down-samplings) and at least {smallest} (disc_layers={cfg.disc_layers} at "
+                f"disc_scales={cfg.disc_scales}); lower disc_layers/disc_scales for small images"
+            )
+        if self.channels not in (1, 3):
+            raise ValueError(f"{self.name}: channels must be 1 or 3, got {self.channels}")
+        if 2 * cfg.object_margin >= self.image_size:
+            raise ValueError(
+                f"{self.name}: object_margin {cfg.object_margin} leaves no object region in a "
+                f"{self.image_size} px image"
+            )
+        if cfg.class_conditional and not cfg.defect_classes:
+            raise ValueError(
+                f"{self.name}: class_conditional needs defect_classes (api.train fills them "
+                "with the defect types of the training data)"
+            )
+        self.nets = nn.ModuleDict(self.build_networks()).to(self.device)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, torch.optim.lr_scheduler.StepLR] = {}
+        self.buffers: dict[str, dict[str, torch.Tensor]] = {}
+        self.low_d_steps: dict[str, int] = dict.fromkeys(self.collapse_watch, 0)
+        self.steps = 0
+        self._last_pair: Pair | None = None
+
+    def build_networks(self) -> dict[str, nn.Module]:
+        cfg, c, w, k = self.config, self.channels, self.config.width, self.config.n_classes
+        layers, scales = cfg.disc_layers, cfg.disc_scales
+        return {
+            "mask_generator": MaskGenerator(
+                c, w, cfg.mask_blocks, cfg.noise_channels, cfg.n_masks, k, cfg.class_dim
+            ),
+            "region_discriminator": MultiScaleDiscriminator(1 + k, w, layers, scales),
+            "masked_image_discriminator": MultiScaleDiscriminator(c + k, w, layers, scales),
+            "defect_generator": DefectGenerator(c, w, cfg.image_blocks, k, cfg.class_dim),
+            "image_discriminator": MultiScaleDiscriminator(c + k, w, layers, scales),
+            "defect_region_discriminator": MultiScaleDiscriminator(c + 1 + k, w, layers, scales),
+        }
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {name: count_parameters(net) for name, net in self.nets.items()}
+
+    @property
+    def active_stages(self) -> tuple[str, ...]:
+        stage = self.config.stage
+        return ("mask", "image") if stage == "joint" else (stage,)
+
+    @property
+    def trained_networks(self) -> tuple[str, ...]:
+        """The networks of the stages being trained; only these get an optimiser."""
+        names: list[str] = []
+        for stage in self.active_stages:
+            generator, discriminators = STAGE_NETWORKS[stage]
+            names += [generator, *discriminators]
+        return tuple(names)
+
+    # --- building blocks (public for tests and notebooks) ------------------------------------
+    def noise(self, n: int, seed: int | None = None) -> torch.Tensor:
+        """(n, noise_channels, g, g) standard normal noise: from torch's global generator
+        (seeded and checkpointed by the trainer) or, with ``seed``, from its own generator."""
+        cfg = self.config
+        shape = (n, cfg.noise_channels, cfg.noise_grid, cfg.noise_grid)
+        if seed is None:
+            return torch.randn(shape).to(self.device)
+        values = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        return torch.from_numpy(values).to(self.device)
+
+    def generate_masks(
+        self, images: torch.Tensor, noise: torch.Tensor, classes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Soft masks (B, n_masks, H, W) in [0, 1] for normal images in [-1, 1]."""
+        return self.nets["mask_generator"](images, noise, self._classes(classes, len(images)))
+
+    def paint(
+        self, images: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Defect foreground F (B, C, H, W) in [-1, 1] for images in [-1, 1] and masks
+        (B, 1, H, W)."""
+        return self.nets["defect_generator"](images, masks, self._classes(classes, len(images)))
+
+    def object_regions(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) 0/1 object masks of images in [-1, 1] by the configured rule."""
+        rule = self.config.object
+        arrays = ((images.detach() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        regions = np.stack([object_region(a, rule) for a in arrays]).astype(np.float32)
+        return torch.from_numpy(regions)[:, None].to(images.device)
+
+    def _classes(self, classes: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        if not self.config.n_classes:
+            return None
+        if classes is None:
+            raise ValueError(f"{self.name} is class-conditional: give the class ids")
+        return classes.to(self.device).long().reshape(n)
+
+    def _with_class(self, inputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Discriminator input: one-hot class maps appended as channels (conditional only)."""
+        k = self.config.n_classes
+        if not k:
+            return inputs
+        one_hot = F.one_hot(classes.long(), k).to(inputs.dtype)
+        return torch.cat([inputs, _tile(one_hot, inputs)], dim=1)
+
+    @staticmethod
+    def masked(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """image ⊙ mask in [0, 1] terms, returned in [-1, 1]: outside the mask is black."""
+        return (images + 1) * masks - 1
+
+    # --- training ----------------------------------------------------------------------------
+    def setup_training(self, n_train: int) -> None:
+        cfg = self.config
+        if cfg.init_from:
+            self._load_weights_from(Path(cfg.init_from))
+        for name in self.trained_networks:
+            optimizer = torch.optim.Adam(
+                self.nets[name].parameters(),
+                lr=cfg.lr,
+                betas=(cfg.beta1, cfg.beta2),
+                weight_decay=cfg.weight_decay,
+            )
+            self.optimizers[name] = optimizer
+            self.schedulers[name] = torch.optim.lr_scheduler.StepLR(
+                optimizer, step_size=cfg.lr_decay_epochs, gamma=cfg.lr_decay_gamma
+            )
+
+    def _load_weights_from(self, run_dir: Path) -> None:
+        """Start from another maskgan run's networks (training stages one after another)."""
+        source = type(self).from_run(run_dir)
+        try:
+            self.load_state_dict({"nets": source.state_dict()["nets"], "steps": 0})
+        except ValueError as exc:
+            raise ConfigError(f"init_from={run_dir}: {exc}") from exc
+
+    def _class_ids(self, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Per-image defect class ids from ``batch["defect_class"]`` (api.train provides it;
+        normal images −1); without it every defect is class 0, which only an unconditional
+        or single-class model accepts."""
+        given = batch.get("defect_class")
+        if given is None:
+            if self.config.n_classes > 1:
+                raise TrainingError(
+                    f"{self.name}: class_conditional over {self.config.n_classes} classes needs "
+                    "per-image defect classes (batch['defect_class'], as api.train provides)"
+                )
+            return torch.zeros(len(labels), dtype=torch.long, device=self.device)
+        ids = given.to(self.device).round().long()
+        limit = max(self.config.n_classes, 1)
+        bad = (labels != 0) & ((ids < 0) | (ids >= limit))
+        if self.config.n_classes and bad.any():
+            raise TrainingError(
+                f"{self.name}: defect class id {int(ids[bad][0])} outside the "
+                f"{self.config.n_classes} defect_classes {self.config.defect_classes}"
+            )
+        return ids.clamp(0, limit - 1)
+
+    def _pair(self, batch: dict[str, torch.Tensor]) -> Pair | None:
+        """Pair normal images with real defects (see the module docstring)."""
+        images = batch["image"].to(self.device, torch.float32)
+        labels = batch["label"].to(self.device)
+        masks = (batch["mask"].to(self.device, torch.float32) > 0.5).float()[:, None]
+        classes = self._class_ids(batch, labels)
+        normal = labels == 0
+        defect = (labels != 0) & (masks.flatten(1).amax(dim=1) > 0)
+        kinds = {
+            "normal": {"image": images[normal]},
+            "defect": {"image": images[defect], "mask": masks[defect], "cls": classes[defect]},
+        }
+        n = max(len(kind["image"]) for kind in kinds.values())
+        paired: dict[str, dict[str, torch.Tensor] | None] = {}
+        for name, own in kinds.items():
+            count = len(own["image"])
+            pool = self.buffers.get(name)
+            if count >= n:
+                paired[name] = own if n else None
+                continue
+            if pool is None:
+                if not count:
+                    paired[name] = None
+                    continue
+                pick = (torch.arange(n - count) % count).to(self.device)
+                source = own
+            else:
+                pick = torch.randint(len(pool["image"]), (n - count,)).to(self.device)
+                source = pool
+            paired[name] = {k: torch.cat([own[k], source[k][pick]]) for k in own}
+        for name, own in kinds.items():  # remember the latest real images of each kind
+            if len(own["image"]):
+                pool = self.buffers.get(name)
+                self.buffers[name] = {
+                    k: (v if pool is None else torch.cat([pool[k], v]))[-self.config.buffer_size :]
+                    .detach()
+                    .clone()
+                    for k, v in own.items()
+                }
+        normal_pair, defect_pair = paired["normal"], paired["defect"]
+        if normal_pair is None or defect_pair is None:
+            return None
+        return Pair(
+            normal_pair["image"] * 2 - 1,
+            defect_pair["image"] * 2 - 1,
+            defect_pair["mask"],
+            defect_pair["cls"],
+        )
+
+    def _step(self, names: Sequence[str], loss: torch.Tensor) -> None:
+        for name in names:
+            self.optimizers[name].zero_grad(set_to_none=True)
+        loss.backward()
+        for name in names:
+            self.optimizers[name].step()
+
+    def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        if not self.optimizers:
+            self.setup_training(0)
+        pair = self._pair(batch)
+        # distributed training: when one rank has no pair, every rank skips the step, so all
+        # run the same optimiser steps (and gradient all-reduces)
+        if distributed.any_rank(pair is None) or pair is None:
+            return {}
+        self.nets.train()
+        losses: dict[str, float] = {}
+        generated = None
+        if "mask" in self.active_stages:
+            generated, stage1 = self.train_mask_stage(pair)
+            losses |= stage1
+        if "image" in self.active_stages:
+            losses |= self.train_image_stage(pair, generated)
+        self.steps += 1
+        self._check_collapse(losses)
+        cfg = self.config
+        if cfg.sample_dir and cfg.sample_every and self.steps % cfg.sample_every == 0:
+            self.write_samples(Path(cfg.sample_dir) / f"step_{self.steps:07d}.png", pair)
+        self._last_pair = Pair(*(t[:4].detach() for t in vars(pair).values()))
+        return losses
+
+    def train_mask_stage(self, pair: Pair) -> tuple[torch.Tensor, dict[str, float]]:
+        """One stage-1 update; returns the generated soft masks (detached) and the losses."""
+        cfg, kind = self.config, self.config.gan_loss
+        region_d, image_d = (self.nets[n] for n in STAGE_NETWORKS["mask"][1])
+        x, y, m_y, c = pair.normal, pair.defect, pair.mask, pair.classes
+        k = cfg.n_masks
+        soft = self.generate_masks(x, self.noise(len(x)), c)  # (n, K, H, W)
+        fake_masks = soft.reshape(-1, 1, *soft.shape[2:])
+        x_k, c_k = x.repeat_interleave(k, dim=0), c.repeat_interleave(k)
+
+        def region_input(masks: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+            return self._with_class(masks * 2 - 1, classes)
+
+        def image_input(
+            images: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor
+        ) -> torch.Tensor:
+            return self._with_class(self.masked(images, masks), classes)
+
+        detached = fake_masks.detach()
+        d_region = gan_loss(region_d(region_input(m_y, c)), True, kind, True) + gan_loss(
+            region_d(region_input(detached, c_k)), False, kind, True
+        )
+        d_image = gan_loss(image_d(image_input(y, m_y, c)), True, kind, True) + gan_loss(
+            image_d(image_input(x_k, detached, c_k)), False, kind, True
+        )
+        self._step(STAGE_NETWORKS["mask"][1], d_region + d_image)
+
+        set_requires_grad([region_d, image_d], False)
+        try:
+            adv = gan_loss(region_d(region_input(fake_masks, c_k)), True, kind, False) + gan_loss(
+                image_d(image_input(x_k, fake_masks, c_k)), True, kind, False
+            )
+            boundary = boundary_loss(soft, self.object_regions(x))
+            loss = cfg.adv_weight * adv + cfg.boundary_weight * boundary
+            self._step(("mask_generator",), loss)
+        finally:
+            set_requires_grad([region_d, image_d], True)
+        return soft.detach(), {
+            "boundary": boundary.item(),
+            "g1_adv": adv.item(),
+            "g1_total": loss.item(),
+            "mask_mean": soft.mean().item(),
+            "d1_region": d_region.item(),
+            "d1_image": d_image.item(),
+        }
+
+    def train_image_stage(self, pair: Pair, generated: torch.Tensor | None) -> dict[str, float]:
+        """One stage-2 update; fakes use stage 1's binarised masks when given, else the real
+        masks of the paired defects."""
+        cfg, kind = self.config, self.config.gan_loss
+        image_d, region_d = (self.nets[n] for n in STAGE_NETWORKS["image"][1])
+        x, y, m_y, c = pair.normal, pair.defect, pair.mask, pair.classes
+        masks = m_y
+        if generated is not None:
+            heads = torch.randint(generated.shape[1], (len(x),)).to(self.device)
+            chosen = generated[torch.arange(len(x), device=self.device), heads][:, None]
+            binary = (chosen >= cfg.mask_threshold).float()
+            empty = binary.flatten(1).amax(dim=1) == 0
+            masks = torch.where(empty[:, None, None, None], m_y, binary)
+        fake = compose(x, masks, self.paint(x, masks, c))
+
+        def region(images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            return self._with_class(torch.cat([self.masked(images, m), m * 2 - 1], dim=1), c)
+
+        d_image = gan_loss(image_d(self._with_class(y, c)), True, kind, True) + gan_loss(
+            image_d(self._with_class(fake.detach(), c)), False, kind, True
+        )
+        d_region = gan_loss(region_d(region(y, m_y)), True, kind, True) + gan_loss(
+            region_d(region(fake.detach(), masks)), False, kind, True
+        )
+        self._step(STAGE_NETWORKS["image"][1], d_image + d_region)
+
+        set_requires_grad([image_d, region_d], False)
+        try:
+            adv = gan_loss(image_d(self._with_class(fake, c)), True, kind, False) + gan_loss(
+                region_d(region(fake, masks)), True, kind, False
+            )
+            loss = cfg.adv_weight * adv
+            recon = torch.zeros((), device=self.device)
+            if cfg.recon_weight > 0:
+                painted = self.paint(y, m_y, c)
+                recon = ((painted - y).abs() * m_y).sum() / (m_y.sum() * self.channels + 1e-6)
+                loss = loss + cfg.recon_weight * recon
+            self._step(("defect_generator",), loss)
+        finally:
+            set_requires_grad([image_d, region_d], True)
+        return {
+            "recon": recon.item(),
+            "g2_adv": adv.item(),
+            "g2_total": loss.item(),
+            "d2_image": d_image.item(),
+            "d2_region": d_region.item(),
+        }
+
+    def _check_collapse(self, losses: dict[str, float]) -> None:
+        cfg = self.config
+        if not cfg.collapse_patience:
+            return
+        for key, name in self.collapse_watch.items():
+            if key not in losses:
+                continue
+            low = losses[key] < cfg.collapse_threshold
+            self.low_d_steps[key] = self.low_d_steps[key] + 1 if low else 0
+            if self.low_d_steps[key] >= cfg.collapse_patience:
+                raise TrainingError(
+                    f"{self.name}: the {name} collapsed: its loss stayed below "
+                    f"{cfg.collapse_threshold:g} for {cfg.collapse_patience} consecutive steps "
+                    f"(step {self.steps}), so it separates real from generated perfectly and "
+                    "the generator gets no useful gradient. Lower lr, use gan_loss=lsgan, or "
+                    "add training images"
+                )
+
+    def end_epoch(self, epoch: int) -> None:
+        # every rank takes part, so the decision is the same on all of them
+        if not distributed.any_rank("defect" in self.buffers):
+            raise TrainingError(
+                f"{self.name}: no defect training image with a non-empty mask in epoch "
+                f"{epoch + 1}: maskgan learns the masks from real defects, so give defect "
+                "images with masks (data.defects_per_class=K on a dataset with masks)"
+            )
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+
+    def finish_training(self) -> None:
+        if self.config.sample_dir and self._last_pair is not None:
+            self.write_samples(Path(self.config.sample_dir) / "final.png", self._last_pair)
+
+    @torch.no_grad()
+    def write_samples(self, path: Path, pair: Pair) -> None:
+        """A PNG grid of up to 4 pairs: normal | generated mask | generated defect image, and
+        real defect | real mask | its reconstruction. Fixed noise (seed 0), so grids of
+        successive steps compare, and torch's training stream is left untouched."""
+        was_training = self.nets.training
+        self.nets.eval()
+        try:
+            x, y, m_y, c = (t[:4] for t in vars(pair).values())
+            if "mask" in self.active_stages:
+                soft = self.generate_masks(x, self.noise(len(x), seed=0), c)[:, :1]
+            else:
+                soft = m_y
+            binary = (soft >= self.config.mask_threshold).float()
+            fake = torch.where(binary > 0, self.paint(x, binary, c), x)
+            recon = compose(y, m_y, self.paint(y, m_y, c))
+            as_image = [(soft * 2 - 1).expand_as(x), (m_y * 2 - 1).expand_as(y)]
+            rows = [[x, as_image[0], fake], [y, as_image[1], recon]]
+        finally:
+            self.nets.train(was_training)
+        images = [
+            [((t[i] + 1) / 2).clamp(0, 1).permute(1, 2, 0).cpu().numpy() for t in row]
+            for i in range(len(x))
+            for row in rows
+        ]
+        write_png(path, image_grid(images))
+
+    # --- inference ---------------------------------------------------------------------------
+    def predict(self, images: torch.Tensor) -> Prediction:
+        raise ConfigError(
+            f"{self.name} is a synthesizer: it generates defect images and does not score "
+            f"them. Use `defectlab synth --method {self.name} --run RUN`"
+        )
+
+    @classmethod
+    def from_run(cls, run_dir: Path) -> MaskGAN:
+        from defectlab.api import load_run  # the API imports the registry, which imports us
+
+        model = load_run(run_dir).model
+        if not isinstance(model, cls):
+            raise ConfigError(f"{run_dir} holds a {model.name} run, not {cls.name}")
+        return model
+
+    def configure_synthesis(self, overrides: dict[str, str]) -> None:
+        """Apply ``--set key=value`` sampling settings to a trained model; only
+        :attr:`synthesis_fields` may change, the others describe the trained networks."""
+        fixed = sorted(set(overrides) - set(self.synthesis_fields))
+        if fixed:
+            raise ConfigError(
+                f"{self.name}: {', '.join(fixed)} cannot change after training; at synthesis "
+                f"time only {', '.join(self.synthesis_fields)} can be set"
+            )
+        self.config = apply_overrides(self.config, overrides, "")
+
+    def _as_model_input(self, image: np.ndarray) -> np.ndarray:
+        array = np.asarray(image, np.float32)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if array.ndim != 3 or array.shape[2] != self.channels:
+            raise ConfigError(
+                f"{self.name} was trained on {self.channels}-channel images; the normal image "
+                f"has shape {image.shape} (pass --channels {self.channels})"
+            )
+        return array
+
+    def _pick_class(self, rng: np.random.Generator) -> tuple[int, str]:
+        classes = self.config.defect_classes
+        if self.config.defect_class:
+            return classes.index(self.config.defect_class), self.config.defect_class
+        if self.config.n_classes:
+            index = int(rng.integers(len(classes)))
+            return index, classes[index]
+        return 0, classes[0] if len(classes) == 1 else "any"
+
+    @torch.no_grad()
+    def synthesize(self, image: np.ndarray, rng: np.random.Generator) -> SynthSample:
+        """A defect image and its exact mask for one normal image (any size; the networks run
+        at the model size and the result is composed at the input's size)."""
+        cfg = self.config
+        native = self._as_model_input(image)
+        source = resize_image(native, self.image_size)
+        x = torch.from_numpy(np.ascontiguousarray(source.transpose(2, 0, 1)))[None]
+        x = x.to(self.device) * 2 - 1
+        class_id, defect_type = self._pick_class(rng)
+        classes = torch.tensor([class_id], device=self.device)
+        self.nets.eval()
+        attempts = 0
+        while True:
+            attempts += 1
+            noise_seed = int(rng.integers(2**31))
+            head = int(rng.integers(cfg.n_masks))
+            soft = self.generate_masks(x, self.noise(1, seed=noise_seed), classes)[0, head]
+            mask = binarize_mask(soft.cpu().numpy(), cfg.mask_threshold, cfg.mask_min_area)
+            if mask.any() or attempts == cfg.mask_attempts:
+                break
+        if not mask.any():
+            warnings.warn(
+                f"{self.name}: empty mask after {cfg.mask_attempts} noise draws (rule soft >= "
+                f"{cfg.mask_threshold:g}, components >= {cfg.mask_min_area} px); the sample keeps "
+                "the normal image. Lower mask_threshold / mask_min_area or train longer",
+                stacklevel=2,
+            )
+        binary = torch.from_numpy(mask.astype(np.float32))[None, None].to(self.device)
+        foreground = self.paint(x, binary, classes)
+        painted = ((foreground[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+        height, width = native.shape[:2]
+        native_mask = resize_mask(mask, (height, width))
+        painted = resize_image(painted.astype(np.float32), (height, width))
+        out = np.where(native_mask[:, :, None], painted, native).astype(np.float32)
+        if image.ndim == 2:
+            out = out[:, :, 0]
+        outside = (native_mask & ~object_region(native, cfg.object)).sum()
+        area = int(native_mask.sum())
+        record = {
+            "method": self.name,
+            "defect_type": defect_type,
+            "noise_seed": noise_seed,
+            "mask_head": head,
+            "mask_attempts": attempts,
+            "mask_rule": f"soft>={cfg.mask_threshold:g} min_area={cfg.mask_min_area}",
+            "mask_area": area,
+            "outside_object": round(float(outside) / area, 6) if area else 0.0,
+            "object_rule": cfg.object.describe(),
+            "resized": (height, width) != (self.image_size, self.image_size),
+        }
+        return SynthSample(out, native_mask, record)
+
+    # --- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "nets": {name: dict(net.state_dict()) for name, net in self.nets.items()},
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        nets = state["nets"]
+        if set(nets) != set(self.nets):
+            raise ValueError(f"{self.name}: networks {sorted(nets)} != {sorted(self.nets)}")
+        for name, net in self.nets.items():
+            try:
+                net.load_state_dict(nets[name])
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"{self.name}: weights of {name} do not fit this model (image size "
+                    f"{self.image_size}, {self.channels} channels, width {self.config.width}, "
+                    f"{self.config.n_classes} classes): {str(exc).splitlines()[0]}"
+                ) from exc
+        self.steps = int(state["steps"])
+
+    def training_state(self) -> dict[str, Any]:
+        if not self.optimizers:
+            return {}
+        return {
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "buffers": {
+                kind: {k: v.cpu() for k, v in pool.items()} for kind, pool in self.buffers.items()
+            },
+            "low_d_steps": dict(self.low_d_steps),
+        }
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if not self.optimizers:
+            self.setup_training(0)
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+            self.schedulers[name].load_state_dict(state["schedulers"][name])
+        self.buffers = {
+            kind: {k: v.to(self.device) for k, v in pool.items()}
+            for kind, pool in state["buffers"].items()
+        }
+        self.low_d_steps = {k: int(v) for k, v in state["low_d_steps"].items()}
