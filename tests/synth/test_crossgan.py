@@ -20,6 +20,10 @@ from defectlab.synth.crossgan import CrossGAN, CrossGANConfig, kl_divergence
 from defectlab.synth.cyclegan import CycleGAN
 from defectlab.synth.gan_parts import MaskRule, difference_mask
 from defectlab.training import fit
+from tests.synth.gan_checks import (
+    assert_resume_reproduces_the_uninterrupted_run,
+    assert_sample_grids,
+)
 
 SIZE = 32
 TINY = {"width": 4, "content_blocks": 1, "detail_dim": 4, "disc_layers": 2}
@@ -176,37 +180,13 @@ def test_same_seed_same_losses(tmp_path: Path) -> None:
     assert any("cross_cycle" in row for row in first)
 
 
-class Interrupted(Exception):
-    pass
-
-
 @pytest.mark.parametrize("stop_after", [3, 4])  # at the epoch boundary, and mid-epoch 2
 def test_resume_reproduces_the_uninterrupted_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_after: int
 ) -> None:
-    # lr decay every epoch, so the scheduler state matters too; 3 steps per epoch
-    straight = make(epochs=2, lr_decay_epochs=1)
-    expected = fit_tiny(straight, tmp_path / "straight")
-
-    interrupted = make(epochs=2, lr_decay_epochs=1)
-    step = interrupted.training_step
-    calls = []
-
-    def stop(batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        if len(calls) == stop_after:
-            raise Interrupted
-        calls.append(1)
-        return step(batch)
-
-    monkeypatch.setattr(interrupted, "training_step", stop)
-    with pytest.raises(Interrupted):
-        fit_tiny(interrupted, tmp_path / "resumed", checkpoint_every=1)
-    resumed = make(epochs=2, lr_decay_epochs=1, seed=123)  # weights come from the checkpoint
-    history = fit_tiny(resumed, tmp_path / "resumed", resume=True)
-    assert history == expected
-    for name, net in straight.nets.items():
-        for key, value in net.state_dict().items():
-            assert torch.equal(value, resumed.nets[name].state_dict()[key]), (name, key)
+    assert_resume_reproduces_the_uninterrupted_run(
+        make, fit_tiny, tmp_path, monkeypatch, stop_after
+    )
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
@@ -232,17 +212,10 @@ def test_discriminator_collapse_stops_training() -> None:
 
 
 def test_sample_grids(tmp_path: Path) -> None:
+    # per pair and direction a row; columns input, translation, cross reconstruction
     model = make(sample_every=2, sample_dir=str(tmp_path / "grids"))
-    torch.manual_seed(0)
     batch = batch_of(surfaces(2, 2), [0, 0, 1, 1])
-    for _ in range(2):
-        model.training_step(batch)
-    model.finish_training()
-    names = sorted(p.name for p in (tmp_path / "grids").iterdir())
-    assert names == ["final.png", "step_0000002.png"]
-    grid = cv2.imread(str(tmp_path / "grids" / "final.png"), cv2.IMREAD_UNCHANGED)
-    # 2 pairs × 2 directions rows, 3 columns (input, translation, cross reconstruction)
-    assert grid.shape == (4 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2)
+    assert_sample_grids(model, batch, tmp_path / "grids", SIZE)
 
 
 # --- state and synthesis ---------------------------------------------------------------------

@@ -29,6 +29,10 @@ from defectlab.synth.maskgan import (
 )
 from defectlab.training import fit
 from tests.conftest import textured, with_defect, write_image
+from tests.synth.gan_checks import (
+    assert_resume_reproduces_the_uninterrupted_run,
+    assert_sample_grids,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -324,35 +328,11 @@ def test_same_seed_same_losses(tmp_path: Path) -> None:
     assert any("recon" in row and "boundary" in row for row in first)
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_resume_reproduces_the_uninterrupted_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # lr decay every epoch, so the scheduler state matters too; 3 steps per epoch
-    straight = make(epochs=2, lr_decay_epochs=1)
-    expected = fit_tiny(straight, tmp_path / "straight")
-
-    interrupted = make(epochs=2, lr_decay_epochs=1)
-    step = interrupted.training_step
-    calls = []
-
-    def stop(batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        if len(calls) == 4:  # mid-epoch 2
-            raise Interrupted
-        calls.append(1)
-        return step(batch)
-
-    monkeypatch.setattr(interrupted, "training_step", stop)
-    with pytest.raises(Interrupted):
-        fit_tiny(interrupted, tmp_path / "resumed", checkpoint_every=1)
-    resumed = make(epochs=2, lr_decay_epochs=1, seed=123)  # weights come from the checkpoint
-    assert fit_tiny(resumed, tmp_path / "resumed", resume=True) == expected
-    for name, net in straight.nets.items():
-        for key, value in net.state_dict().items():
-            assert torch.equal(value, resumed.nets[name].state_dict()[key]), (name, key)
+    # stopped mid-epoch 2
+    assert_resume_reproduces_the_uninterrupted_run(make, fit_tiny, tmp_path, monkeypatch, 4)
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path: Path) -> None:
@@ -372,19 +352,9 @@ def test_discriminator_collapse_stops_training() -> None:
 
 
 def test_sample_grids(tmp_path: Path) -> None:
+    # per pair a generated and a real row; columns image, mask, defect image
     model = make(sample_every=2, sample_dir=str(tmp_path / "grids"))
-    torch.manual_seed(0)
-    batch = batch_of(2, 2)
-    for _ in range(2):
-        model.training_step(batch)
-    model.finish_training()
-    assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == [
-        "final.png",
-        "step_0000002.png",
-    ]
-    grid = cv2.imread(str(tmp_path / "grids" / "final.png"), cv2.IMREAD_UNCHANGED)
-    # 2 pairs × 2 rows (generated, real), 3 columns (image, mask, defect image)
-    assert grid.shape == (4 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2)
+    assert_sample_grids(model, batch_of(2, 2), tmp_path / "grids", SIZE)
 
 
 def test_class_conditioning() -> None:

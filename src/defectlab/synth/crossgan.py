@@ -79,7 +79,9 @@ from defectlab.synth.gan_parts import (
     UpBlock,
     UpDecoder,
     adversarial_loss,
-    set_requires_grad,
+    check_choices,
+    check_fields,
+    frozen,
     to_image_conv,
 )
 
@@ -104,22 +106,19 @@ class CrossGANConfig(GANConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("content_blocks", "detail_dim"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
-        weights = (
-            "cross_cycle_weight",
-            "kl_weight",
-            "adv_weight",
-            "content_adv_weight",
-            "self_recon_weight",
-            "latent_weight",
+        check_fields(
+            self,
+            at_least_one=("content_blocks", "detail_dim"),
+            nonnegative=(
+                "cross_cycle_weight",
+                "kl_weight",
+                "adv_weight",
+                "content_adv_weight",
+                "self_recon_weight",
+                "latent_weight",
+            ),
         )
-        for key in weights:
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
-        if self.detail not in DETAIL_MODES:
-            raise ValueError(f"detail must be one of {DETAIL_MODES}, got {self.detail!r}")
+        check_choices(self, {"detail": DETAIL_MODES})
 
 
 class ContentDiscriminator(nn.Module):
@@ -288,9 +287,7 @@ class CrossGAN(TranslationGAN):
         self.step_optimizers(DISCRIMINATORS, c_loss + x_loss + y_loss)
 
         # encoders and generators against the updated, frozen discriminators
-        frozen = [d_content, d_normal, d_defect]
-        set_requires_grad(frozen, False)
-        try:
+        with frozen([d_content, d_normal, d_defect]):
             content_adv = adversarial_loss(d_content(z_x), 0.5, "bce") + adversarial_loss(
                 d_content(z_y), 0.5, "bce"
             )
@@ -319,8 +316,6 @@ class CrossGAN(TranslationGAN):
                 loss = loss + cfg.latent_weight * latent
                 losses["latent"] = latent.item()
             self.step_optimizers(GENERATOR_SIDE, loss)
-        finally:
-            set_requires_grad(frozen, True)
 
         return {
             "cross_cycle": cross.item(),

@@ -38,7 +38,8 @@ from defectlab.synth.gan_parts import (
     TranslationGAN,
     UpDecoder,
     adversarial_loss,
-    set_requires_grad,
+    check_fields,
+    frozen,
 )
 
 GENERATORS = ("defect_generator", "normal_generator")
@@ -56,11 +57,11 @@ class CycleGANConfig(GANConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.res_blocks < 1:
-            raise ValueError(f"res_blocks must be at least 1, got {self.res_blocks}")
-        for key in ("cycle_weight", "identity_weight", "adv_weight"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        check_fields(
+            self,
+            at_least_one=("res_blocks",),
+            nonnegative=("cycle_weight", "identity_weight", "adv_weight"),
+        )
 
 
 class ResnetGenerator(nn.Sequential):
@@ -114,8 +115,7 @@ class CycleGAN(TranslationGAN):
         )
         self.step_optimizers(DISCRIMINATORS, x_loss + y_loss)
 
-        set_requires_grad([d_normal, d_defect], False)
-        try:
+        with frozen([d_normal, d_defect]):
             adv = adversarial_loss(d_defect(u), 1.0, kind) + adversarial_loss(
                 d_normal(v), 1.0, kind
             )
@@ -127,8 +127,6 @@ class CycleGAN(TranslationGAN):
                 loss = loss + cfg.identity_weight * identity
                 losses["identity"] = identity.item()
             self.step_optimizers(GENERATORS, loss)
-        finally:
-            set_requires_grad([d_normal, d_defect], True)
         return {
             "cycle": cycle.item(),
             "g_adv": adv.item(),

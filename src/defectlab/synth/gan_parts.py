@@ -1,12 +1,14 @@
 """Pieces shared by the learned (GAN) synthesizers: layers, multi-scale PatchGAN
-discriminators, the adversarial losses, the mask rule and a training/synthesis base class.
+discriminators, the adversarial losses, the mask rule and the training/synthesis base classes
+(:class:`GANSynthesizer` for every GAN, :class:`TranslationGAN` for the translators).
 
 CrossGAN (:mod:`defectlab.synth.crossgan`) and the CycleGAN baseline
 (:mod:`defectlab.synth.cyclegan`) differ only in their networks and losses; everything a
 comparison must hold equal lives here once — the discriminators, the optimiser recipe
 (one Adam per network, step decay), the pairing of normal and defect images within a batch,
 discriminator-collapse detection, sample grids and, above all, the rule that turns a
-generated image into a mask.
+generated image into a mask. MaskGAN (:mod:`defectlab.synth.maskgan`) shares all of that but
+the mask rule (its masks are generated, not derived).
 
 **Mask rule** (:func:`difference_mask`). A translated image ``g`` is aligned pixel for pixel
 with its source normal image ``x``, so the defect is where they differ:
@@ -27,10 +29,11 @@ The record of each sample states the rule, ``t`` and the mask area.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, Self
 
 import cv2
 import numpy as np
@@ -199,6 +202,17 @@ def set_requires_grad(modules: Sequence[nn.Module], flag: bool) -> None:
             p.requires_grad_(flag)
 
 
+@contextmanager
+def frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Discriminators frozen for a generator update and unfrozen after it, even when the
+    update raises (a non-finite loss must not leave them frozen)."""
+    set_requires_grad(modules, False)
+    try:
+        yield
+    finally:
+        set_requires_grad(modules, True)
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -268,7 +282,41 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray
     return to_uint8(grid)
 
 
+def to_image(tensor: torch.Tensor) -> np.ndarray:
+    """(C, H, W) tensor in [-1, 1] → (H, W, C) float array in [0, 1], for grids and samples."""
+    return ((tensor + 1) / 2).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+
+
 # --- config and base class -------------------------------------------------------------------
+
+#: range rules of :func:`check_fields`: name → (test that a value fails, what it must be)
+_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "at_least_one": (lambda v: v < 1, "must be at least 1"),
+    "positive": (lambda v: v <= 0, "must be positive"),
+    "nonnegative": (lambda v: v < 0, "must be >= 0"),
+    "half_open_unit": (lambda v: not 0 <= v < 1, "must be in [0, 1)"),
+    "open_unit": (lambda v: not 0 < v < 1, "must be in (0, 1)"),
+}
+
+
+def check_fields(config: object, **rules: Sequence[str]) -> None:
+    """Range checks of config fields, rule by rule in the order given (rules: the keys of
+    ``_FIELD_RULES``), so every GAN config words its errors alike; the first failure raises a
+    ValueError that names the field."""
+    for rule, keys in rules.items():
+        fails, requirement = _FIELD_RULES[rule]
+        for key in keys:
+            value = getattr(config, key)
+            if fails(value):
+                raise ValueError(f"{key} {requirement}, got {value}")
+
+
+def check_choices(config: object, choices: dict[str, tuple[str, ...]]) -> None:
+    """Each named string field must be one of its allowed values; the error names the field."""
+    for key, allowed in choices.items():
+        value = getattr(config, key)
+        if value not in allowed:
+            raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
 
 
 @dataclass
@@ -311,35 +359,24 @@ class GANConfig(ModelConfig):
     mask_min_area: int = 8
 
     def __post_init__(self) -> None:
-        positive_ints = ("width", "lr_decay_epochs", "disc_layers", "disc_scales", "buffer_size")
-        for key in positive_ints:
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("lr", "lr_decay_gamma", "mask_k"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
-        for key in ("beta1", "beta2"):
-            if not 0 <= getattr(self, key) < 1:
-                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
-        nonneg = (
-            "weight_decay",
-            "collapse_threshold",
-            "collapse_patience",
-            "sample_every",
-            "mask_min_diff",
-            "mask_blur",
-            "mask_open",
-            "mask_min_area",
+        check_fields(
+            self,
+            at_least_one=("width", "lr_decay_epochs", "disc_layers", "disc_scales", "buffer_size"),
+            positive=("lr", "lr_decay_gamma", "mask_k"),
+            half_open_unit=("beta1", "beta2"),
+            nonnegative=(
+                "weight_decay",
+                "collapse_threshold",
+                "collapse_patience",
+                "sample_every",
+                "mask_min_diff",
+                "mask_blur",
+                "mask_open",
+                "mask_min_area",
+            ),
         )
-        for key in nonneg:
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
-        if self.gan_loss not in GAN_LOSSES:
-            raise ValueError(f"gan_loss must be one of {GAN_LOSSES}, got {self.gan_loss!r}")
-        if self.mask_rule not in MASK_RULES:
-            raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {self.mask_rule!r}")
-        if not 0 < self.mask_level < 1:
-            raise ValueError(f"mask_level must be in (0, 1), got {self.mask_level}")
+        check_choices(self, {"gan_loss": GAN_LOSSES, "mask_rule": MASK_RULES})
+        check_fields(self, open_unit=("mask_level",))
 
     @property
     def mask(self) -> MaskRule:
@@ -354,39 +391,96 @@ class GANConfig(ModelConfig):
         )
 
 
-class TranslationGAN(Model, Synthesizer):
-    """Base of the normal → defect translators: networks in one ``ModuleDict``, one Adam +
-    step decay per network, batch pairing, collapse detection, grids, state and synthesis.
+def map_tensors(fn: Callable[..., torch.Tensor], data: Any, *others: Any) -> Any:
+    """``fn`` applied to every tensor of ``data`` — a tensor or a (nested) dict of tensors —
+    with the tensors at the same place in ``others`` as further arguments. Pairing buffers
+    are flat (one image tensor per kind) in TranslationGAN and dicts (image, mask, class) in
+    MaskGAN; this lets one pairing and one checkpoint code path serve both."""
+    if isinstance(data, dict):
+        return {
+            key: map_tensors(fn, value, *(o[key] for o in others)) for key, value in data.items()
+        }
+    return fn(data, *others)
 
-    Pairing. Batches mix normal (label 0) and defect (label 1) images in any proportion. Each
-    step pairs ``n = max(#normal, #defect)`` images of each kind: a kind with fewer images is
-    topped up with images drawn at random (torch's global generator, which the trainer seeds
-    and checkpoints) from a rolling buffer of the last ``buffer_size`` images of that kind
-    seen, or, while that buffer is still empty, by repeating the batch's own images. A step
-    whose batch lacks a kind that has never been seen only fills the buffer and returns no
-    losses (this can only happen at the start of training).
+
+def _count(data: Any) -> int:
+    """Rows of a tensor, or of the (equally long) tensors of a nested dict."""
+    while isinstance(data, dict):
+        data = next(iter(data.values()))
+    return len(data)
+
+
+def _top_up(own: Any, source: Any, pick: torch.Tensor) -> Any:
+    """``own`` followed by the rows ``pick`` of ``source``, tensor by tensor."""
+    return map_tensors(lambda a, b: torch.cat([a, b[pick]]), own, source)
+
+
+def _concat(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    return torch.cat([first, second])
+
+
+class GANSettings(Protocol):
+    """The config fields :class:`GANSynthesizer` reads (``GANConfig`` and ``MaskGANConfig``
+    both have them, with their own defaults)."""
+
+    width: int
+    lr: float
+    beta1: float
+    beta2: float
+    weight_decay: float
+    lr_decay_epochs: int
+    lr_decay_gamma: float
+    disc_layers: int
+    disc_scales: int
+    buffer_size: int
+    collapse_threshold: float
+    collapse_patience: int
+    sample_every: int
+    sample_dir: str
+
+
+class GANSynthesizer(Model, Synthesizer):
+    """What every GAN synthesizer shares, so that TranslationGAN (CrossGAN, CycleGAN) and
+    MaskGAN train, checkpoint and sample alike: networks in one ``ModuleDict``, one Adam + step
+    decay per trained network, batch pairing with rolling buffers, discriminator-collapse
+    detection, sample grids, synthesis settings and the checkpoint state.
+
+    A subclass builds the networks (:meth:`build_networks`), turns a batch into paired
+    tensors (:meth:`_pair`, normally through :meth:`_pair_kinds`), updates on them
+    (:meth:`train_pairs`) and lays out sample grids (:meth:`sample_rows`).
+
+    Pairing. Batches mix normal and defect images in any proportion. Each step pairs
+    ``n = max(#normal, #defect)`` of each kind: a kind with fewer is topped up with items drawn
+    at random (torch's global generator, which the trainer seeds and checkpoints) from a
+    rolling buffer of the last ``buffer_size`` items of that kind seen, or, while that buffer
+    is still empty, by repeating the batch's own. A step whose batch lacks a kind that has
+    never been seen only fills the buffer and returns no losses (this can only happen at the
+    start of training).
     """
 
     family: ClassVar[str] = "synthesizer"
     needs_training: ClassVar[bool] = True
     trains_on_defects: ClassVar[bool] = True
-    Config = GANConfig
-    config: GANConfig
+    config: GANSettings
     #: loss key → discriminator name, for every discriminator watched for collapse
     collapse_watch: ClassVar[dict[str, str]] = {}
     #: config fields that may change after training (they do not touch the networks)
-    synthesis_fields: ClassVar[tuple[str, ...]] = (
-        "mask_rule",
-        "mask_k",
-        "mask_level",
-        "mask_min_diff",
-        "mask_blur",
-        "mask_open",
-        "mask_min_area",
-    )
+    synthesis_fields: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: GANConfig | None = None, **kwargs: Any) -> None:
+    def __init__(self, config: ModelConfig | None = None, **kwargs: Any) -> None:
         Model.__init__(self, config, **kwargs)
+        self._check_setup()
+        self.nets = nn.ModuleDict(self.build_networks()).to(self.device)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, torch.optim.lr_scheduler.StepLR] = {}
+        #: kind → its latest items: a tensor or a dict of tensors (see :func:`map_tensors`)
+        self.buffers: dict[str, Any] = {}
+        self.low_d_steps: dict[str, int] = dict.fromkeys(self.collapse_watch, 0)
+        self.steps = 0
+        self._last_pair: tuple[torch.Tensor, ...] | None = None
+
+    def _check_setup(self) -> None:
+        """Refuse sizes and channels the networks cannot take, before building them."""
         cfg = self.config
         smallest = min_image_size(cfg.disc_layers, cfg.disc_scales)
         if self.image_size % 4 or self.image_size < smallest:
@@ -397,37 +491,35 @@ class TranslationGAN(Model, Synthesizer):
             )
         if self.channels not in (1, 3):
             raise ValueError(f"{self.name}: channels must be 1 or 3, got {self.channels}")
-        self.nets = nn.ModuleDict(self.build_networks()).to(self.device)
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.schedulers: dict[str, torch.optim.lr_scheduler.StepLR] = {}
-        self.buffers: dict[str, torch.Tensor] = {}
-        self.low_d_steps: dict[str, int] = dict.fromkeys(self.collapse_watch, 0)
-        self.steps = 0
-        self.examples: list[np.ndarray] = []
 
     # --- to implement -------------------------------------------------------------------------
     @abstractmethod
     def build_networks(self) -> dict[str, nn.Module]:
-        """Name → network; every network gets its own optimiser."""
+        """Name → network; every trained network gets its own optimiser."""
 
     @abstractmethod
-    def train_pairs(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """One update on paired normal ``x`` and defect ``y`` images in [-1, 1]; returns the
-        losses, including every key of ``collapse_watch``."""
+    def _pair(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...] | None:
+        """The batch's paired tensors (images in [-1, 1]), or None when it cannot be paired
+        yet; :meth:`train_pairs` and :meth:`sample_rows` receive them as arguments."""
 
     @abstractmethod
-    def sample_rows(self, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
-        """Rows of image batches in [-1, 1] for the sample grid (eval mode, no grad)."""
+    def train_pairs(self, *pair: torch.Tensor) -> dict[str, float]:
+        """One update on the tensors of :meth:`_pair`; returns the losses, including the
+        ``collapse_watch`` keys of the discriminators it trained."""
 
     @abstractmethod
-    def translate(
-        self, x: torch.Tensor, rng: np.random.Generator
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Defect version (1, C, H, W) in [-1, 1] of normal ``x`` and what to record."""
+    def sample_rows(self, *pair: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Rows of image batches in [-1, 1] for the sample grid of up to 4 pairs (eval mode,
+        no grad); each row becomes one grid row per image of its batches."""
 
     # --- helpers -------------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
         return {name: count_parameters(net) for name, net in self.nets.items()}
+
+    @property
+    def trained_networks(self) -> tuple[str, ...]:
+        """The networks that get an optimiser: all of them unless a subclass says otherwise."""
+        return tuple(self.nets)
 
     def randn(self, *shape: int) -> torch.Tensor:
         """Standard normal noise from torch's global CPU generator (seeded and checkpointed
@@ -444,9 +536,9 @@ class TranslationGAN(Model, Synthesizer):
     # --- training ------------------------------------------------------------------------------
     def setup_training(self, n_train: int) -> None:
         cfg = self.config
-        for name, net in self.nets.items():
+        for name in self.trained_networks:
             optimizer = torch.optim.Adam(
-                net.parameters(),
+                self.nets[name].parameters(),
                 lr=cfg.lr,
                 betas=(cfg.beta1, cfg.beta2),
                 weight_decay=cfg.weight_decay,
@@ -456,34 +548,36 @@ class TranslationGAN(Model, Synthesizer):
                 optimizer, step_size=cfg.lr_decay_epochs, gamma=cfg.lr_decay_gamma
             )
 
-    def _pair(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        images = batch["image"].to(self.device, torch.float32)
-        labels = batch["label"].to(self.device)
-        kinds = {"normal": images[labels == 0], "defect": images[labels != 0]}
-        n = max(len(v) for v in kinds.values())
-        paired = {}
+    def _pair_kinds(self, kinds: dict[str, Any]) -> dict[str, Any] | None:
+        """Pair the kinds of one batch as the class docstring says and remember the latest
+        items of each kind in :attr:`buffers`. ``kinds`` maps a kind to a tensor or a dict of
+        equally long tensors (an image with its mask and class); None when a kind has no
+        items and no buffer yet, or the batch is empty."""
+        n = max(_count(own) for own in kinds.values())
+        paired: dict[str, Any] = {}
         for kind, own in kinds.items():
+            count = _count(own)
             pool = self.buffers.get(kind)
-            if len(own) < n:
-                if pool is None or not len(pool):
-                    if not len(own):
-                        paired[kind] = None
-                        continue
-                    extra = own[(torch.arange(n - len(own)) % len(own)).to(own.device)]
-                else:
-                    extra = pool[torch.randint(len(pool), (n - len(own),)).to(pool.device)]
-                own_full = torch.cat([own, extra])
+            if count >= n:
+                paired[kind] = own if n else None
+                continue
+            if pool is None:
+                if not count:
+                    paired[kind] = None
+                    continue
+                pick, source = (torch.arange(n - count) % count).to(self.device), own
             else:
-                own_full = own
-            paired[kind] = own_full
-        for kind, own in kinds.items():  # remember the latest real images of each kind
-            if len(own):
+                pick, source = torch.randint(_count(pool), (n - count,)).to(self.device), pool
+            paired[kind] = _top_up(own, source, pick)
+        size = self.config.buffer_size
+        for kind, own in kinds.items():  # remember the latest real items of each kind
+            if _count(own):
                 pool = self.buffers.get(kind)
-                merged = own if pool is None else torch.cat([pool, own])
-                self.buffers[kind] = merged[-self.config.buffer_size :].detach().clone()
-        if paired["normal"] is None or paired["defect"] is None:
+                merged = own if pool is None else map_tensors(_concat, pool, own)
+                self.buffers[kind] = map_tensors(lambda t: t[-size:].detach().clone(), merged)
+        if any(items is None for items in paired.values()):
             return None
-        return paired["normal"], paired["defect"]
+        return paired
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         if not self.optimizers:
@@ -493,22 +587,25 @@ class TranslationGAN(Model, Synthesizer):
         # run the same optimiser steps (and gradient all-reduces)
         if distributed.any_rank(pair is None) or pair is None:
             return {}
-        x, y = (p * 2 - 1 for p in pair)
         self.nets.train()
-        losses = self.train_pairs(x, y)
+        losses = self.train_pairs(*pair)
         self.steps += 1
         self._check_collapse(losses)
         cfg = self.config
         if cfg.sample_dir and cfg.sample_every and self.steps % cfg.sample_every == 0:
-            self.write_samples(Path(cfg.sample_dir) / f"step_{self.steps:07d}.png", x, y)
-        self._last_pair = (x[:4].detach(), y[:4].detach())
+            self.write_samples(Path(cfg.sample_dir) / f"step_{self.steps:07d}.png", *pair)
+        self._last_pair = tuple(t[:4].detach() for t in pair)
         return losses
 
     def _check_collapse(self, losses: dict[str, float]) -> None:
+        """Stop when a watched discriminator's loss stays tiny; a discriminator not trained
+        this step (no loss reported) keeps its count."""
         cfg = self.config
         if not cfg.collapse_patience:
             return
         for key, name in self.collapse_watch.items():
+            if key not in losses:
+                continue
             low = losses[key] < cfg.collapse_threshold
             self.low_d_steps[key] = self.low_d_steps[key] + 1 if low else 0
             if self.low_d_steps[key] >= cfg.collapse_patience:
@@ -525,25 +622,20 @@ class TranslationGAN(Model, Synthesizer):
             scheduler.step()
 
     def finish_training(self) -> None:
-        last = getattr(self, "_last_pair", None)
-        if self.config.sample_dir and last is not None:
-            self.write_samples(Path(self.config.sample_dir) / "final.png", *last)
+        if self.config.sample_dir and self._last_pair is not None:
+            self.write_samples(Path(self.config.sample_dir) / "final.png", *self._last_pair)
 
     @torch.no_grad()
-    def write_samples(self, path: Path, x: torch.Tensor, y: torch.Tensor) -> None:
-        """A PNG grid (eval mode, up to 4 pairs): one row per pair and direction."""
+    def write_samples(self, path: Path, *pair: torch.Tensor) -> None:
+        """A PNG grid of :meth:`sample_rows` for the first 4 pairs (eval mode)."""
         was_training = self.nets.training
         self.nets.eval()
         try:
-            rows = self.sample_rows(x[:4], y[:4])
+            rows = self.sample_rows(*(t[:4] for t in pair))
         finally:
             self.nets.train(was_training)
-        as_images = [
-            [((t[i] + 1) / 2).clamp(0, 1).permute(1, 2, 0).cpu().numpy() for t in row]
-            for row in rows
-            for i in range(len(row[0]))
-        ]
-        write_png(path, image_grid(as_images))
+        images = [[to_image(t[i]) for t in row] for row in rows for i in range(len(row[0]))]
+        write_png(path, image_grid(images))
 
     # --- inference -----------------------------------------------------------------------------
     def predict(self, images: torch.Tensor) -> Prediction:
@@ -553,7 +645,7 @@ class TranslationGAN(Model, Synthesizer):
         )
 
     @classmethod
-    def from_run(cls, run_dir: Path) -> TranslationGAN:
+    def from_run(cls, run_dir: Path) -> Self:
         from defectlab.api import load_run  # the API imports the registry, which imports us
 
         model = load_run(run_dir).model
@@ -572,7 +664,9 @@ class TranslationGAN(Model, Synthesizer):
             )
         self.config = apply_overrides(self.config, overrides, "")
 
-    def _as_model_input(self, image: np.ndarray, what: str) -> np.ndarray:
+    def _channels_last(self, image: np.ndarray, what: str) -> np.ndarray:
+        """``image`` as float32 (H, W, C) at its own size; a channel count the model was not
+        trained on is refused with the option that fixes it."""
         array = np.asarray(image, np.float32)
         if array.ndim == 2:
             array = array[:, :, None]
@@ -581,39 +675,18 @@ class TranslationGAN(Model, Synthesizer):
                 f"{self.name} was trained on {self.channels}-channel images; {what} has shape "
                 f"{image.shape} (pass --channels {self.channels})"
             )
-        return resize_image(array, self.image_size)
+        return array
 
     def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, C) image in [0, 1] → (1, C, H, W) network input in [-1, 1]."""
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
         return tensor.to(self.device) * 2 - 1
 
-    def use_defect_examples(self, images: Sequence[np.ndarray]) -> None:
-        self.examples = [self._as_model_input(im, "a defect example") for im in images]
-
-    @torch.no_grad()
-    def synthesize(self, image: np.ndarray, rng: np.random.Generator) -> SynthSample:
-        """Translate one normal image into a defect image; the mask is :func:`difference_mask`
-        of the result and the (model-size) source. Images of another size are resized to the
-        model's size first, and the sample is returned at that size."""
-        source = self._as_model_input(image, "the normal image")
-        self.nets.eval()
-        generated, record = self.translate(self._to_tensor(source), rng)
-        out = ((generated[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-        rule = self.config.mask
-        mask, threshold = difference_mask(out, source, rule)
-        if image.ndim == 2:
-            out = out[:, :, 0]
-        record = {
-            "method": self.name,
-            **record,
-            "mask_rule": rule.describe(),
-            "mask_threshold": round(threshold, 6),
-            "mask_area": int(mask.sum()),
-            "resized": tuple(image.shape[:2]) != (self.image_size, self.image_size),
-        }
-        return SynthSample(out.astype(np.float32), mask, record)
-
     # --- state ---------------------------------------------------------------------------------
+    def _weights_hint(self) -> str:
+        """What shapes the networks, for the error when checkpoint weights do not fit."""
+        return f"image size {self.image_size}, {self.channels} channels, width {self.config.width}"
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "nets": {name: dict(net.state_dict()) for name, net in self.nets.items()},
@@ -629,9 +702,8 @@ class TranslationGAN(Model, Synthesizer):
                 net.load_state_dict(nets[name])
             except RuntimeError as exc:
                 raise ValueError(
-                    f"{self.name}: weights of {name} do not fit this model (image size "
-                    f"{self.image_size}, {self.channels} channels, width {self.config.width}): "
-                    f"{str(exc).splitlines()[0]}"
+                    f"{self.name}: weights of {name} do not fit this model "
+                    f"({self._weights_hint()}): {str(exc).splitlines()[0]}"
                 ) from exc
         self.steps = int(state["steps"])
 
@@ -641,7 +713,7 @@ class TranslationGAN(Model, Synthesizer):
         return {
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-            "buffers": {k: b.cpu() for k, b in self.buffers.items()},
+            "buffers": map_tensors(lambda t: t.cpu(), self.buffers),
             "low_d_steps": dict(self.low_d_steps),
         }
 
@@ -653,5 +725,73 @@ class TranslationGAN(Model, Synthesizer):
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
             self.schedulers[name].load_state_dict(state["schedulers"][name])
-        self.buffers = {k: b.to(self.device) for k, b in state["buffers"].items()}
+        self.buffers = map_tensors(lambda t: t.to(self.device), state["buffers"])
         self.low_d_steps = {k: int(v) for k, v in state["low_d_steps"].items()}
+
+
+class TranslationGAN(GANSynthesizer):
+    """Base of the normal → defect translators (CrossGAN, CycleGAN): a step pairs normal
+    (label 0) and defect (label ≠ 0) images as :class:`GANSynthesizer` describes and trains on
+    the pair ``(x, y)`` in [-1, 1]; synthesis translates a normal image and takes the mask
+    from the aligned difference (:func:`difference_mask`). Sample grid rows are one
+    direction of one pair each: all pairs of the first row, then of the next."""
+
+    Config = GANConfig
+    config: GANConfig
+    buffers: dict[str, torch.Tensor]
+    synthesis_fields: ClassVar[tuple[str, ...]] = (
+        "mask_rule",
+        "mask_k",
+        "mask_level",
+        "mask_min_diff",
+        "mask_blur",
+        "mask_open",
+        "mask_min_area",
+    )
+
+    def __init__(self, config: GANConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.examples: list[np.ndarray] = []
+
+    @abstractmethod
+    def translate(
+        self, x: torch.Tensor, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Defect version (1, C, H, W) in [-1, 1] of normal ``x`` and what to record."""
+
+    def _pair(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        images = batch["image"].to(self.device, torch.float32)
+        labels = batch["label"].to(self.device)
+        paired = self._pair_kinds({"normal": images[labels == 0], "defect": images[labels != 0]})
+        if paired is None:
+            return None
+        return paired["normal"] * 2 - 1, paired["defect"] * 2 - 1
+
+    def _as_model_input(self, image: np.ndarray, what: str) -> np.ndarray:
+        return resize_image(self._channels_last(image, what), self.image_size)
+
+    def use_defect_examples(self, images: Sequence[np.ndarray]) -> None:
+        self.examples = [self._as_model_input(im, "a defect example") for im in images]
+
+    @torch.no_grad()
+    def synthesize(self, image: np.ndarray, rng: np.random.Generator) -> SynthSample:
+        """Translate one normal image into a defect image; the mask is :func:`difference_mask`
+        of the result and the (model-size) source. Images of another size are resized to the
+        model's size first, and the sample is returned at that size."""
+        source = self._as_model_input(image, "the normal image")
+        self.nets.eval()
+        generated, record = self.translate(self._to_tensor(source), rng)
+        out = to_image(generated[0])
+        rule = self.config.mask
+        mask, threshold = difference_mask(out, source, rule)
+        if image.ndim == 2:
+            out = out[:, :, 0]
+        record = {
+            "method": self.name,
+            **record,
+            "mask_rule": rule.describe(),
+            "mask_threshold": round(threshold, 6),
+            "mask_area": int(mask.sum()),
+            "resized": tuple(image.shape[:2]) != (self.image_size, self.image_size),
+        }
+        return SynthSample(out.astype(np.float32), mask, record)

@@ -61,7 +61,7 @@ pixels and masks of ``m · (1 − object)``: zero when the generated masks lie i
 object, growing with the mask mass outside it.
 
 **Training** (one step, on a batch paired as in
-:class:`~defectlab.synth.gan_parts.TranslationGAN`: ``n = max(#normal, #defect)`` of each,
+:class:`~defectlab.synth.gan_parts.GANSynthesizer`: ``n = max(#normal, #defect)`` of each,
 the smaller kind topped up from a rolling buffer; defect images with an empty mask carry no
 shape and are left out; each fake takes the class of the real defect it is paired with):
 
@@ -106,7 +106,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar, NamedTuple
 
 import cv2
 import numpy as np
@@ -115,22 +115,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectlab import distributed
-from defectlab.base import Model, ModelConfig, Prediction
-from defectlab.config import apply_overrides
-from defectlab.data.io import to_uint8, write_png
+from defectlab.base import ModelConfig
+from defectlab.data.io import to_uint8
 from defectlab.data.transforms import resize_image, resize_mask
 from defectlab.errors import ConfigError, TrainingError
 from defectlab.registry import register
-from defectlab.synth.base import Synthesizer, SynthSample
+from defectlab.synth.base import SynthSample
 from defectlab.synth.gan_parts import (
+    GANSynthesizer,
     MultiScaleDiscriminator,
     ResidualBlock,
     ResidualEncoder,
     adversarial_loss,
-    count_parameters,
-    image_grid,
-    min_image_size,
-    set_requires_grad,
+    check_choices,
+    check_fields,
+    frozen,
+    to_image,
     to_image_conv,
 )
 
@@ -472,55 +472,46 @@ class MaskGANConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         self.defect_classes = tuple(str(c) for c in self.defect_classes)
-        at_least_one = (
-            "width",
-            "mask_blocks",
-            "image_blocks",
-            "noise_channels",
-            "noise_grid",
-            "n_masks",
-            "class_dim",
-            "lr_decay_epochs",
-            "disc_layers",
-            "disc_scales",
-            "buffer_size",
-            "mask_attempts",
+        check_fields(
+            self,
+            at_least_one=(
+                "width",
+                "mask_blocks",
+                "image_blocks",
+                "noise_channels",
+                "noise_grid",
+                "n_masks",
+                "class_dim",
+                "lr_decay_epochs",
+                "disc_layers",
+                "disc_scales",
+                "buffer_size",
+                "mask_attempts",
+            ),
+            positive=("lr", "lr_decay_gamma"),
+            half_open_unit=("beta1", "beta2"),
+            nonnegative=(
+                "weight_decay",
+                "adv_weight",
+                "boundary_weight",
+                "recon_weight",
+                "object_margin",
+                "collapse_threshold",
+                "collapse_patience",
+                "sample_every",
+                "mask_min_area",
+            ),
+            open_unit=("mask_threshold", "object_threshold", "object_min_separation"),
         )
-        for key in at_least_one:
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("lr", "lr_decay_gamma"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
-        for key in ("beta1", "beta2"):
-            if not 0 <= getattr(self, key) < 1:
-                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
-        nonneg = (
-            "weight_decay",
-            "adv_weight",
-            "boundary_weight",
-            "recon_weight",
-            "object_margin",
-            "collapse_threshold",
-            "collapse_patience",
-            "sample_every",
-            "mask_min_area",
+        check_choices(
+            self,
+            {
+                "stage": STAGES,
+                "gan_loss": GAN_LOSSES,
+                "object_rule": OBJECT_RULES,
+                "object_polarity": POLARITIES,
+            },
         )
-        for key in nonneg:
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
-        for key in ("mask_threshold", "object_threshold", "object_min_separation"):
-            if not 0 < getattr(self, key) < 1:
-                raise ValueError(f"{key} must be in (0, 1), got {getattr(self, key)}")
-        choices = {
-            "stage": STAGES,
-            "gan_loss": GAN_LOSSES,
-            "object_rule": OBJECT_RULES,
-            "object_polarity": POLARITIES,
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if len(set(self.defect_classes)) != len(self.defect_classes):
             raise ValueError(f"defect_classes has duplicates: {self.defect_classes}")
         if (
@@ -552,10 +543,10 @@ class MaskGANConfig(ModelConfig):
 # --- the synthesizer -------------------------------------------------------------------------
 
 
-@dataclass
-class Pair:
+class Pair(NamedTuple):
     """Paired normal images and real defects (images in [-1, 1], masks (n, 1, H, W) 0/1,
-    class ids (n,))."""
+    class ids (n,)); a tuple, so the base class hands its tensors to :meth:`MaskGAN.train_pairs`
+    and :meth:`MaskGAN.sample_rows` as arguments."""
 
     normal: torch.Tensor
     defect: torch.Tensor
@@ -564,22 +555,22 @@ class Pair:
 
 
 @register
-class MaskGAN(Model, Synthesizer):
-    """See the module docstring for networks, losses, training and sampling."""
+class MaskGAN(GANSynthesizer):
+    """See the module docstring for networks, losses, training and sampling; pairing, the
+    optimiser recipe, collapse detection, grids and state come from
+    :class:`~defectlab.synth.gan_parts.GANSynthesizer`."""
 
     name: ClassVar[str] = "maskgan"
-    family: ClassVar[str] = "synthesizer"
     description: ClassVar[str] = (
         "two-stage learned synthesis: a defect mask from the normal image + noise, then the "
         "defect painted inside it (outside pixels untouched); trains on normal + a few defect "
         "images with masks"
     )
-    needs_training: ClassVar[bool] = True
-    trains_on_defects: ClassVar[bool] = True
     #: api.train fills ``defect_classes`` and feeds ``batch["defect_class"]``
     learns_defect_types: ClassVar[bool] = True
     Config = MaskGANConfig
     config: MaskGANConfig
+    buffers: dict[str, dict[str, torch.Tensor]]
     #: config fields that may change after training (they do not touch the networks)
     synthesis_fields: ClassVar[tuple[str, ...]] = (
         "mask_threshold",
@@ -600,18 +591,9 @@ class MaskGAN(Model, Synthesizer):
         "d2_region": "defect_region_discriminator",
     }
 
-    def __init__(self, config: MaskGANConfig | None = None, **kwargs: Any) -> None:
-        Model.__init__(self, config, **kwargs)
+    def _check_setup(self) -> None:
+        super()._check_setup()
         cfg = self.config
-        smallest = min_image_size(cfg.disc_layers, cfg.disc_scales)
-        if self.image_size % 4 or self.image_size < smallest:
-            raise ValueError(
-                f"{self.name}: image_size {self.image_size} must be a multiple of 4 (two stride-2 "
-                f"down-samplings) and at least {smallest} (disc_layers={cfg.disc_layers} at "
-                f"disc_scales={cfg.disc_scales}); lower disc_layers/disc_scales for small images"
-            )
-        if self.channels not in (1, 3):
-            raise ValueError(f"{self.name}: channels must be 1 or 3, got {self.channels}")
         if 2 * cfg.object_margin >= self.image_size:
             raise ValueError(
                 f"{self.name}: object_margin {cfg.object_margin} leaves no object region in a "
@@ -622,13 +604,6 @@ class MaskGAN(Model, Synthesizer):
                 f"{self.name}: class_conditional needs defect_classes (api.train fills them "
                 "with the defect types of the training data)"
             )
-        self.nets = nn.ModuleDict(self.build_networks()).to(self.device)
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.schedulers: dict[str, torch.optim.lr_scheduler.StepLR] = {}
-        self.buffers: dict[str, dict[str, torch.Tensor]] = {}
-        self.low_d_steps: dict[str, int] = dict.fromkeys(self.collapse_watch, 0)
-        self.steps = 0
-        self._last_pair: Pair | None = None
 
     def build_networks(self) -> dict[str, nn.Module]:
         cfg, c, w, k = self.config, self.channels, self.config.width, self.config.n_classes
@@ -643,9 +618,6 @@ class MaskGAN(Model, Synthesizer):
             "image_discriminator": MultiScaleDiscriminator(c + k, w, layers, scales),
             "defect_region_discriminator": MultiScaleDiscriminator(c + 1 + k, w, layers, scales),
         }
-
-    def parameter_counts(self) -> dict[str, int]:
-        return {name: count_parameters(net) for name, net in self.nets.items()}
 
     @property
     def active_stages(self) -> tuple[str, ...]:
@@ -668,7 +640,7 @@ class MaskGAN(Model, Synthesizer):
         cfg = self.config
         shape = (n, cfg.noise_channels, cfg.noise_grid, cfg.noise_grid)
         if seed is None:
-            return torch.randn(shape).to(self.device)
+            return self.randn(*shape)
         values = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
         return torch.from_numpy(values).to(self.device)
 
@@ -714,20 +686,9 @@ class MaskGAN(Model, Synthesizer):
 
     # --- training ----------------------------------------------------------------------------
     def setup_training(self, n_train: int) -> None:
-        cfg = self.config
-        if cfg.init_from:
-            self._load_weights_from(Path(cfg.init_from))
-        for name in self.trained_networks:
-            optimizer = torch.optim.Adam(
-                self.nets[name].parameters(),
-                lr=cfg.lr,
-                betas=(cfg.beta1, cfg.beta2),
-                weight_decay=cfg.weight_decay,
-            )
-            self.optimizers[name] = optimizer
-            self.schedulers[name] = torch.optim.lr_scheduler.StepLR(
-                optimizer, step_size=cfg.lr_decay_epochs, gamma=cfg.lr_decay_gamma
-            )
+        if self.config.init_from:
+            self._load_weights_from(Path(self.config.init_from))
+        super().setup_training(n_train)
 
     def _load_weights_from(self, run_dir: Path) -> None:
         """Start from another maskgan run's networks (training stages one after another)."""
@@ -767,40 +728,15 @@ class MaskGAN(Model, Synthesizer):
         classes = self._class_ids(batch, labels)
         normal = labels == 0
         defect = (labels != 0) & (masks.flatten(1).amax(dim=1) > 0)
-        kinds = {
-            "normal": {"image": images[normal]},
-            "defect": {"image": images[defect], "mask": masks[defect], "cls": classes[defect]},
-        }
-        n = max(len(kind["image"]) for kind in kinds.values())
-        paired: dict[str, dict[str, torch.Tensor] | None] = {}
-        for name, own in kinds.items():
-            count = len(own["image"])
-            pool = self.buffers.get(name)
-            if count >= n:
-                paired[name] = own if n else None
-                continue
-            if pool is None:
-                if not count:
-                    paired[name] = None
-                    continue
-                pick = (torch.arange(n - count) % count).to(self.device)
-                source = own
-            else:
-                pick = torch.randint(len(pool["image"]), (n - count,)).to(self.device)
-                source = pool
-            paired[name] = {k: torch.cat([own[k], source[k][pick]]) for k in own}
-        for name, own in kinds.items():  # remember the latest real images of each kind
-            if len(own["image"]):
-                pool = self.buffers.get(name)
-                self.buffers[name] = {
-                    k: (v if pool is None else torch.cat([pool[k], v]))[-self.config.buffer_size :]
-                    .detach()
-                    .clone()
-                    for k, v in own.items()
-                }
-        normal_pair, defect_pair = paired["normal"], paired["defect"]
-        if normal_pair is None or defect_pair is None:
+        paired = self._pair_kinds(
+            {
+                "normal": {"image": images[normal]},
+                "defect": {"image": images[defect], "mask": masks[defect], "cls": classes[defect]},
+            }
+        )
+        if paired is None:
             return None
+        normal_pair, defect_pair = paired["normal"], paired["defect"]
         return Pair(
             normal_pair["image"] * 2 - 1,
             defect_pair["image"] * 2 - 1,
@@ -808,22 +744,11 @@ class MaskGAN(Model, Synthesizer):
             defect_pair["cls"],
         )
 
-    def _step(self, names: Sequence[str], loss: torch.Tensor) -> None:
-        for name in names:
-            self.optimizers[name].zero_grad(set_to_none=True)
-        loss.backward()
-        for name in names:
-            self.optimizers[name].step()
-
-    def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        if not self.optimizers:
-            self.setup_training(0)
-        pair = self._pair(batch)
-        # distributed training: when one rank has no pair, every rank skips the step, so all
-        # run the same optimiser steps (and gradient all-reduces)
-        if distributed.any_rank(pair is None) or pair is None:
-            return {}
-        self.nets.train()
+    def train_pairs(
+        self, normal: torch.Tensor, defect: torch.Tensor, mask: torch.Tensor, classes: torch.Tensor
+    ) -> dict[str, float]:
+        """One update of the active stages on the tensors of a :class:`Pair`."""
+        pair = Pair(normal, defect, mask, classes)
         losses: dict[str, float] = {}
         generated = None
         if "mask" in self.active_stages:
@@ -831,12 +756,6 @@ class MaskGAN(Model, Synthesizer):
             losses |= stage1
         if "image" in self.active_stages:
             losses |= self.train_image_stage(pair, generated)
-        self.steps += 1
-        self._check_collapse(losses)
-        cfg = self.config
-        if cfg.sample_dir and cfg.sample_every and self.steps % cfg.sample_every == 0:
-            self.write_samples(Path(cfg.sample_dir) / f"step_{self.steps:07d}.png", pair)
-        self._last_pair = Pair(*(t[:4].detach() for t in vars(pair).values()))
         return losses
 
     def train_mask_stage(self, pair: Pair) -> tuple[torch.Tensor, dict[str, float]]:
@@ -864,18 +783,15 @@ class MaskGAN(Model, Synthesizer):
         d_image = gan_loss(image_d(image_input(y, m_y, c)), True, kind, True) + gan_loss(
             image_d(image_input(x_k, detached, c_k)), False, kind, True
         )
-        self._step(STAGE_NETWORKS["mask"][1], d_region + d_image)
+        self.step_optimizers(STAGE_NETWORKS["mask"][1], d_region + d_image)
 
-        set_requires_grad([region_d, image_d], False)
-        try:
+        with frozen([region_d, image_d]):
             adv = gan_loss(region_d(region_input(fake_masks, c_k)), True, kind, False) + gan_loss(
                 image_d(image_input(x_k, fake_masks, c_k)), True, kind, False
             )
             boundary = boundary_loss(soft, self.object_regions(x))
             loss = cfg.adv_weight * adv + cfg.boundary_weight * boundary
-            self._step(("mask_generator",), loss)
-        finally:
-            set_requires_grad([region_d, image_d], True)
+            self.step_optimizers(("mask_generator",), loss)
         return soft.detach(), {
             "boundary": boundary.item(),
             "g1_adv": adv.item(),
@@ -909,10 +825,9 @@ class MaskGAN(Model, Synthesizer):
         d_region = gan_loss(region_d(region(y, m_y)), True, kind, True) + gan_loss(
             region_d(region(fake.detach(), masks)), False, kind, True
         )
-        self._step(STAGE_NETWORKS["image"][1], d_image + d_region)
+        self.step_optimizers(STAGE_NETWORKS["image"][1], d_image + d_region)
 
-        set_requires_grad([image_d, region_d], False)
-        try:
+        with frozen([image_d, region_d]):
             adv = gan_loss(image_d(self._with_class(fake, c)), True, kind, False) + gan_loss(
                 region_d(region(fake, masks)), True, kind, False
             )
@@ -922,9 +837,7 @@ class MaskGAN(Model, Synthesizer):
                 painted = self.paint(y, m_y, c)
                 recon = ((painted - y).abs() * m_y).sum() / (m_y.sum() * self.channels + 1e-6)
                 loss = loss + cfg.recon_weight * recon
-            self._step(("defect_generator",), loss)
-        finally:
-            set_requires_grad([image_d, region_d], True)
+            self.step_optimizers(("defect_generator",), loss)
         return {
             "recon": recon.item(),
             "g2_adv": adv.item(),
@@ -932,24 +845,6 @@ class MaskGAN(Model, Synthesizer):
             "d2_image": d_image.item(),
             "d2_region": d_region.item(),
         }
-
-    def _check_collapse(self, losses: dict[str, float]) -> None:
-        cfg = self.config
-        if not cfg.collapse_patience:
-            return
-        for key, name in self.collapse_watch.items():
-            if key not in losses:
-                continue
-            low = losses[key] < cfg.collapse_threshold
-            self.low_d_steps[key] = self.low_d_steps[key] + 1 if low else 0
-            if self.low_d_steps[key] >= cfg.collapse_patience:
-                raise TrainingError(
-                    f"{self.name}: the {name} collapsed: its loss stayed below "
-                    f"{cfg.collapse_threshold:g} for {cfg.collapse_patience} consecutive steps "
-                    f"(step {self.steps}), so it separates real from generated perfectly and "
-                    "the generator gets no useful gradient. Lower lr, use gan_loss=lsgan, or "
-                    "add training images"
-                )
 
     def end_epoch(self, epoch: int) -> None:
         # every rank takes part, so the decision is the same on all of them
@@ -959,78 +854,27 @@ class MaskGAN(Model, Synthesizer):
                 f"{epoch + 1}: maskgan learns the masks from real defects, so give defect "
                 "images with masks (data.defects_per_class=K on a dataset with masks)"
             )
-        for scheduler in self.schedulers.values():
-            scheduler.step()
+        super().end_epoch(epoch)
 
-    def finish_training(self) -> None:
-        if self.config.sample_dir and self._last_pair is not None:
-            self.write_samples(Path(self.config.sample_dir) / "final.png", self._last_pair)
-
-    @torch.no_grad()
-    def write_samples(self, path: Path, pair: Pair) -> None:
-        """A PNG grid of up to 4 pairs: normal | generated mask | generated defect image, and
-        real defect | real mask | its reconstruction. Fixed noise (seed 0), so grids of
-        successive steps compare, and torch's training stream is left untouched."""
-        was_training = self.nets.training
-        self.nets.eval()
-        try:
-            x, y, m_y, c = (t[:4] for t in vars(pair).values())
-            if "mask" in self.active_stages:
-                soft = self.generate_masks(x, self.noise(len(x), seed=0), c)[:, :1]
-            else:
-                soft = m_y
-            binary = (soft >= self.config.mask_threshold).float()
-            fake = torch.where(binary > 0, self.paint(x, binary, c), x)
-            recon = compose(y, m_y, self.paint(y, m_y, c))
-            as_image = [(soft * 2 - 1).expand_as(x), (m_y * 2 - 1).expand_as(y)]
-            rows = [[x, as_image[0], fake], [y, as_image[1], recon]]
-        finally:
-            self.nets.train(was_training)
-        images = [
-            [((t[i] + 1) / 2).clamp(0, 1).permute(1, 2, 0).cpu().numpy() for t in row]
-            for i in range(len(x))
-            for row in rows
-        ]
-        write_png(path, image_grid(images))
+    def sample_rows(
+        self, normal: torch.Tensor, defect: torch.Tensor, mask: torch.Tensor, classes: torch.Tensor
+    ) -> list[list[torch.Tensor]]:
+        """Per pair two grid rows: normal | generated mask | generated defect image, and real
+        defect | real mask | its reconstruction. Fixed noise (seed 0), so grids of successive
+        steps compare, and torch's training stream is left untouched."""
+        x, y, m_y, c = normal, defect, mask, classes
+        if "mask" in self.active_stages:
+            soft = self.generate_masks(x, self.noise(len(x), seed=0), c)[:, :1]
+        else:
+            soft = m_y
+        binary = (soft >= self.config.mask_threshold).float()
+        fake = torch.where(binary > 0, self.paint(x, binary, c), x)
+        recon = compose(y, m_y, self.paint(y, m_y, c))
+        as_image = [(soft * 2 - 1).expand_as(x), (m_y * 2 - 1).expand_as(y)]
+        rows = [[x, as_image[0], fake], [y, as_image[1], recon]]
+        return [[t[i : i + 1] for t in row] for i in range(len(x)) for row in rows]
 
     # --- inference ---------------------------------------------------------------------------
-    def predict(self, images: torch.Tensor) -> Prediction:
-        raise ConfigError(
-            f"{self.name} is a synthesizer: it generates defect images and does not score "
-            f"them. Use `defectlab synth --method {self.name} --run RUN`"
-        )
-
-    @classmethod
-    def from_run(cls, run_dir: Path) -> MaskGAN:
-        from defectlab.api import load_run  # the API imports the registry, which imports us
-
-        model = load_run(run_dir).model
-        if not isinstance(model, cls):
-            raise ConfigError(f"{run_dir} holds a {model.name} run, not {cls.name}")
-        return model
-
-    def configure_synthesis(self, overrides: dict[str, str]) -> None:
-        """Apply ``--set key=value`` sampling settings to a trained model; only
-        :attr:`synthesis_fields` may change, the others describe the trained networks."""
-        fixed = sorted(set(overrides) - set(self.synthesis_fields))
-        if fixed:
-            raise ConfigError(
-                f"{self.name}: {', '.join(fixed)} cannot change after training; at synthesis "
-                f"time only {', '.join(self.synthesis_fields)} can be set"
-            )
-        self.config = apply_overrides(self.config, overrides, "")
-
-    def _as_model_input(self, image: np.ndarray) -> np.ndarray:
-        array = np.asarray(image, np.float32)
-        if array.ndim == 2:
-            array = array[:, :, None]
-        if array.ndim != 3 or array.shape[2] != self.channels:
-            raise ConfigError(
-                f"{self.name} was trained on {self.channels}-channel images; the normal image "
-                f"has shape {image.shape} (pass --channels {self.channels})"
-            )
-        return array
-
     def _pick_class(self, rng: np.random.Generator) -> tuple[int, str]:
         classes = self.config.defect_classes
         if self.config.defect_class:
@@ -1045,10 +889,8 @@ class MaskGAN(Model, Synthesizer):
         """A defect image and its exact mask for one normal image (any size; the networks run
         at the model size and the result is composed at the input's size)."""
         cfg = self.config
-        native = self._as_model_input(image)
-        source = resize_image(native, self.image_size)
-        x = torch.from_numpy(np.ascontiguousarray(source.transpose(2, 0, 1)))[None]
-        x = x.to(self.device) * 2 - 1
+        native = self._channels_last(image, "the normal image")
+        x = self._to_tensor(resize_image(native, self.image_size))
         class_id, defect_type = self._pick_class(rng)
         classes = torch.tensor([class_id], device=self.device)
         self.nets.eval()
@@ -1070,7 +912,7 @@ class MaskGAN(Model, Synthesizer):
             )
         binary = torch.from_numpy(mask.astype(np.float32))[None, None].to(self.device)
         foreground = self.paint(x, binary, classes)
-        painted = ((foreground[0] + 1) / 2).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+        painted = to_image(foreground[0])
         height, width = native.shape[:2]
         native_mask = resize_mask(mask, (height, width))
         painted = resize_image(painted.astype(np.float32), (height, width))
@@ -1094,49 +936,6 @@ class MaskGAN(Model, Synthesizer):
         return SynthSample(out, native_mask, record)
 
     # --- state -------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "nets": {name: dict(net.state_dict()) for name, net in self.nets.items()},
-            "steps": self.steps,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        nets = state["nets"]
-        if set(nets) != set(self.nets):
-            raise ValueError(f"{self.name}: networks {sorted(nets)} != {sorted(self.nets)}")
-        for name, net in self.nets.items():
-            try:
-                net.load_state_dict(nets[name])
-            except RuntimeError as exc:
-                raise ValueError(
-                    f"{self.name}: weights of {name} do not fit this model (image size "
-                    f"{self.image_size}, {self.channels} channels, width {self.config.width}, "
-                    f"{self.config.n_classes} classes): {str(exc).splitlines()[0]}"
-                ) from exc
-        self.steps = int(state["steps"])
-
-    def training_state(self) -> dict[str, Any]:
-        if not self.optimizers:
-            return {}
-        return {
-            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-            "buffers": {
-                kind: {k: v.cpu() for k, v in pool.items()} for kind, pool in self.buffers.items()
-            },
-            "low_d_steps": dict(self.low_d_steps),
-        }
-
-    def load_training_state(self, state: dict[str, Any]) -> None:
-        if not state:
-            return
-        if not self.optimizers:
-            self.setup_training(0)
-        for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
-            self.schedulers[name].load_state_dict(state["schedulers"][name])
-        self.buffers = {
-            kind: {k: v.to(self.device) for k, v in pool.items()}
-            for kind, pool in state["buffers"].items()
-        }
-        self.low_d_steps = {k: int(v) for k, v in state["low_d_steps"].items()}
+    def _weights_hint(self) -> str:
+        """The class count shapes the networks too (embeddings, discriminator inputs)."""
+        return f"{super()._weights_hint()}, {self.config.n_classes} classes"
