@@ -17,12 +17,15 @@ from defectlab.data.io import read_image
 from defectlab.data.layouts import DEFECT, NORMAL, load_dataset
 from defectlab.data.transforms import resize_image
 from defectlab.deploy.backends import open_inspector, score_images, torch_inspector
-from defectlab.deploy.onnx import ATOL, RTOL, export_onnx, onnx_inspector
+from defectlab.deploy.onnx import export_onnx, onnx_inspector
 from defectlab.errors import CheckpointError, ConfigError
 from tests.conftest import textured, with_defect, write_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 64
+#: the issue's target for single models: ONNX Runtime within 1e-4 of PyTorch (the export
+#: gate itself is looser, see defectlab.deploy.onnx.ATOL)
+ATOL = RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +145,36 @@ def test_models_that_cannot_be_graphs_say_why(data_root: Path, tmp_path: Path) -
     with pytest.raises(ConfigError, match=r"canny cannot be exported to ONNX: .*OpenCV"):
         export_onnx(run.run_dir, tmp_path / "export")
     assert not (tmp_path / "export" / "model.onnx").exists()
+
+
+def test_an_ensemble_exports_when_every_member_does(
+    runs: dict[str, Path], data_root: Path, real_cells: np.ndarray, tmp_path: Path
+) -> None:
+    members = f"model.runs={runs['ae']},{runs['template']}"
+    run = dl.train(
+        "ensemble",
+        data_root,
+        tmp_path / "ens",
+        image_size=SIZE,
+        overrides=[members],
+        progress=False,
+    )
+    export_onnx(run.run_dir)
+    scores, _ = torch_inspector(run.run_dir, "cpu").score(real_cells)
+    onnx_scores, _ = open_inspector(run.run_dir, "onnx").score(real_cells)
+    # z-scores divide the members' float32 differences by their normal spread
+    np.testing.assert_allclose(onnx_scores, scores, atol=1e-3, rtol=1e-3)
+    canny = dl.train("canny", data_root, tmp_path / "canny", image_size=SIZE, progress=False)
+    mixed = dl.train(
+        "ensemble",
+        data_root,
+        tmp_path / "mixed",
+        image_size=SIZE,
+        overrides=[f"model.runs={runs['ae']},{canny.run_dir}"],
+        progress=False,
+    )
+    with pytest.raises(ConfigError, match=r"member .*canny.*\(canny\): Canny"):
+        export_onnx(mixed.run_dir)
 
 
 def test_every_registered_scorer_declares_its_export_status() -> None:

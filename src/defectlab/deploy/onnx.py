@@ -16,8 +16,8 @@ Resizing to S stays outside the graph, in :func:`defectlab.deploy.backends.score
 for both backends: ONNX ``Resize`` has no equivalent of OpenCV's area interpolation, and a
 different resize would make the two backends disagree. The export is refused unless ONNX
 Runtime reproduces PyTorch on check images (validation images of the run's data when they
-are still readable, otherwise seeded synthetic ones) within ``ATOL + RTOL·|value|``; the
-measured differences go into the metadata.
+are still readable, otherwise seeded synthetic ones) within ``ATOL + RTOL·|value|``
+(1e-3 + 1e-3·|value|); the measured differences go into the metadata.
 """
 
 from __future__ import annotations
@@ -44,8 +44,10 @@ from defectlab.errors import CheckpointError, ConfigError
 OPSET = 18
 FORMAT = "defectlab-onnx"
 FORMAT_VERSION = 1
-#: export check: |onnx − torch| ≤ ATOL + RTOL·|torch| for scores and maps
-ATOL, RTOL = 1e-4, 1e-4
+#: export gate: |onnx − torch| ≤ ATOL + RTOL·|torch| for scores and maps. Loose enough for
+#: float32 reordering amplified by normalisation (an ensemble's z-scores), tight enough to
+#: catch a wrong graph; the measured differences (typically 1e-7 … 1e-5) go into metadata.
+ATOL, RTOL = 1e-3, 1e-3
 OUTPUTS = ("score", "score_z", "anomaly_map", "mask", "is_defect")
 
 
