@@ -7,7 +7,9 @@ does depend on the training images), exported to ONNX, and both backends score t
 real test cells through the same :class:`~defectlab.deploy.backends.Inspector` call
 (float NHWC arrays in, scores and maps out). Per (model, size, backend, batch): images/s
 and the p50/p99 latency of one batch call, with ``--threads`` CPU threads for both
-backends. Run it with nothing else on the machine; runs and exports are cached in ``--out``.
+backends. ``--int8`` adds the static int8 export (``defectlab export --quantize int8``,
+calibrated on the run's normal validation images) as a third backend. Run it with nothing
+else on the machine; runs and exports are cached in ``--out``.
 
 ``--serve MODEL``: the HTTP service's throughput under the load test instead: ``defectlab
 serve`` on that model's run (``--serve-backend``, ``--sizes``' first size) in its own
@@ -216,6 +218,9 @@ def main() -> None:
     parser.add_argument("--train-fraction", type=float, default=0.05)
     parser.add_argument("--calls", type=int, default=0, help="timed calls (default by batch)")
     parser.add_argument("--out", type=Path, default=Path("runs/inference"))
+    parser.add_argument(
+        "--int8", action="store_true", help="also time a static int8 export (export-int8/)"
+    )
     parser.add_argument("--serve", metavar="MODEL", help="load-test the HTTP service instead")
     parser.add_argument("--serve-backend", choices=("torch", "onnx"), default="torch")
     parser.add_argument("--requests", type=int, default=2000)
@@ -233,39 +238,48 @@ def main() -> None:
     from defectlab.errors import DefectlabError
     from defectlab.runs import environment_info
 
+    names = ["torch", "onnx", *(["onnx-int8"] if args.int8 else [])]
     results = []
     print(
-        f"{'model':<16} {'size':>4} {'batch':>5} {'torch img/s':>11} {'p50 ms':>8} {'p99 ms':>8}"
-        f" {'onnx img/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'speed-up':>8}"
+        f"{'model':<16} {'size':>4} {'batch':>5} "
+        + " ".join(f"{n + ' img/s':>15} {'p50 ms':>7} {'p99 ms':>7}" for n in names)
+        + " speed-up over torch"
     )
     for size in args.sizes:
         cells = test_cells(size, max(args.batches))
         for model in args.models:
             try:
                 run_dir = trained_run(model, size, args)
-                if not (run_dir / "export" / "metadata.json").exists():
-                    export_onnx(run_dir)
+                exports = {"onnx": (run_dir / "export", None)}
+                if args.int8:
+                    exports["onnx-int8"] = (run_dir / "export-int8", "int8")
+                for folder, quantize in exports.values():
+                    if not (folder / "metadata.json").exists():
+                        export_onnx(run_dir, folder, quantize=quantize)
             except DefectlabError as exc:
                 print(f"{model:<16} {size:>4} not exported: {exc}", file=sys.stderr)
                 continue
-            backends = {
-                "torch": torch_inspector(run_dir, "cpu"),
-                "onnx": onnx_inspector(run_dir / "export", threads=args.threads),
+            backends = {"torch": torch_inspector(run_dir, "cpu")} | {
+                name: onnx_inspector(folder, threads=args.threads)
+                for name, (folder, _) in exports.items()
             }
             for batch in args.batches:
                 calls = args.calls or (50 if batch == 1 else 5)
                 row = {"model": model, "size": size, "batch": batch, "threads": args.threads}
                 for name, inspector in backends.items():
                     row[name] = time_calls(inspector.score, cells, batch, calls)
-                row["speedup"] = (
-                    row["onnx"]["images_per_second"] / row["torch"]["images_per_second"]
-                )
+                base = row["torch"]["images_per_second"]
+                row["speedup"] = {n: row[n]["images_per_second"] / base for n in names[1:]}
                 results.append(row)
-                t, o = row["torch"], row["onnx"]
                 print(
-                    f"{model:<16} {size:>4} {batch:>5} {t['images_per_second']:>11.1f} "
-                    f"{t['p50_ms']:>8.1f} {t['p99_ms']:>8.1f} {o['images_per_second']:>10.1f} "
-                    f"{o['p50_ms']:>8.1f} {o['p99_ms']:>8.1f} {row['speedup']:>7.2f}x",
+                    f"{model:<16} {size:>4} {batch:>5} "
+                    + " ".join(
+                        f"{row[n]['images_per_second']:>15.1f} {row[n]['p50_ms']:>7.1f} "
+                        f"{row[n]['p99_ms']:>7.1f}"
+                        for n in names
+                    )
+                    + " "
+                    + " ".join(f"{n} {v:.2f}x" for n, v in row["speedup"].items()),
                     flush=True,
                 )
     args.out.mkdir(parents=True, exist_ok=True)

@@ -103,8 +103,14 @@ def cmd_predict(args: argparse.Namespace) -> str:
 def cmd_export(args: argparse.Namespace) -> str:
     from defectlab.deploy.onnx import export_onnx
 
-    meta = export_onnx(args.run, args.out)
-    check = meta["check"]
+    meta = export_onnx(args.run, args.out, quantize=args.quantize)
+    check, int8 = meta["check"], meta["quantization"]
+    if int8:
+        return (
+            f"exported {meta['model']} to int8 ONNX: decisions agree with PyTorch on "
+            f"{int8['decision_agreement']:.1%} and mask pixels on {int8['mask_agreement']:.2%} "
+            f"of {check['images']} images → {meta['out']}/model.onnx"
+        )
     return (
         f"exported {meta['model']} to ONNX (opset {meta['opset']}); ONNX Runtime matches PyTorch "
         f"on {check['images']} images within {check['max_abs_score_diff']:.2g} (scores), "
@@ -258,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--format", choices=("onnx",), default="onnx")
     p.add_argument("--out", help="export folder (default RUN/export)")
+    p.add_argument(
+        "--quantize",
+        choices=("int8",),
+        help="static int8 graph calibrated on the run's validation images (faster on CPU)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="metrics and report on the test split of a dataset")

@@ -17,7 +17,7 @@ from defectlab.data.io import read_image
 from defectlab.data.layouts import DEFECT, NORMAL, load_dataset
 from defectlab.data.transforms import resize_image
 from defectlab.deploy.backends import open_inspector, score_images, torch_inspector
-from defectlab.deploy.onnx import export_onnx, onnx_inspector
+from defectlab.deploy.onnx import export_onnx, model_networks, onnx_inspector
 from defectlab.errors import CheckpointError, ConfigError
 from tests.conftest import textured, with_defect, write_image
 
@@ -138,6 +138,26 @@ def test_tiled_onnx_scoring_stitches_full_size_maps(runs: dict[str, Path], ae_ex
     exported = score_images(open_inspector(ae_export.parent, "onnx"), [panel], tile=True)
     assert exported[0][1].shape == (150, 200)
     np.testing.assert_allclose(exported[0][1], eager[0][1], atol=1e-3, rtol=1e-3)
+
+
+def test_int8_export_is_smaller_and_keeps_the_masks(
+    runs: dict[str, Path], real_cells: np.ndarray, tmp_path: Path
+) -> None:
+    meta = export_onnx(runs["synth-unet"], tmp_path / "int8", quantize="int8")
+    int8 = meta["quantization"]
+    assert int8["type"].startswith("int8") and int8["mask_agreement"] >= 0.99
+    float_bytes = 4 * sum(
+        p.numel()
+        for net in model_networks(torch_inspector(runs["synth-unet"], "cpu").trained.model)
+        for p in net.parameters()
+    )
+    assert (tmp_path / "int8" / "model.onnx").stat().st_size < 0.5 * float_bytes
+    exported = onnx_inspector(tmp_path / "int8")
+    assert exported.info()["quantization"].startswith("int8")
+    scores, maps = exported.score(real_cells)
+    assert np.isfinite(scores).all() and maps.shape == (len(real_cells), SIZE, SIZE)
+    with pytest.raises(ConfigError, match="quantize must be one of"):
+        export_onnx(runs["synth-unet"], tmp_path / "x", quantize="int4")
 
 
 def test_models_that_cannot_be_graphs_say_why(data_root: Path, tmp_path: Path) -> None:
