@@ -332,3 +332,27 @@ def test_evaluate_synth_command_end_to_end(
     assert saved["lite0_fid"] >= 0 and saved["lite0_kid"]["n_subsets"] == 4
     assert saved["lite0_kid"]["subset_size"] == 4 and saved["lite0_kid"]["std"] > 0
     assert not list(out.glob(".*"))  # the atomic write left no temp file
+
+
+def test_mask_realism_of_a_synth_output_against_real_masks(
+    folder_root: Path, tmp_path: Path
+) -> None:
+    from defectlab import api
+
+    fake = tmp_path / "synth"
+    api.synthesize("procedural", folder_root / "normal", fake, 5, seed=0, progress=False)
+    realism = syn.synthesis_mask_realism(folder_root, fake)
+    assert realism is not None and "outside_object" not in realism  # procedural records none
+    assert realism["distance"]["n_real"] == 6 and realism["distance"]["n_fake"] == 5
+    assert realism["distance"]["area_fraction"]["w1"] >= 0
+    # a synthesizer that knows the object region records each mask's share outside it
+    lines = (fake / "manifest.csv").read_text().splitlines()
+    extra = ["100,0", "300,0.5", "100,0", "100,0", "100,0"]
+    rows = [lines[0] + ",mask_area,outside_object"] + [
+        f"{line},{cols}" for line, cols in zip(lines[1:], extra, strict=True)
+    ]
+    (fake / "manifest.csv").write_text("\n".join(rows) + "\n")
+    outside = syn.synthesis_mask_realism(folder_root, fake)["outside_object"]
+    assert outside["pixel_share"] == pytest.approx(150 / 700)
+    assert outside["masks_touching_outside"] == pytest.approx(1 / 5)
+    assert syn.synthesis_mask_realism(folder_root / "normal", fake) is None  # no real masks

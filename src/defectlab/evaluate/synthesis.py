@@ -41,8 +41,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from defectlab.data.io import IMAGE_EXTENSIONS
-from defectlab.data.layouts import is_mask_name
+from defectlab.data.io import IMAGE_EXTENSIONS, ImageReadError, read_mask
+from defectlab.data.layouts import is_mask_name, load_dataset
 from defectlab.data.loading import iter_files, report_failures
 from defectlab.data.transforms import resize_image
 from defectlab.detect.features import (
@@ -723,10 +723,57 @@ def evaluate_synthesis(
             f"fewer images than the {EMBEDDING_DIM} feature dimensions: Lite0-FID is strongly "
             "biased upwards; compare it only at equal image counts, and prefer Lite0-KID"
         )
+    realism = synthesis_mask_realism(real, fake)
+    if realism is not None:
+        result["mask_realism"] = realism
     if out is not None:
         out = Path(out)
         write_json(out / RESULT_FILE, result)
         result["out"] = str(out / RESULT_FILE)
+    return result
+
+
+def _read_masks(paths: Sequence[Path]) -> list[np.ndarray]:
+    masks, failures = [], []
+    for path in paths:
+        try:
+            masks.append(read_mask(path))
+        except ImageReadError as exc:
+            failures.append((exc.path, exc.reason))
+    report_failures(failures, len(paths))
+    return masks
+
+
+def synthesis_mask_realism(real: str | Path, fake: str | Path) -> dict[str, Any] | None:
+    """:func:`mask_realism` of a ``defectlab synth`` output's masks against the real defect
+    masks of a dataset folder, or ``None`` when either side has no masks. The share outside
+    the object comes from the manifest's ``outside_object`` column (mask pixels outside the
+    source's object region, recorded by synthesizers that know it, e.g. maskgan), pooled
+    over all generated mask pixels."""
+    manifest = Path(fake) / "manifest.csv"
+    if not manifest.is_file():
+        return None
+    with open(manifest, encoding="utf-8", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("mask")]
+    try:
+        dataset = load_dataset(real)
+    except DataError:
+        return None
+    real_paths = [s.mask_path for s in dataset.defect if s.mask_path is not None]
+    if not rows or not real_paths:
+        return None
+    result = mask_realism(
+        _read_masks(real_paths), _read_masks([Path(fake) / r["mask"] for r in rows])
+    )
+    if "outside_object" in rows[0] and "mask_area" in rows[0]:
+        areas = np.array([float(r["mask_area"]) for r in rows])
+        shares = np.array([float(r["outside_object"]) for r in rows])
+        result["outside_object"] = {
+            "pixel_share": float((areas * shares).sum() / areas.sum()) if areas.sum() else None,
+            "masks_touching_outside": float((shares[areas > 0] > 0).mean())
+            if (areas > 0).any()
+            else None,
+        }
     return result
 
 

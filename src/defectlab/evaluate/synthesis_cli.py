@@ -59,6 +59,24 @@ def cmd_evaluate_synth(args: argparse.Namespace) -> str:
             else ""
         )
     )
+    realism = result.get("mask_realism")
+    if realism:
+        distance = realism["distance"]
+        print(
+            "mask realism (Wasserstein-1 / real std, fake vs real masks): "
+            + ", ".join(
+                f"{key} {_fmt(d['w1_relative'], 3)} (mean fake {_fmt(d['fake_mean'], 3)}, "
+                f"real {_fmt(d['real_mean'], 3)})"
+                for key, d in distance.items()
+                if key in ("area_fraction", "elongation", "n_components")
+            )
+        )
+        outside = realism.get("outside_object")
+        if outside and outside["pixel_share"] is not None:
+            print(
+                f"generated mask pixels outside the object: {outside['pixel_share']:.2%} "
+                f"(masks touching outside: {outside['masks_touching_outside']:.1%})"
+            )
     if "warning" in result:
         print(f"warning: {result['warning']}")
     where = f" → {args.out}/{RESULT_FILE}" if args.out else ""
