@@ -47,6 +47,7 @@ from defectlab.data.layouts import (
     Dataset,
     LayoutOptions,
     load_dataset,
+    synthetic_pairs,
 )
 from defectlab.data.loading import (
     LoadedImages,
@@ -444,8 +445,17 @@ def _train_into(
 
     net = _make_model(config, torch_device)
     train_samples = split["train"]
-    if net.family == "segmenter" or getattr(net, "trains_on_defects", False):
+    learns_masks = net.family == "segmenter" or getattr(net, "trains_on_defects", False)
+    if learns_masks:
         train_samples = train_samples + split["train_defect"]
+    if config.data.extra_pairs and not learns_masks:
+        raise ConfigError(
+            f"{config.model} trains on normal images only: data.extra_pairs (synthetic defect "
+            "pairs) is for segmenters and other models that learn from defect masks"
+        )
+    # synthetic pairs join training only; the split (and so test/val) never sees them
+    for folder in config.data.extra_pairs:
+        train_samples = train_samples + synthetic_pairs(folder)
     if getattr(net, "trains_on_defects", False) and not split["train_defect"]:
         raise ConfigError(
             f"{config.model} learns from defect examples too: set data.defects_per_class "
@@ -491,6 +501,9 @@ def _train_into(
             "dataset": dataset.summary(),
             "split": split.name,
             "n_train": len(train_data.samples),
+            "n_train_synthetic": sum(
+                s.defect_type.startswith("synthetic:") for s in train_data.samples
+            ),
             "n_val": len(val_data.samples),
             "skipped_files": [f"{p}: {r}" for p, r in train_data.failures + val_data.failures],
             "final_losses": last_losses,

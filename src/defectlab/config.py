@@ -41,6 +41,9 @@ class DataConfig:
     #: weak labels for area-ratio segmenters: a ``path,area_ratio[,margin]`` CSV; empty =
     #: derive each training image's ratio from its mask (normal images: 0)
     area_ratio_csv: str = ""
+    #: ``defectlab synth`` output folders whose (image, mask) pairs are added to the training
+    #: defects of mask-trained models (augmentation); never part of the split
+    extra_pairs: tuple[str, ...] = ()
     workers: int = 2
 
     def __post_init__(self) -> None:

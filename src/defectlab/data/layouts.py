@@ -6,6 +6,7 @@ label, mask path, defect type) plus, for MVTec, the split the dataset itself def
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,29 @@ class LayoutOptions:
     mask_dir: str | None = None
     mask_suffix: str | None = None
     include_uncertain: bool = False
+
+
+def synthetic_pairs(folder: str | Path) -> list[Sample]:
+    """The (image, mask) pairs a ``defectlab synth`` output lists in its ``manifest.csv``, as
+    defect samples of type ``synthetic:<folder name>``, so training can add them as it adds
+    real defects. Every listed file must exist: a silently shorter set would skew a benchmark."""
+    folder = Path(folder)
+    manifest = folder / "manifest.csv"
+    try:
+        with manifest.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{folder}: cannot read a synth manifest.csv ({exc})") from exc
+    if not rows or not {"image", "mask"} <= set(rows[0]):
+        raise DataError(f"{manifest}: needs 'image' and 'mask' columns and at least one row")
+    samples = []
+    for row in rows:
+        image, mask = folder / row["image"], folder / row["mask"]
+        for path in (image, mask):
+            if not path.is_file():
+                raise DataError(f"{manifest}: lists {path}, which does not exist")
+        samples.append(Sample(image, DEFECT, mask, f"synthetic:{folder.name}"))
+    return samples
 
 
 def _require_images(folder: Path, what: str) -> list[Path]:

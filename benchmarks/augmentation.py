@@ -1,0 +1,263 @@
+"""Augmentation benchmark (the seed's table): does synthetic data help a K-shot U-Net?
+
+On magnetic tile, split MT-K-shot v1 (``data.defects_per_class=K``, ``data.split_seed=SEED``;
+every run writes its split to ``split.json``): K training defects per type carry masks, the
+remaining defect images are the held-out test set. The same U-Net (same epochs) is trained on:
+
+* ``none`` — the K real defects + the split's normal training images;
+* ``procedural`` — + N procedural (image, mask) pairs painted on the split's normal training
+  images (never on test images);
+* ``cyclegan``, ``crossgan``, ``maskgan`` — + N pairs from that generator, itself trained on
+  the same K-shot split (``--gen-epochs``) and applied to the split's normal training images.
+
+Synthetic pairs enter U-Net training through ``data.extra_pairs``; they never enter
+``split.json``. Extra pairs mean more images per epoch, so an augmented row takes more
+iterations at equal epochs.
+
+Metrics over the held-out real defect images (reusing ``benchmarks/weak_supervision.py``):
+Dice and IoU micro at the run's calibrated pixel threshold and at the oracle best-Dice
+threshold (peeks at the test masks: a reference only), pixel AUROC and pixel AP. With
+``--kid``, each generator's Lite0-KID against the held-out real defect images (EfficientNet-
+Lite0 features, not Inception). Rows are aggregated as mean ± std over seeds per (row, K).
+
+Each job (row, K, seed) runs in its own process. Rows go to stdout as JSON and to
+``OUT/results.json`` (plus the aggregate in ``OUT/summary.json``); finished runs and synthetic
+folders are reused.
+
+    .venv/bin/python benchmarks/augmentation.py --k 5 20 --seeds 0 1 2 --image-size 128 \\
+        --n-synthetic 200 --epochs-scale 1.0 --gen-epochs 100 --kid --out runs/augmentation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from weak_supervision import (
+    DEFAULT_DATA,
+    fmt,
+    held_out_defects,
+    peak_rss_mb,
+    segmentation_metrics,
+    train_or_reuse,
+)
+
+ROWS = ("none", "procedural", "cyclegan", "crossgan", "maskgan")
+GENERATORS = ("cyclegan", "crossgan", "maskgan")
+COLUMNS = ("dice", "iou", "dice_oracle", "iou_oracle", "pixel_auroc_defect", "pixel_ap", "kid")
+
+
+def split_overrides(args: argparse.Namespace, k: int, seed: int) -> list[str]:
+    """The K-shot split every model of one (K, seed) cell shares."""
+    return [f"data.defects_per_class={k}", f"data.split_seed={seed}", *args.set]
+
+
+def unet_epochs(args: argparse.Namespace) -> int:
+    from defectlab import registry
+
+    return max(1, round(registry.get("unet").Config().epochs * args.epochs_scale))
+
+
+def link_files(paths: list[Path], folder: Path) -> Path:
+    """A flat folder of symlinks to ``paths`` (index-prefixed: names may repeat across types),
+    so folder-taking APIs see exactly these images and nothing else of the dataset."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, path in enumerate(paths):
+        link = folder / f"{i:05d}_{path.name}"
+        if not link.is_symlink():
+            link.symlink_to(path.resolve())
+    return folder
+
+
+def synthetic_folder(
+    args: argparse.Namespace, row: str, k: int, seed: int, normals: Path, cell: str
+) -> Path:
+    """Write (or reuse) N synthetic pairs of ``row`` from the split's normal training images;
+    a generator is first trained on the same K-shot split."""
+    from defectlab import api
+
+    out = args.out / f"synth-{row}-{cell}-n{args.n_synthetic}"
+    if (out / "manifest.csv").exists():
+        print(f"reusing synthetic pairs {out}", file=sys.stderr)
+        return out
+    run = None
+    if row in GENERATORS:
+        run = args.out / f"gen-{row}-{cell}-g{args.gen_epochs}"
+        options = [*split_overrides(args, k, seed), f"model.epochs={args.gen_epochs}"]
+        gen_args = argparse.Namespace(**{**vars(args), "seed": seed})
+        train_or_reuse(gen_args, row, args.data, run, options)
+    api.synthesize(
+        row,
+        normals,
+        out,
+        args.n_synthetic,
+        run=run,
+        seed=seed,
+        image_size=args.image_size,
+        progress=False,
+    )
+    return out
+
+
+def kid_against(real: list[Path], fake: Path, device: str) -> float:
+    """Lite0-KID (mean over subsets) of a synth folder against the held-out real defects."""
+    from defectlab.evaluate.synthesis import evaluate_synthesis
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = link_files(real, Path(tmp) / "real")
+        result = evaluate_synthesis(folder, fake, device=device, progress=False)
+    return result["lite0_kid"]["mean"]
+
+
+def run_job(args: argparse.Namespace, row: str, k: int, seed: int) -> dict[str, Any]:
+    """One (row, K, seed): synthesize if needed, train (or reuse) the U-Net, score it."""
+    from defectlab import api
+    from defectlab.data.layouts import NORMAL
+    from defectlab.data.splits import Split
+    from defectlab.evaluate.metrics import average_precision
+
+    cell = f"k{k}-{args.image_size}-s{seed}"
+    options = split_overrides(args, k, seed)
+    config = api.build_config(
+        "unet", args.data, image_size=args.image_size, seed=seed, overrides=options
+    )
+    _, split = api._dataset_and_split(config.data)
+    normals = [s.path for s in split["train"] if s.label == NORMAL]
+    normal_folder = link_files(normals, args.out / f"normals-{cell}")
+    extra: list[str] = []
+    synth = None
+    if row != "none":
+        synth = synthetic_folder(args, row, k, seed, normal_folder, cell)
+        extra = [f"data.extra_pairs={synth}"]
+    run_dir = args.out / f"unet-{row}-{cell}-e{args.epochs_scale:g}-n{args.n_synthetic}"
+    unet_options = [*options, f"model.epochs={unet_epochs(args)}", *extra]
+    seed_args = argparse.Namespace(**{**vars(args), "seed": seed})
+    train_seconds = train_or_reuse(seed_args, "unet", args.data, run_dir, unet_options)
+    run = api.load_run(run_dir, args.device)
+    trained_split = Split.load(run_dir / "split.json")
+    test = held_out_defects(trained_split, run.config)
+    _, maps = api.predict_arrays(run.model, test.images)
+    types = [s.defect_type for s in test.samples]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    kid = None
+    if args.kid and synth is not None:
+        kid = kid_against([s.path for s in test.samples], synth, args.device)
+    return {
+        "row": row,
+        "k": k,
+        "seed": seed,
+        "split": trained_split.name,
+        "n_train_defect": len(trained_split["train_defect"]),
+        "n_train_synthetic": metrics.get("n_train_synthetic", 0),
+        "n_test_defect": len(test.samples),
+        "unet_epochs": unet_epochs(args),
+        "gen_epochs": args.gen_epochs if row in GENERATORS else None,
+        "train_seconds": train_seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        **segmentation_metrics(test.masks, maps, run.pixel_threshold, types),
+        "pixel_ap": average_precision(test.masks.ravel(), maps.ravel()),
+        "kid": kid,
+        "run": str(run_dir),
+    }
+
+
+def child_command(args: argparse.Namespace, row: str, k: int, seed: int) -> list[str]:
+    command = [sys.executable, __file__, "--one", row, "--k", str(k), "--seeds", str(seed)]
+    command += ["--data", args.data, "--image-size", str(args.image_size)]
+    command += ["--epochs-scale", str(args.epochs_scale), "--gen-epochs", str(args.gen_epochs)]
+    command += ["--n-synthetic", str(args.n_synthetic), "--device", args.device]
+    command += ["--out", str(args.out), *(["--kid"] if args.kid else [])]
+    for option in args.set:
+        command += ["--set", option]
+    return command
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and std over seeds of every column, per (row, K)."""
+    cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        cells.setdefault((r["row"], r["k"]), []).append(r)
+    summary = []
+    for (row, k), group in cells.items():
+        entry: dict[str, Any] = {"row": row, "k": k, "n_seeds": len(group)}
+        for column in COLUMNS:
+            values = [r[column] for r in group if r.get(column) is not None]
+            entry[column] = float(np.mean(values)) if values else None
+            entry[f"{column}_std"] = float(np.std(values)) if values else None
+        summary.append(entry)
+    return summary
+
+
+def print_table(summary: list[dict[str, Any]]) -> None:
+    print(f"{'row':<12} {'K':>3} {'seeds':>5} " + " ".join(f"{c:>17}" for c in COLUMNS))
+    for s in summary:
+        cells = " ".join(
+            f"{fmt(s[c], 8)} ±{fmt(s[f'{c}_std'], 7)}" if s[c] is not None else f"{'n/a':>17}"
+            for c in COLUMNS
+        )
+        print(f"{s['row']:<12} {s['k']:>3} {s['n_seeds']:>5} {cells}")
+    print(
+        "mean ± std over seeds; dice/iou: micro over held-out real defect images at the "
+        "calibrated pixel threshold; *_oracle: best-Dice threshold on the test masks (reference "
+        "only); pixel AUROC/AP over those images' pixels; kid: Lite0-KID of the generator's "
+        "samples vs the held-out real defects (not Inception KID)."
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--data", default=DEFAULT_DATA, help="magnetic-tile folder")
+    parser.add_argument("--k", type=int, nargs="+", default=[5, 20], help="defects per type")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--n-synthetic", type=int, default=200, help="pairs per generator")
+    parser.add_argument("--epochs-scale", type=float, default=1.0, help="× U-Net default epochs")
+    parser.add_argument("--gen-epochs", type=int, default=100, help="generator training epochs")
+    parser.add_argument("--kid", action="store_true", help="Lite0-KID of each generator")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", type=Path, default=Path("runs/augmentation"))
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if min(args.k) < 1:
+        parser.error("--k must be at least 1: the U-Net and generators learn from defects")
+    if args.epochs_scale <= 0 or args.n_synthetic < 1 or args.gen_epochs < 1:
+        parser.error("--epochs-scale, --n-synthetic and --gen-epochs must be positive")
+
+    if args.one:
+        print(json.dumps(run_job(args, args.one, args.k[0], args.seeds[0])))
+        return
+
+    rows: list[dict[str, Any]] = []
+    failed = []
+    for k in args.k:
+        for seed in args.seeds:
+            for row in args.rows:
+                command = child_command(args, row, k, seed)
+                done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+                if done.returncode != 0:
+                    print(f"FAILED: {row} k={k} seed={seed} (exit {done.returncode})")
+                    failed.append(f"{row}/k{k}/s{seed}")
+                    continue
+                for line in done.stdout.strip().splitlines():
+                    if line.startswith("{"):
+                        rows.append(json.loads(line))
+                        print(line, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = aggregate(rows)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print_table(summary)
+    if failed:
+        sys.exit(f"failed jobs: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
