@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -43,6 +42,7 @@ from weak_supervision import (
     DEFAULT_DATA,
     fmt,
     held_out_defects,
+    job_rows,
     peak_rss_mb,
     segmentation_metrics,
     train_or_reuse,
@@ -240,16 +240,12 @@ def main() -> None:
     for k in args.k:
         for seed in args.seeds:
             for row in args.rows:
-                command = child_command(args, row, k, seed)
-                done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
-                if done.returncode != 0:
-                    print(f"FAILED: {row} k={k} seed={seed} (exit {done.returncode})")
-                    failed.append(f"{row}/k{k}/s{seed}")
-                    continue
-                for line in done.stdout.strip().splitlines():
-                    if line.startswith("{"):
-                        rows.append(json.loads(line))
-                        print(line, flush=True)
+                label = f"{row}/k{k}/s{seed}"
+                found = job_rows(child_command(args, row, k, seed), label)
+                if found is None:
+                    failed.append(label)
+                else:
+                    rows += found
     args.out.mkdir(parents=True, exist_ok=True)
     summary = aggregate(rows)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))

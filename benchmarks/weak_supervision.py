@@ -322,6 +322,19 @@ def child_command(args: argparse.Namespace, job: str) -> list[str]:
     return command
 
 
+def job_rows(command: list[str], label: str) -> list[dict[str, Any]] | None:
+    """Run one child job; its JSON rows (echoed as they come), or ``None`` when it failed
+    (reported on stderr with ``label``)."""
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    if done.returncode != 0:
+        print(f"FAILED: {label} (exit {done.returncode})", file=sys.stderr)
+        return None
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def fmt(value: Any, width: int, digits: int = 4) -> str:
     if value is None:
         return f"{'n/a':>{width}}"
@@ -373,16 +386,11 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     failed = []
     for job in jobs:
-        command = child_command(args, job)
-        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
-        if done.returncode != 0:
-            print(f"FAILED: {job} (exit {done.returncode})", file=sys.stderr)
+        found = job_rows(child_command(args, job), job)
+        if found is None:
             failed.append(job)
-            continue
-        for line in done.stdout.strip().splitlines():
-            if line.startswith("{"):
-                rows.append(json.loads(line))
-                print(line, flush=True)
+        else:
+            rows += found
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     print_table(rows)
