@@ -8,7 +8,8 @@ remaining defect images are the held-out test set. The same U-Net (same epochs) 
 * ``procedural`` — + N procedural (image, mask) pairs painted on the split's normal training
   images (never on test images);
 * ``cyclegan``, ``crossgan``, ``maskgan`` — + N pairs from that generator, itself trained on
-  the same K-shot split (``--gen-epochs``) and applied to the split's normal training images.
+  the same K-shot split (``--gen-epochs``; generator-only options from ``--gen-set``) and
+  applied to the split's normal training images.
 
 Synthetic pairs enter U-Net training through ``data.extra_pairs``; they never enter
 ``split.json``. Extra pairs mean more images per epoch, so an augmented row takes more
@@ -89,7 +90,11 @@ def synthetic_folder(
     run = None
     if row in GENERATORS:
         run = args.out / f"gen-{row}-{cell}-g{args.gen_epochs}"
-        options = [*split_overrides(args, k, seed), f"model.epochs={args.gen_epochs}"]
+        options = [
+            *split_overrides(args, k, seed),
+            f"model.epochs={args.gen_epochs}",
+            *args.gen_set,
+        ]
         gen_args = argparse.Namespace(**{**vars(args), "seed": seed})
         train_or_reuse(gen_args, row, args.data, run, options)
     api.synthesize(
@@ -175,6 +180,8 @@ def child_command(args: argparse.Namespace, row: str, k: int, seed: int) -> list
     command += ["--out", str(args.out), *(["--kid"] if args.kid else [])]
     for option in args.set:
         command += ["--set", option]
+    for option in args.gen_set:
+        command += ["--gen-set", option]
     return command
 
 
@@ -223,6 +230,13 @@ def main() -> None:
     parser.add_argument("--kid", action="store_true", help="Lite0-KID of each generator")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--gen-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="options for the generators only (e.g. model.disc_scales=2 at 64 px)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/augmentation"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -7,7 +7,8 @@ the remaining defect images are the held-out test set. Rows:
 * ``unet`` — masks (fully supervised; the upper bound);
 * ``cam`` — image labels only (class activation maps);
 * ``arearatio-gcn`` — the exact area ratio of each training mask;
-* ``arearatio-gcn-noisy`` — the same ratios × U(0.7, 1.3) (``ratio_noise=0.3``);
+* ``arearatio-gcn-noisy`` — the same ratios, each × its own U(0.7, 1.3) factor drawn once
+  (``ratio_noise=0.3``: a fixed error per image, like a person's estimate);
 * ``whole-image``, ``centre-disc``, ``centre-box`` — trivial masks computed directly: the
   whole image, and a centred disc / box. Their "maps" rank pixels by closeness to the centre,
   so the calibrated threshold gives the disc (box) whose area is the mean defect share of the
@@ -15,9 +16,11 @@ the remaining defect images are the held-out test set. Rows:
 
 Metrics over the held-out defect images only: Dice and IoU micro (all pixels pooled,
 :func:`~defectlab.evaluate.metrics.dice_iou`) and mean per image, at the run's calibrated
-pixel threshold (``run.pixel_threshold``, a quantile of normal validation pixels) and at the
-oracle best-Dice threshold (:func:`~defectlab.evaluate.metrics.best_dice_threshold`, which
-peeks at the test masks: a reference only), and pixel AUROC over those images. Trained models
+pixel threshold (``run.pixel_threshold``: a quantile of normal validation pixels; for
+``arearatio-gcn`` the threshold at which the training maps flag the labelled total area,
+``calibration.method=auto``) and at the oracle best-Dice threshold
+(:func:`~defectlab.evaluate.metrics.best_dice_threshold`, which peeks at the test masks: a
+reference only), and pixel AUROC over those images. Trained models
 are also run through :func:`defectlab.api.evaluate` (normal + defect test images), which adds
 image AUROC, the usual pixel AUROC and ``eval/report.html``.
 

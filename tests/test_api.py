@@ -150,6 +150,21 @@ def test_f1_calibration_without_validation_defects_is_a_config_error(
         )
 
 
+def test_area_calibration_needs_a_model_taught_by_area_ratios(
+    folder_root: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=r"calibration\.method=area needs a model taught by area"):
+        dl.train(
+            "pixelstats",
+            folder_root,
+            tmp_path / "run",
+            overrides=["calibration.method=area"],
+            progress=False,
+        )
+    with pytest.raises(ConfigError, match=r"calibration\.method must be one of"):
+        dl.train("pixelstats", folder_root, tmp_path / "bad", overrides=["calibration.method=x"])
+
+
 def test_area_ratio_segmenter_reads_ratios_from_a_csv(folder_root: Path, tmp_path: Path) -> None:
     overrides = ["data.defects_per_class=3", "epochs=1", "n_segments=16"]
     split = dl.train(
@@ -172,6 +187,12 @@ def test_area_ratio_segmenter_reads_ratios_from_a_csv(folder_root: Path, tmp_pat
         progress=False,
     )
     assert run.model.family == "segmenter"
+    # default calibration: the pixel threshold flags the labelled area on the training images
+    calibration = json.loads((run.run_dir / "calibration.json").read_text())
+    assert calibration["method"] == "area"
+    n_train = calibration["n_area_labelled"]
+    assert n_train == len(Split.load(run.run_dir / "split.json")["train"]) + len(train_defects)
+    assert calibration["mean_area_ratio"] == pytest.approx(0.05 * len(train_defects) / n_train)
     labels.write_text("path,area_ratio\n" + f"{train_defects[0]},0.05\n")
     with pytest.raises(DataError, match="no area ratio for training image"):
         dl.train(

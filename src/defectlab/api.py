@@ -59,6 +59,7 @@ from defectlab.data.splits import Split, make_split
 from defectlab.data.transforms import resize_image
 from defectlab.errors import CheckpointError, ConfigError, DataError
 from defectlab.evaluate.metrics import (
+    area_matched_threshold,
     best_dice_threshold,
     best_threshold,
     calibrate_threshold,
@@ -246,7 +247,8 @@ def _weak_labels(net: Model, train: LoadedImages, data: DataConfig) -> dict[str,
                 f"{lacking[0]}: {len(lacking)} defect training images have no mask to derive "
                 "an area ratio from; give data.area_ratio_csv=LABELS.csv"
             )
-        return {}  # the model derives ratios from the masks (and adds its ratio_noise)
+        # the benchmark protocol: ratios from the masks, noisy ones drawn once per image
+        return {"area_ratio": net.derive_area_ratios(train.masks)}
     from defectlab.segment.arearatio import read_area_ratio_csv
 
     table = {p.resolve(): v for p, v in read_area_ratio_csv(data.area_ratio_csv).items()}
@@ -298,18 +300,35 @@ def _defect_class_ids(net: Model, train: LoadedImages) -> dict[str, np.ndarray]:
     return {"defect_class": np.array(ids, np.float32)}
 
 
+def calibration_method(model: Model, config: CalibrationConfig) -> str:
+    """The calibration a run gets: ``config.method``, with ``"auto"`` resolved to ``"area"``
+    for models taught by area ratios and ``"quantile"`` for every other model."""
+    learns_ratios = getattr(model, "learns_from_area_ratios", False)
+    if config.method == "area" and not learns_ratios:
+        raise ConfigError(
+            f"calibration.method=area needs a model taught by area ratios; {model.name} is not"
+        )
+    if config.method == "auto":
+        return "area" if learns_ratios else "quantile"
+    return config.method
+
+
 def _calibrate(
     model: Model,
     val: LoadedImages,
     config: CalibrationConfig,
     val_defect: LoadedImages | None = None,
+    area_labels: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Thresholds from the normal validation images (quantiles), or with ``method="f1"`` the
+    """Thresholds from the normal validation images (quantiles); with ``method="f1"`` the
     F1-optimal image threshold and Dice-optimal pixel threshold over normal + defect
-    validation images. The normal-score statistics always come from normal images only."""
+    validation images; with ``method="area"`` the pixel threshold that matches the total
+    area of ``area_labels`` (training images, their area ratios). The normal-score
+    statistics always come from normal images only."""
+    method = calibration_method(model, config)
     scores, maps = predict_arrays(model, val.images)
     calibration: dict[str, Any] = {
-        "method": config.method,
+        "method": method,
         "image_threshold": calibrate_threshold(scores, config.image_quantile),
         "pixel_threshold": calibrate_threshold(maps.ravel(), config.pixel_quantile),
         "image_quantile": config.image_quantile,
@@ -319,7 +338,17 @@ def _calibrate(
         "map_median": float(np.median(maps)),
         "n_val": len(scores),
     }
-    if config.method != "f1":
+    if method == "area":
+        if area_labels is None:
+            raise DataError("calibration.method=area: the training images carry no area ratios")
+        images, ratios = area_labels
+        _, train_maps = predict_arrays(model, images)
+        return calibration | {
+            "pixel_threshold": area_matched_threshold(train_maps, ratios),
+            "n_area_labelled": len(ratios),
+            "mean_area_ratio": float(np.mean(ratios)),
+        }
+    if method != "f1":
         fixed = getattr(model, "decision_thresholds", None)
         if fixed is not None:
             calibration |= {
@@ -466,12 +495,14 @@ def _train_into(
     val_defect = None
     if config.calibration.method == "f1":
         val_defect = _load(split["val_defect"], config.data, "loading validation defects", progress)
+    calibration_method(net, config.calibration)  # a config error surfaces before training
+    weak_labels = _weak_labels(net, train_data, config.data)
     history = fit(
         net,
         train_data.images,
         masks=train_data.masks,
         labels=train_data.labels,
-        extras=_weak_labels(net, train_data, config.data) | _defect_class_ids(net, train_data),
+        extras=weak_labels | _defect_class_ids(net, train_data),
         run_dir=run_dir,
         batch_size=config.train.batch_size,
         seed=config.train.seed,
@@ -484,7 +515,13 @@ def _train_into(
     calibration: dict[str, Any] = (
         {}
         if net.family == "synthesizer" or not main
-        else _calibrate(net, val_data, config.calibration, val_defect)
+        else _calibrate(
+            net,
+            val_data,
+            config.calibration,
+            val_defect,
+            (train_data.images, weak_labels["area_ratio"]) if weak_labels else None,
+        )
     )
     if context is not None:
         calibration = dist.broadcast_object(calibration)

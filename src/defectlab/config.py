@@ -71,20 +71,36 @@ class TrainConfig:
             )
 
 
+CALIBRATION_METHODS = ("auto", "quantile", "f1", "area")
+
+
 @dataclass
 class CalibrationConfig:
-    """By default thresholds are quantiles of scores on normal validation images: no defect
-    labels needed. ``method="f1"`` instead picks the image threshold with the best F1 (and
-    the pixel threshold with the best Dice, when masks exist) on labelled validation images:
-    the normal validation share plus ``data.val_defects_per_class`` held-out defects."""
+    """How a run's image and pixel thresholds are set after training.
 
-    method: str = "quantile"
+    * ``"quantile"``: quantiles of the scores and map values of normal validation images;
+      no defect labels needed.
+    * ``"f1"``: the image threshold with the best F1 (and the pixel threshold with the best
+      Dice, when masks exist) on labelled validation images: the normal validation share
+      plus ``data.val_defects_per_class`` held-out defects.
+    * ``"area"``: for models taught by area ratios (``arearatio-gcn``): the image threshold
+      as for ``"quantile"``, the pixel threshold such that the maps of the training images
+      flag as much area in total as their area-ratio labels say
+      (:func:`defectlab.evaluate.metrics.area_matched_threshold`). Normal images say nothing
+      about how much of a defective image to flag; the ratios do.
+    * ``"auto"`` (default): ``"area"`` for models taught by area ratios, else ``"quantile"``.
+    """
+
+    method: str = "auto"
     image_quantile: float = 0.99
     pixel_quantile: float = 0.999
 
     def __post_init__(self) -> None:
-        if self.method not in ("quantile", "f1"):
-            raise ConfigError(f"calibration.method must be 'quantile' or 'f1', got {self.method!r}")
+        if self.method not in CALIBRATION_METHODS:
+            raise ConfigError(
+                f"calibration.method must be one of {', '.join(CALIBRATION_METHODS)}; "
+                f"got {self.method!r}"
+            )
         for name in ("image_quantile", "pixel_quantile"):
             q = getattr(self, name)
             if not 0 < q <= 1:

@@ -11,6 +11,7 @@ from scipy import ndimage
 from sklearn import metrics as skm
 
 from defectlab.evaluate.metrics import (
+    area_matched_threshold,
     aupro,
     auroc,
     average_precision,
@@ -499,3 +500,17 @@ def test_compute_metrics_refuses_mismatched_shapes() -> None:
             masks=run["masks"],
             maps=run["maps"],
         )
+
+
+def test_area_matched_threshold_flags_the_labelled_total_area() -> None:
+    rng = np.random.default_rng(0)
+    maps = rng.random((4, 10, 10)).astype(np.float32)
+    ratios = np.array([0.0, 0.1, 0.2, 0.3])  # mean 0.15 → 60 of 400 pixels
+    threshold = area_matched_threshold(maps, ratios)
+    assert np.count_nonzero(maps >= threshold) == 60
+    assert np.count_nonzero(maps >= area_matched_threshold(maps, [1, 1, 1, 1])) == 400
+    assert np.count_nonzero(maps >= area_matched_threshold(maps, np.zeros(4))) == 0
+    with pytest.raises(ValueError, match="one map per area ratio"):
+        area_matched_threshold(maps, ratios[:3])
+    with pytest.raises(ValueError, match=r"in \[0, 1\], got 1.5"):
+        area_matched_threshold(maps, [0.1, 0.2, 0.3, 1.5])

@@ -260,21 +260,33 @@ def test_registered_and_the_gradient_reaches_the_fcn_through_vertex_features() -
     assert not torch.equal(before, model.fcn.enc1[0].weight)
 
 
-def test_noisy_ratios_are_seeded_and_given_ratios_are_kept() -> None:
+def test_noisy_ratios_are_drawn_once_per_image_and_given_ratios_are_kept() -> None:
     masks = torch.zeros(4, SIZE, SIZE)
     for i in range(4):
         masks[i, : 4 * (i + 1)] = 1.0
     clean = masks.flatten(1).mean(1).double()
     batch = {"image": torch.rand(4, 1, SIZE, SIZE), "mask": masks}
     assert torch.equal(_model().training_ratios(batch)[0], clean)
+    assert np.array_equal(_model().derive_area_ratios(masks.numpy()), clean.float().numpy())
 
     a, b, c = (_model(ratio_noise=0.3, noise_seed=s) for s in (1, 1, 2))
-    first_a, first_b = a.training_ratios(batch)[0], b.training_ratios(batch)[0]
-    assert torch.equal(first_a, first_b)
-    assert not torch.equal(first_a, c.training_ratios(batch)[0])
-    assert not torch.equal(first_a, a.training_ratios(batch)[0])  # a new draw per batch
-    assert ((first_a >= 0.7 * clean - 1e-12) & (first_a <= 1.3 * clean + 1e-12)).all()
-    assert not torch.equal(first_a, clean)
+    first_a = a.derive_area_ratios(masks.numpy())
+    assert np.array_equal(first_a, b.derive_area_ratios(masks.numpy()))
+    assert np.array_equal(first_a, a.derive_area_ratios(masks.numpy()))  # fixed, not per call
+    assert not np.array_equal(first_a, c.derive_area_ratios(masks.numpy()))
+    assert not np.allclose(first_a, clean.numpy())
+    low, high = 0.7 * clean.numpy() - 1e-6, 1.3 * clean.numpy() + 1e-6
+    assert ((first_a >= low) & (first_a <= high)).all()
+    # the first images keep their factor when more images follow
+    more = torch.cat([masks, masks])
+    assert np.array_equal(a.derive_area_ratios(more.numpy())[:4], first_a)
+    # noise per batch would average out over epochs: a noisy model refuses raw masks
+    with pytest.raises(ValueError, match="drawn once per image"):
+        a.training_ratios(batch)
+    assert torch.equal(
+        a.training_ratios({**batch, "area_ratio": torch.from_numpy(first_a)})[0],
+        torch.from_numpy(first_a).double(),
+    )
 
     # explicit ratios and margins win over the mask and are not perturbed
     given = {**batch, "area_ratio": torch.tensor([0.1, 0.2, 0.3, 0.4])}
@@ -301,8 +313,9 @@ def test_ratio_outside_unit_interval_is_refused() -> None:
 
 def test_state_round_trip_and_exact_resume_of_the_optimiser() -> None:
     images, masks = _blobs(8, seed=2)
-    batch = {"image": to_nchw(images), "mask": torch.from_numpy(masks)}
     model = _model(ratio_noise=0.2)
+    ratios = torch.from_numpy(model.derive_area_ratios(masks))
+    batch = {"image": to_nchw(images), "area_ratio": ratios}
     model.setup_training(8)
     model.training_step(batch)
 
@@ -335,6 +348,7 @@ def _resumable_run(run_dir: Path, **kwargs) -> tuple[AreaRatioGCN, list[dict]]:
         model,
         images,
         masks=masks,
+        extras={"area_ratio": model.derive_area_ratios(masks)},
         run_dir=run_dir,
         batch_size=8,
         checkpoint_every=1,

@@ -20,6 +20,7 @@ import numpy as np
 
 __all__ = [
     "METRIC_KEYS",
+    "area_matched_threshold",
     "aupro",
     "auroc",
     "average_precision",
@@ -327,6 +328,30 @@ def calibrate_threshold(normal_scores: Any, quantile: float) -> float:
     if scores.size == 0:
         raise ValueError("cannot calibrate a threshold on no normal scores")
     return float(np.quantile(scores, quantile))
+
+
+def area_matched_threshold(maps: Any, area_ratios: Any) -> float:
+    """The pixel threshold (mask = map >= threshold) at which the maps flag as many pixels
+    as their labelled area ratios say in total: round(mean ratio × pixel count) pixels, the
+    highest-scoring ones. Calibration for models taught by area ratios alone (no masks, and
+    normal images say nothing about how much of a defective image to flag). With every ratio
+    0 the threshold lies just above the largest map value, so nothing is flagged."""
+    values = _finite_scores(maps, "maps")
+    ratios = np.asarray(area_ratios, dtype=np.float64).ravel()
+    if values.ndim < 2 or len(values) != ratios.size:
+        raise ValueError(
+            f"maps {values.shape} must be one map per area ratio ({ratios.size} ratios)"
+        )
+    if ratios.size == 0:
+        raise ValueError("area_matched_threshold needs at least one labelled map")
+    outside = ratios[~((ratios >= 0) & (ratios <= 1))]
+    if outside.size:
+        raise ValueError(f"area ratios must be in [0, 1], got {outside[0]}")
+    flat = values.ravel()
+    wanted = round(float(ratios.mean()) * flat.size)
+    if wanted == 0:
+        return float(np.nextafter(flat.max(), np.inf))
+    return float(np.partition(flat, flat.size - wanted)[flat.size - wanted])
 
 
 # --- everything at once ----------------------------------------------------------------------

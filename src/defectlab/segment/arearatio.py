@@ -40,9 +40,12 @@ random initialisation gave — on the synthetic blobs of the tests, two of four 
 segment the background. ``novelty_prior=0`` restores the seed's rule exactly.
 
 Training ratios come from ``batch["area_ratio"]`` (B,) when present; otherwise from
-``batch["mask"].mean`` (the benchmark's ``--derive-area-from-masks``), optionally times
-U(1 − ``ratio_noise``, 1 + ``ratio_noise``) from a seeded generator (clipped to [0, 1]) to
-mimic human estimates. Margins come from ``batch["area_margin"]`` or ``area_margin``.
+``batch["mask"].mean``. :meth:`AreaRatioGCN.derive_area_ratios` turns masks into ratios once
+per image (the benchmark's ``--derive-area-from-masks``), with ``ratio_noise`` times one
+U(1 − ``ratio_noise``, 1 + ``ratio_noise``) factor per image (clipped to [0, 1]) to mimic human
+estimates: a person's error on an image stays the same however often the image is seen, so
+the noise is drawn once, never per batch (a fresh draw every epoch would average out).
+Margins come from ``batch["area_margin"]`` or ``area_margin``.
 
 Prediction paints each vertex's probability back onto its pixels; the image score is the
 map's maximum or the mean of its top ``score_top_fraction`` (= area-weighted top mean of the
@@ -60,6 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -413,9 +417,10 @@ class AreaRatioConfig(ModelConfig):
     #: absolute margin on the ratio when the batch has no ``area_margin``; the band
     #: [r − m, r + m] is ignored
     area_margin: float = 0.02
-    #: multiplicative noise on mask-derived ratios: r × U(1 − n, 1 + n), clipped to [0, 1]
+    #: multiplicative noise on mask-derived ratios: r × U(1 − n, 1 + n), clipped to [0, 1],
+    #: one draw per image (:meth:`AreaRatioGCN.derive_area_ratios`)
     ratio_noise: float = 0.0
-    #: seed of the ratio-noise generator
+    #: seed of the ratio-noise draws
     noise_seed: int = 0
     #: weight each pseudo-labelled vertex's BCE by its area
     area_weighted_loss: bool = True
@@ -506,7 +511,6 @@ class AreaRatioGCN(Segmenter):
         self.fcn = PixelFeatureNet(self.channels, cfg.width, cfg.feature_dim).to(self.device)
         self.gcn = GraphConvNet(cfg.feature_dim, cfg.gcn_hidden, cfg.gcn_layers).to(self.device)
         self.optimizer: torch.optim.Optimizer | None = None
-        self._noise = torch.Generator().manual_seed(cfg.noise_seed)
         self._steps_done = 0
 
     def prior_weight(self) -> float:
@@ -550,20 +554,35 @@ class AreaRatioGCN(Segmenter):
             weight_decay=self.config.weight_decay,
         )
 
+    def derive_area_ratios(self, masks: Any) -> np.ndarray:
+        """Area ratios (N,) float32 of masks (N, H, W), each times its own fixed
+        U(1 − ``ratio_noise``, 1 + ``ratio_noise``) factor (clipped to [0, 1]) drawn from
+        ``noise_seed``: the same masks in the same order always get the same labels."""
+        masks = np.asarray(masks)
+        if masks.ndim != 3:
+            raise ValueError(f"{self.name}: expected masks (N, H, W), got {masks.shape}")
+        ratios = masks.reshape(len(masks), -1).astype(np.float64).mean(axis=1)
+        if self.config.ratio_noise > 0:
+            n, rng = self.config.ratio_noise, np.random.default_rng(self.config.noise_seed)
+            factor = rng.uniform(1 - n, 1 + n, len(ratios))
+            ratios = np.clip(ratios * factor, 0.0, 1.0)
+        return ratios.astype(np.float32)
+
     def training_ratios(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Area ratios and margins (B,) on the CPU, float64: given ratios as they are,
-        mask-derived ones with the seeded multiplicative noise."""
+        """Area ratios and margins (B,) on the CPU, float64: ``area_ratio`` as given, else the
+        exact share of ``mask``. Noisy ratios must come in as ``area_ratio`` (from
+        :meth:`derive_area_ratios`, as :func:`defectlab.api.train` does), fixed per image."""
         b = batch["image"].shape[0]
         if "area_ratio" in batch:
             ratios = torch.as_tensor(batch["area_ratio"]).detach().double().cpu().flatten()
         elif "mask" in batch:
-            ratios = batch["mask"].detach().double().cpu().flatten(1).mean(dim=1)
             if self.config.ratio_noise > 0:
-                n = self.config.ratio_noise
-                factor = torch.empty(b, dtype=torch.float64).uniform_(
-                    1 - n, 1 + n, generator=self._noise
+                raise ValueError(
+                    f"{self.name}: ratio_noise is drawn once per image: pass "
+                    "area_ratio=model.derive_area_ratios(masks) with the training data "
+                    "instead of masks (defectlab.api.train does this)"
                 )
-                ratios = (ratios * factor).clamp(0.0, 1.0)
+            ratios = batch["mask"].detach().double().cpu().flatten(1).mean(dim=1)
         else:
             raise ValueError(f"{self.name}: a training batch needs 'area_ratio' or 'mask'")
         if ratios.numel() != b:
@@ -669,10 +688,7 @@ class AreaRatioGCN(Segmenter):
                 ) from exc
 
     def training_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "noise_rng": self._noise.get_state(),
-            "steps_done": self._steps_done,
-        }
+        state: dict[str, Any] = {"steps_done": self._steps_done}
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
         return state
@@ -680,7 +696,6 @@ class AreaRatioGCN(Segmenter):
     def load_training_state(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        self._noise.set_state(state["noise_rng"].cpu())
         self._steps_done = int(state["steps_done"])
         if "optimizer" in state:
             if self.optimizer is None:
