@@ -188,6 +188,17 @@ def test_feature_terms_follow_the_formula(trained, mode: str) -> None:
         assert torch.allclose(features[:, i], expected.sqrt(), rtol=1e-4)
 
 
+def test_score_levels_select_the_summed_feature_terms(trained) -> None:
+    model, _ = trained
+    x = to_nchw(_with_square(_normal(4, seed=9)))
+    pixel, features = model.score_terms(x)
+    clone = MLAAE(MLAAEConfig(**(SMALL | {"score_levels": (3, 1)})), image_size=SIZE)
+    clone.load_state_dict(model.state_dict())
+    expected = pixel + features[:, 0] + features[:, 2]
+    assert torch.allclose(clone.predict(x).scores, expected, rtol=1e-5)
+    assert not torch.allclose(model.predict(x).scores, expected, rtol=1e-5)
+
+
 def test_alpha_and_beta_select_pixel_or_feature_terms(trained) -> None:
     model, _ = trained
     x = to_nchw(_with_square(_normal(4, seed=9)))
@@ -241,6 +252,9 @@ def test_save_and_load_give_identical_scores(trained, tmp_path: Path) -> None:
         ({"width": 0.0}, "width must be positive"),
         ({"low_dim": 0}, "low_dim"),
         ({"feature_residual": "cosine"}, "feature_residual must be"),
+        ({"score_levels": ()}, "score_levels must be"),
+        ({"score_levels": (1, 5)}, "score_levels must be"),
+        ({"score_levels": (2, 2)}, "score_levels must be"),
     ],
 )
 def test_bad_configs_are_refused(overrides: dict, message: str) -> None:

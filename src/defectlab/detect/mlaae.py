@@ -115,6 +115,9 @@ class MLAAEConfig(ModelConfig):
     #: feature residual per level: "absolute" ‖Eᵢ(x) − Eᵢ(x̂)‖ as in the seed, or "relative"
     #: (divided by the image's own ‖Eᵢ(x)‖: invariant to the brightness-driven activation scale)
     feature_residual: str = "absolute"
+    #: encoder levels (1 = shallowest … 4) whose feature residuals enter the score and map;
+    #: the seed sums all four (see the ELPV note in the module docstring)
+    score_levels: tuple[int, ...] = (1, 2, 3, 4)
     #: smoothing of the anomaly map, in pixels
     map_sigma: float = 2.0
     #: momentum of the moving averages that normalise the score terms
@@ -130,6 +133,11 @@ class MLAAEConfig(ModelConfig):
         if self.feature_residual not in ("absolute", "relative"):
             raise ValueError(
                 f"feature_residual must be 'absolute' or 'relative', got {self.feature_residual!r}"
+            )
+        levels = tuple(self.score_levels)
+        if not levels or len(set(levels)) != len(levels) or not set(levels) <= {1, 2, 3, 4}:
+            raise ValueError(
+                f"score_levels must be distinct encoder levels among 1-4, got {self.score_levels}"
             )
         if self.width <= 0:
             raise ValueError(f"width must be positive, got {self.width}")
@@ -435,7 +443,7 @@ class MLAAE(Detector):
     @torch.no_grad()
     def score_terms(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixel term (B,) and feature terms (B, 4): normalised RMS residuals (see module doc).
-        The score is ``alpha * pixel + beta * features.sum(1)``."""
+        The score is ``alpha * pixel + beta`` × the sum of the ``score_levels`` terms."""
         pixel, _, levels = self.residuals(images)
         return self._terms(pixel, levels)
 
@@ -443,6 +451,7 @@ class MLAAE(Detector):
     def predict(self, images: torch.Tensor) -> Prediction:
         cfg = self.config
         pixel, _, levels = self.residuals(images)
+        levels = [levels[i - 1] for i in sorted(cfg.score_levels)]
         pixel_term, feature_terms = self._terms(pixel, levels)
         scores = cfg.alpha * pixel_term + cfg.beta * feature_terms.sum(dim=1)
         size = (self.image_size, self.image_size)
