@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from weak_supervision import job_rows, peak_rss_mb
 
 KEYS = ("image_auroc", "image_ap", "pixel_auroc", "aupro", "dice", "f1")
 
@@ -57,7 +57,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "n_defect": metrics["n_defect"],
         "train_seconds": train_seconds,
         "images_per_second": metrics["images_per_second"],
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": peak_rss_mb(),
         **{k: metrics[k] for k in KEYS},
     }
 
@@ -81,32 +81,12 @@ def main() -> None:
     rows = []
     for dataset in args.datasets:
         for model in args.models:
-            command = [
-                sys.executable,
-                __file__,
-                "--one",
-                "--models",
-                model,
-                "--datasets",
-                dataset,
-                "--image-size",
-                str(args.image_size),
-                "--seed",
-                str(args.seed),
-                "--device",
-                args.device,
-                "--out",
-                str(args.out),
-            ]
+            command = [sys.executable, __file__, "--one", "--models", model]
+            command += ["--datasets", dataset, "--image-size", str(args.image_size)]
+            command += ["--seed", str(args.seed), "--device", args.device, "--out", str(args.out)]
             for option in args.set:
                 command += ["--set", option]
-            done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
-            if done.returncode != 0:
-                print(f"FAILED: {model} on {dataset} (exit {done.returncode})", file=sys.stderr)
-                continue
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            rows += job_rows(command, f"{model} on {dataset}") or []
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     header = f"{'model':<12} {'dataset':<15} {'split':<28} " + " ".join(f"{k:>11}" for k in KEYS)
