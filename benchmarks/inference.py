@@ -19,6 +19,8 @@ RSS before and after.
 
     .venv/bin/python benchmarks/inference.py --sizes 128 256 --threads 2 --out runs/inference
     .venv/bin/python benchmarks/inference.py --serve synth-unet --sizes 128 --out runs/inference
+    .venv/bin/python benchmarks/inference.py --models synth-unet --sizes 256 --int8 \
+        --set model.encoder=lite0 --out runs/inference
 """
 
 from __future__ import annotations
@@ -54,9 +56,11 @@ DEFAULT_MODELS = [
 def trained_run(model: str, size: int, args: argparse.Namespace) -> Path:
     from defectlab import api
 
-    run_dir = args.out / f"{model}-{size}"
+    tag = "".join(f"-{option.replace('=', '_').replace(',', '_')}" for option in args.set)
+    run_dir = args.out / f"{model}-{size}{tag}"
     if not (run_dir / api.MODEL_FILE).exists():
         overrides = [f"data.train_fraction={args.train_fraction}", "data.val_fraction=0.05"]
+        overrides += args.set
         if model not in ("pixelstats", "patchmemory"):
             overrides.append("model.epochs=" + ("3" if model == "deepsvdd" else "1"))
         api.train(
@@ -217,6 +221,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-fraction", type=float, default=0.05)
     parser.add_argument("--calls", type=int, default=0, help="timed calls (default by batch)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model options of every timed run (e.g. model.encoder=lite0); part of its folder name",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/inference"))
     parser.add_argument(
         "--int8", action="store_true", help="also time a static int8 export (export-int8/)"
@@ -248,16 +259,19 @@ def main() -> None:
     for size in args.sizes:
         cells = test_cells(size, max(args.batches))
         for model in args.models:
-            try:
-                run_dir = trained_run(model, size, args)
-                exports = {"onnx": (run_dir / "export", None)}
-                if args.int8:
-                    exports["onnx-int8"] = (run_dir / "export-int8", "int8")
-                for folder, quantize in exports.values():
+            run_dir = trained_run(model, size, args)
+            exports = {}
+            wanted = {"onnx": (run_dir / "export", None)}
+            if args.int8:
+                wanted["onnx-int8"] = (run_dir / "export-int8", "int8")
+            for name, (folder, quantize) in wanted.items():
+                try:
                     if not (folder / "metadata.json").exists():
                         export_onnx(run_dir, folder, quantize=quantize)
-            except DefectlabError as exc:
-                print(f"{model:<16} {size:>4} not exported: {exc}", file=sys.stderr)
+                    exports[name] = (folder, quantize)
+                except DefectlabError as exc:  # e.g. int8 refused: masks changed too much
+                    print(f"{model:<16} {size:>4} no {name} export: {exc}", file=sys.stderr)
+            if "onnx" not in exports:
                 continue
             backends = {"torch": torch_inspector(run_dir, "cpu")} | {
                 name: onnx_inspector(folder, threads=args.threads)
@@ -269,13 +283,15 @@ def main() -> None:
                 for name, inspector in backends.items():
                     row[name] = time_calls(inspector.score, cells, batch, calls)
                 base = row["torch"]["images_per_second"]
-                row["speedup"] = {n: row[n]["images_per_second"] / base for n in names[1:]}
+                row["speedup"] = {n: row[n]["images_per_second"] / base for n in exports}
                 results.append(row)
                 print(
                     f"{model:<16} {size:>4} {batch:>5} "
                     + " ".join(
                         f"{row[n]['images_per_second']:>15.1f} {row[n]['p50_ms']:>7.1f} "
                         f"{row[n]['p99_ms']:>7.1f}"
+                        if n in row
+                        else f"{'refused':>15} {'':>7} {'':>7}"
                         for n in names
                     )
                     + " "
