@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, Self
+from typing import Any, ClassVar, Self
 
 import cv2
 import numpy as np
@@ -320,8 +320,13 @@ def check_choices(config: object, choices: dict[str, tuple[str, ...]]) -> None:
 
 
 @dataclass
-class GANConfig(ModelConfig):
-    """Settings shared by the GAN synthesizers (seed values where the seed gives them)."""
+class GANTrainingConfig(ModelConfig):
+    """The training settings every GAN synthesizer shares and :class:`GANSynthesizer` reads
+    (seed values where the seed gives them); subclasses add their networks' and losses'
+    settings and may change a default."""
+
+    #: the ``gan_loss`` values the synthesizer implements
+    gan_losses: ClassVar[tuple[str, ...]] = GAN_LOSSES
 
     epochs: int = 400
     #: base channel count; encoders/generators work at up to 4× this, discriminators 8×
@@ -337,9 +342,9 @@ class GANConfig(ModelConfig):
     #: image discriminators: strided convs per scale and number of scales
     disc_layers: int = 4
     disc_scales: int = 3
-    #: "bce" (cross-entropy, the seed) or "lsgan" (least squares)
+    #: "bce" (cross-entropy, the seed) or "lsgan" (least squares); MaskGAN also "hinge"
     gan_loss: str = "bce"
-    #: images of each kind (normal/defect) remembered to pair batches that lack one kind
+    #: images of each kind remembered to pair batches that lack one kind
     buffer_size: int = 8
     #: a discriminator whose loss stays below ``collapse_threshold`` for
     #: ``collapse_patience`` consecutive steps has collapsed: training stops (0 = never)
@@ -349,6 +354,23 @@ class GANConfig(ModelConfig):
     #: into ``sample_dir`` (empty = no grids)
     sample_every: int = 0
     sample_dir: str = ""
+
+    def __post_init__(self) -> None:
+        check_fields(
+            self,
+            at_least_one=("width", "lr_decay_epochs", "disc_layers", "disc_scales", "buffer_size"),
+            positive=("lr", "lr_decay_gamma"),
+            half_open_unit=("beta1", "beta2"),
+            nonnegative=("weight_decay", "collapse_threshold", "collapse_patience", "sample_every"),
+        )
+        check_choices(self, {"gan_loss": self.gan_losses})
+
+
+@dataclass
+class GANConfig(GANTrainingConfig):
+    """Settings of the translation GANs (CrossGAN, CycleGAN): training, plus the rule that
+    turns a generated image's difference to its source into a defect mask."""
+
     #: mask rule (module docstring): "std" (mean + k·std, floored) or "fixed"
     mask_rule: str = "std"
     mask_k: float = 2.0
@@ -359,23 +381,13 @@ class GANConfig(ModelConfig):
     mask_min_area: int = 8
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_fields(
             self,
-            at_least_one=("width", "lr_decay_epochs", "disc_layers", "disc_scales", "buffer_size"),
-            positive=("lr", "lr_decay_gamma", "mask_k"),
-            half_open_unit=("beta1", "beta2"),
-            nonnegative=(
-                "weight_decay",
-                "collapse_threshold",
-                "collapse_patience",
-                "sample_every",
-                "mask_min_diff",
-                "mask_blur",
-                "mask_open",
-                "mask_min_area",
-            ),
+            positive=("mask_k",),
+            nonnegative=("mask_min_diff", "mask_blur", "mask_open", "mask_min_area"),
         )
-        check_choices(self, {"gan_loss": GAN_LOSSES, "mask_rule": MASK_RULES})
+        check_choices(self, {"mask_rule": MASK_RULES})
         check_fields(self, open_unit=("mask_level",))
 
     @property
@@ -419,26 +431,6 @@ def _concat(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return torch.cat([first, second])
 
 
-class GANSettings(Protocol):
-    """The config fields :class:`GANSynthesizer` reads (``GANConfig`` and ``MaskGANConfig``
-    both have them, with their own defaults)."""
-
-    width: int
-    lr: float
-    beta1: float
-    beta2: float
-    weight_decay: float
-    lr_decay_epochs: int
-    lr_decay_gamma: float
-    disc_layers: int
-    disc_scales: int
-    buffer_size: int
-    collapse_threshold: float
-    collapse_patience: int
-    sample_every: int
-    sample_dir: str
-
-
 class GANSynthesizer(Model, Synthesizer):
     """What every GAN synthesizer shares, so that TranslationGAN (CrossGAN, CycleGAN) and
     MaskGAN train, checkpoint and sample alike: networks in one ``ModuleDict``, one Adam + step
@@ -461,7 +453,7 @@ class GANSynthesizer(Model, Synthesizer):
     family: ClassVar[str] = "synthesizer"
     needs_training: ClassVar[bool] = True
     trains_on_defects: ClassVar[bool] = True
-    config: GANSettings
+    config: GANTrainingConfig
     #: loss key → discriminator name, for every discriminator watched for collapse
     collapse_watch: ClassVar[dict[str, str]] = {}
     #: config fields that may change after training (they do not touch the networks)

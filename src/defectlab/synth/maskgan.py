@@ -115,7 +115,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectlab import distributed
-from defectlab.base import ModelConfig
 from defectlab.data.io import to_uint8
 from defectlab.data.transforms import resize_image, resize_mask
 from defectlab.errors import ConfigError, TrainingError
@@ -123,6 +122,7 @@ from defectlab.registry import register
 from defectlab.synth.base import SynthSample
 from defectlab.synth.gan_parts import (
     GANSynthesizer,
+    GANTrainingConfig,
     MultiScaleDiscriminator,
     ResidualBlock,
     ResidualEncoder,
@@ -416,12 +416,17 @@ def compose(images: torch.Tensor, masks: torch.Tensor, foreground: torch.Tensor)
 
 
 @dataclass
-class MaskGANConfig(ModelConfig):
-    """MaskGAN settings; the module docstring explains each group."""
+class MaskGANConfig(GANTrainingConfig):
+    """MaskGAN settings; the module docstring explains each group. The training settings
+    (epochs, width, Adam and its step decay, discriminators, pairing buffer, collapse watch,
+    sample grids) are :class:`~defectlab.synth.gan_parts.GANTrainingConfig`'s, with MaskGAN's
+    own defaults below."""
 
-    epochs: int = 400
-    #: base channel count: encoders work at up to 4× this, discriminators up to 8×
-    width: int = 32
+    gan_losses: ClassVar[tuple[str, ...]] = GAN_LOSSES
+
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    buffer_size: int = 16
     #: residual blocks of the mask generator's and the defect generator's encoders
     mask_blocks: int = 2
     image_blocks: int = 2
@@ -438,18 +443,6 @@ class MaskGANConfig(ModelConfig):
     class_conditional: bool = False
     defect_classes: tuple[str, ...] = ()
     class_dim: int = 8
-    #: Adam, one per network, and step decay every ``lr_decay_epochs`` epochs
-    lr: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    weight_decay: float = 0.0
-    lr_decay_epochs: int = 200
-    lr_decay_gamma: float = 0.5
-    #: discriminators: strided convs per scale and number of scales
-    disc_layers: int = 4
-    disc_scales: int = 3
-    #: "bce" (non-saturating), "hinge" or "lsgan"
-    gan_loss: str = "bce"
     #: loss weights
     adv_weight: float = 1.0
     boundary_weight: float = 10.0
@@ -460,15 +453,6 @@ class MaskGANConfig(ModelConfig):
     object_polarity: str = "auto"
     object_margin: int = 4
     object_min_separation: float = 0.85
-    #: images of each kind remembered to pair batches that lack one kind
-    buffer_size: int = 16
-    #: a discriminator below ``collapse_threshold`` for ``collapse_patience`` steps has
-    #: collapsed: training stops (0 = never)
-    collapse_threshold: float = 1e-3
-    collapse_patience: int = 200
-    #: sample grid every ``sample_every`` steps (0 = off) and at the end, into ``sample_dir``
-    sample_every: int = 0
-    sample_dir: str = ""
     #: sampling: mask rule, draws before giving up on an empty mask, and the class ("" = a
     #: random one of ``defect_classes`` per sample)
     mask_threshold: float = 0.5
@@ -478,45 +462,30 @@ class MaskGANConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         self.defect_classes = tuple(str(c) for c in self.defect_classes)
+        super().__post_init__()
         check_fields(
             self,
             at_least_one=(
-                "width",
                 "mask_blocks",
                 "image_blocks",
                 "noise_channels",
                 "noise_grid",
                 "n_masks",
                 "class_dim",
-                "lr_decay_epochs",
-                "disc_layers",
-                "disc_scales",
-                "buffer_size",
                 "mask_attempts",
             ),
-            positive=("lr", "lr_decay_gamma"),
-            half_open_unit=("beta1", "beta2"),
             nonnegative=(
-                "weight_decay",
                 "adv_weight",
                 "boundary_weight",
                 "recon_weight",
                 "object_margin",
-                "collapse_threshold",
-                "collapse_patience",
-                "sample_every",
                 "mask_min_area",
             ),
             open_unit=("mask_threshold", "object_threshold", "object_min_separation"),
         )
         check_choices(
             self,
-            {
-                "stage": STAGES,
-                "gan_loss": GAN_LOSSES,
-                "object_rule": OBJECT_RULES,
-                "object_polarity": POLARITIES,
-            },
+            {"stage": STAGES, "object_rule": OBJECT_RULES, "object_polarity": POLARITIES},
         )
         if len(set(self.defect_classes)) != len(self.defect_classes):
             raise ValueError(f"defect_classes has duplicates: {self.defect_classes}")
