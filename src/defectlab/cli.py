@@ -155,11 +155,15 @@ def cmd_demo(args: argparse.Namespace) -> str:
     from defectlab.demo import run_demo
 
     result = run_demo(Path(args.out), device=args.device)
+    speed = (
+        f"{result['inspect_images_per_second']:.0f} img/s"
+        if result["inspect_resumed"] < result["inspected"]
+        else "all reused from the earlier inspection"
+    )
     print(
         f"ONNX export matches PyTorch within {result['onnx_max_score_diff']:.1g}; "
-        f"{result['inspected']} test cells inspected with ONNX Runtime "
-        f"({result['inspect_images_per_second']:.0f} img/s), {result['inspected_defective']} "
-        f"flagged → {result['inspect_results']}"
+        f"{result['inspected']} test cells inspected with ONNX Runtime ({speed}), "
+        f"{result['inspected_defective']} flagged → {result['inspect_results']}"
     )
     return (
         f"demo: {result['model']} on ELPV solar cells, image AUROC {_fmt(result['image_auroc'])} "

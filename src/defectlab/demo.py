@@ -69,6 +69,7 @@ def run_demo(out: Path, device: str = "auto", progress: bool = True) -> dict[str
         "inspected": inspected["n_total"],
         "inspected_defective": inspected["n_defect"],
         "inspect_images_per_second": inspected["images_per_second"],
+        "inspect_resumed": inspected["n_resumed"],
         "inspect_results": str(out / "inspect" / "scores.csv"),
         "seconds": time.perf_counter() - started,
     }
