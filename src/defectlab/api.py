@@ -317,6 +317,7 @@ def _calibrate(
     model: Model,
     val: LoadedImages,
     config: CalibrationConfig,
+    method: str,
     val_defect: LoadedImages | None = None,
     area_labels: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
@@ -324,8 +325,8 @@ def _calibrate(
     F1-optimal image threshold and Dice-optimal pixel threshold over normal + defect
     validation images; with ``method="area"`` the pixel threshold that matches the total
     area of ``area_labels`` (training images, their area ratios). The normal-score
-    statistics always come from normal images only."""
-    method = calibration_method(model, config)
+    statistics always come from normal images only. ``method`` is the resolved
+    :func:`calibration_method`."""
     scores, maps = predict_arrays(model, val.images)
     calibration: dict[str, Any] = {
         "method": method,
@@ -473,6 +474,7 @@ def _train_into(
         write_json(run_dir / "environment.json", environment_info(torch_device) | processes)
 
     net = _make_model(config, torch_device)
+    method = calibration_method(net, config.calibration)  # a config error before any loading
     train_samples = split["train"]
     learns_masks = net.family == "segmenter" or getattr(net, "trains_on_defects", False)
     if learns_masks:
@@ -493,9 +495,8 @@ def _train_into(
     train_data = _load(train_samples, config.data, "loading train images", progress)
     val_data = _load(split["val"], config.data, "loading validation images", progress)
     val_defect = None
-    if config.calibration.method == "f1":
+    if method == "f1":
         val_defect = _load(split["val_defect"], config.data, "loading validation defects", progress)
-    calibration_method(net, config.calibration)  # a config error surfaces before training
     weak_labels = _weak_labels(net, train_data, config.data)
     history = fit(
         net,
@@ -519,6 +520,7 @@ def _train_into(
             net,
             val_data,
             config.calibration,
+            method,
             val_defect,
             (train_data.images, weak_labels["area_ratio"]) if weak_labels else None,
         )
