@@ -43,11 +43,11 @@ def main() -> None:
         pixel, features, recon = [], [], []
         for start in range(0, len(images), 32):
             batch = images[start : start + 32]
-            p, f = model.score_terms(batch)
+            residual, reconstruction, levels = model.residuals(batch)  # one forward pass
+            p, f = model._terms(residual, levels)  # the score's own term formula
             pixel.append(p.cpu().numpy())
             features.append(f.cpu().numpy())
-            with torch.no_grad():
-                recon.append(model.reconstruct(batch).cpu().numpy())
+            recon.append(reconstruction.cpu().numpy())
         return np.concatenate(pixel), np.concatenate(features), np.concatenate(recon)
 
     pixel, absolute, recon = terms(run.model)
