@@ -9,6 +9,11 @@ model's own. Results also go to ``OUT/results.json``; a finished run folder is r
 
     .venv/bin/python benchmarks/detection.py --models pixelstats ae flow \
         --datasets elpv ../shared/data/magnetic-tile --out runs/bench
+
+``--peers draem ganomaly`` also trains those anomalib models in the same run, on exactly the
+split of the first model's run for each dataset, with ``benchmarks/anomalib_peer.py`` in the
+anomalib venv (``benchmarks/anomalib/setup.sh``), scored with the same metrics and the same
+normal-quantile thresholds, and prints their rows in the same table.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from pathlib import Path
 
 from weak_supervision import job_rows, peak_rss_mb
 
+PEER_PYTHON = Path(__file__).with_name("anomalib") / ".venv" / "bin" / "python"
+PEER_SETUP = "benchmarks/anomalib/setup.sh"
 KEYS = ("image_auroc", "image_ap", "pixel_auroc", "aupro", "dice", "f1")
 
 
@@ -62,6 +69,23 @@ def run_one(args: argparse.Namespace) -> dict:
     }
 
 
+def peer_rows(args: argparse.Namespace, dataset: str) -> list[dict]:
+    """The anomalib peers' rows on the split of the first model's run on ``dataset``."""
+    name = Path(dataset).name
+    split = args.out / f"{args.models[0]}-{name}-{args.image_size}-s{args.seed}" / "split.json"
+    if not split.exists():
+        print(f"FAILED: anomalib peers on {dataset}: no split file {split}", file=sys.stderr)
+        return []
+    command = [str(args.peer_python), str(Path(__file__).with_name("anomalib_peer.py"))]
+    command += ["--split", str(split), "--models", *args.peers]
+    command += ["--image-size", str(args.image_size), "--seed", str(args.seed)]
+    command += ["--out", str(args.out / f"anomalib-{name}")]
+    for flag, value in (("--epochs", args.peer_epochs), ("--max-train", args.peer_max_train)):
+        if value is not None:
+            command += [flag, str(value)]
+    return job_rows(command, f"anomalib peers on {dataset}") or []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["pixelstats"])
@@ -71,8 +95,14 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--peers", nargs="*", default=[], help="anomalib models: draem ganomaly")
+    parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
+    parser.add_argument("--peer-epochs", type=int, help="anomalib_peer.py --epochs")
+    parser.add_argument("--peer-max-train", type=int, help="anomalib_peer.py --max-train")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peers and not args.peer_python.exists():
+        parser.error(f"--peers needs the anomalib venv {args.peer_python}: run {PEER_SETUP}")
 
     if args.one:
         print(json.dumps(run_one(args)))
@@ -87,16 +117,18 @@ def main() -> None:
             for option in args.set:
                 command += ["--set", option]
             rows += job_rows(command, f"{model} on {dataset}") or []
+        if args.peers:
+            rows += peer_rows(args, dataset)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
-    header = f"{'model':<12} {'dataset':<15} {'split':<28} " + " ".join(f"{k:>11}" for k in KEYS)
+    header = f"{'model':<16} {'dataset':<15} {'split':<28} " + " ".join(f"{k:>11}" for k in KEYS)
     print(header + f" {'train_s':>8} {'img/s':>8} {'peak_MB':>8}")
     for r in rows:
         values = " ".join(f"{r[k]:>11.4f}" if r[k] is not None else f"{'n/a':>11}" for k in KEYS)
         extra = " ".join(
             f"{r[k]:>8.1f}" for k in ("train_seconds", "images_per_second", "peak_rss_mb")
         )
-        print(f"{r['model']:<12} {r['dataset']:<15} {r['split']:<28} {values} {extra}")
+        print(f"{r['model']:<16} {r['dataset']:<15} {r['split']:<28} {values} {extra}")
 
 
 if __name__ == "__main__":

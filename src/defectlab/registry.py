@@ -24,6 +24,7 @@ BUILTIN_MODULES = (
     "defectlab.detect.flow",
     "defectlab.detect.patchmemory",
     "defectlab.detect.synthseg",
+    "defectlab.detect.memseg",
     "defectlab.detect.ensemble",
     "defectlab.segment.unet",
     "defectlab.segment.arearatio",

@@ -74,9 +74,9 @@ def fit(
 ) -> list[dict[str, Any]]:
     """Train ``model`` on ``images`` (N, H, W, C) float32 in [0, 1]; return the loss history.
 
-    Batches are dicts with ``image`` (B, C, H, W), ``mask`` (B, H, W) and ``label`` (B,) on
-    the model's device, plus one (B,) entry per array in ``extras`` (per-image weak labels
-    such as ``area_ratio``).
+    Batches are dicts with ``image`` (B, C, H, W), ``mask`` (B, H, W), ``label`` (B,) and
+    ``index`` (B,), the images' positions in ``images``, on the model's device, plus one (B,)
+    entry per array in ``extras`` (per-image weak labels such as ``area_ratio``).
 
     ``distributed=True`` (inside a process group, see :func:`defectlab.distributed.
     init_from_env`): this rank trains on its share of each global batch of ``batch_size``
@@ -196,6 +196,7 @@ def fit(
                     "image": image_tensor[index].to(model.device),
                     "mask": mask_tensor[index].to(model.device),
                     "label": label_tensor[index].to(model.device),
+                    "index": index.to(model.device),
                     **{k: values[index].to(model.device) for k, values in extra_tensors.items()},
                 }
                 if sync is not None:

@@ -45,12 +45,14 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def runs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One trained run per model family the export must cover: a reconstruction
     autoencoder, a U-Net trained on synthetic defects, a feature memory (nearest-neighbour
-    search in the graph) and a fixed-position template without alignment."""
+    search in the graph), a head on that search's distances and a fixed-position template
+    without alignment."""
     base = tmp_path_factory.mktemp("runs")
     settings = {
         "ae": ["model.epochs=1"],
         "synth-unet": ["model.epochs=1"],
         "patchmemory": [],
+        "memseg": ["model.epochs=2"],
         "template": ["model.alignment=none"],
     }
     return {
@@ -84,7 +86,7 @@ def real_cells() -> np.ndarray:
     return np.stack([resize_image(read_image(s.path), SIZE) for s in picked])
 
 
-@pytest.mark.parametrize("model", ["ae", "synth-unet", "patchmemory", "template"])
+@pytest.mark.parametrize("model", ["ae", "synth-unet", "patchmemory", "memseg", "template"])
 def test_onnx_runtime_matches_pytorch_on_real_images(
     model: str, runs: dict[str, Path], real_cells: np.ndarray, tmp_path: Path
 ) -> None:

@@ -117,10 +117,10 @@ def test_pool_never_exceeds_its_cap_when_fed_ten_times_more_images(
     small = _fit(_model(**TINY), tmp_path / "small", striped_normals(16))
     small_sizes, sizes[:] = list(sizes), []
     large = _fit(_model(**TINY), tmp_path / "large", striped_normals(160, seed=2))
-    assert len(sizes) == 20 and large._seen == 160 * PATCHES
+    assert len(sizes) == 20 and large.patches_seen == 160 * PATCHES
     assert max(valid for valid, _ in small_sizes + sizes) <= cfg.pool_rows
     assert {capacity for _, capacity in small_sizes + sizes} == {cfg.pool_rows}  # one buffer
-    assert large.peak_pool_rows <= cfg.pool_rows and large._reductions > 20
+    assert large.peak_pool_rows <= cfg.pool_rows and large.reductions > 20
     assert max(coreset_inputs) <= cfg.pool_rows
     assert small.memory.shape[0] == large.memory.shape[0] == 64
     assert large._pool is None  # the pool is freed once the memory bank is built

@@ -33,7 +33,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
@@ -57,9 +57,10 @@ _CDIST_BYTES = 64 * 2**20
 
 
 @dataclass
-class PatchMemoryConfig(ModelConfig):
-    #: one streaming pass over the normal images
-    epochs: int = 1
+class MemoryBankConfig(ModelConfig):
+    """The coreset memory of normal patch features: which features, how many rows, and the
+    RAM budget of building it (shared by ``patchmemory`` and the models built on it)."""
+
     #: Lite0 blocks whose outputs form the patch feature (4 = stride 8, 10 = stride 16)
     feature_blocks: tuple[int, ...] = (4, 10)
     #: side of the local average-pooling neighbourhood (odd; 1 = none)
@@ -73,18 +74,10 @@ class PatchMemoryConfig(ModelConfig):
     projection_dim: int = 64
     #: seed of the projection and of the first coreset pick
     seed: int = 0
-    #: image score: "reweighted" (PatchCore's neighbourhood re-weighting) or "max"
-    score: str = "reweighted"
-    #: size of the memory neighbourhood N_b used by the re-weighting
-    num_neighbors: int = 9
-    #: Gaussian smoothing of the up-sampled map, in pixels (PatchCore: 4)
-    map_sigma: float = 4.0
 
     def __post_init__(self) -> None:
         self.feature_blocks = tuple(int(b) for b in self.feature_blocks)
         validate_blocks(self.feature_blocks)
-        if self.epochs != 1:
-            raise ValueError("patchmemory makes a single pass over the data: epochs must be 1")
         if self.patch_size < 1 or self.patch_size % 2 == 0:
             raise ValueError(f"patch_size must be a positive odd number, got {self.patch_size}")
         if not 0 < self.coreset_ratio <= 1:
@@ -93,12 +86,6 @@ class PatchMemoryConfig(ModelConfig):
             raise ValueError(f"memory_bank_size must be >= 1, got {self.memory_bank_size}")
         if self.projection_dim < 0:
             raise ValueError(f"projection_dim must be >= 0, got {self.projection_dim}")
-        if self.score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
-        if self.num_neighbors < 1:
-            raise ValueError(f"num_neighbors must be >= 1, got {self.num_neighbors}")
-        if self.map_sigma < 0:
-            raise ValueError(f"map_sigma must be >= 0, got {self.map_sigma}")
         needed = _min_budget_mb(self)
         if self.max_memory_mb < needed:
             raise ValueError(
@@ -106,6 +93,11 @@ class PatchMemoryConfig(ModelConfig):
                 f"memory_bank_size={self.memory_bank_size} rows of {self.feature_dim} "
                 f"dimensions; raise it to at least {math.ceil(needed)} or lower memory_bank_size"
             )
+
+    def memory_bank_config(self) -> PatchMemoryConfig:
+        """These memory settings as a ``patchmemory`` config (for a model built on one)."""
+        names = [f.name for f in fields(MemoryBankConfig) if f.name != "epochs"]
+        return PatchMemoryConfig(**{name: getattr(self, name) for name in names})
 
     @property
     def feature_dim(self) -> int:
@@ -127,7 +119,30 @@ class PatchMemoryConfig(ModelConfig):
         return int(free // self.row_bytes)
 
 
-def _min_budget_mb(cfg: PatchMemoryConfig) -> float:
+@dataclass
+class PatchMemoryConfig(MemoryBankConfig):
+    #: one streaming pass over the normal images
+    epochs: int = 1
+    #: image score: "reweighted" (PatchCore's neighbourhood re-weighting) or "max"
+    score: str = "reweighted"
+    #: size of the memory neighbourhood N_b used by the re-weighting
+    num_neighbors: int = 9
+    #: Gaussian smoothing of the up-sampled map, in pixels (PatchCore: 4)
+    map_sigma: float = 4.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.epochs != 1:
+            raise ValueError("patchmemory makes a single pass over the data: epochs must be 1")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.num_neighbors < 1:
+            raise ValueError(f"num_neighbors must be >= 1, got {self.num_neighbors}")
+        if self.map_sigma < 0:
+            raise ValueError(f"map_sigma must be >= 0, got {self.map_sigma}")
+
+
+def _min_budget_mb(cfg: MemoryBankConfig) -> float:
     """Budget for a pool of twice the bank (each reduction then frees at least half)."""
     return (
         2 * cfg.memory_bank_size * cfg.row_bytes + 4 * cfg.memory_bank_size * cfg.feature_dim
@@ -275,13 +290,28 @@ class PatchMemory(Detector):
             self.peak_pool_rows = max(self.peak_pool_rows, self.pool_size)
 
     # --- training ------------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    @property
+    def patches_seen(self) -> int:
+        """Training patches added so far."""
+        return self._seen
+
+    @property
+    def reductions(self) -> int:
+        """Coreset reductions made so far (pool overflows plus the final one)."""
+        return self._reductions
+
+    def add_patches(self, embedding: torch.Tensor) -> None:
+        """Add the patch features (B, D, h, w) of normal images (from :meth:`embed`) to the
+        candidate pool; for models that compute the embedding themselves."""
         if self.memory is not None:
             raise RuntimeError("patchmemory: the memory bank is final; make a new model to refit")
-        with torch.no_grad():
-            rows = self._rows(self.embed(batch["image"]))
+        rows = self._rows(embedding.detach())
         self._seen += rows.shape[0]
         self._add(rows)
+
+    def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        with torch.no_grad():
+            self.add_patches(self.embed(batch["image"]))
         return {}
 
     def _finalize(self) -> None:
@@ -305,6 +335,17 @@ class PatchMemory(Detector):
         self._finalize()
 
     # --- inference -----------------------------------------------------------------------------
+    def nearest_residual(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each patch's difference to its nearest memory row (B, D, h, w) and the distance
+        (B, 1, h, w), for an ``embedding`` (B, D, h, w) from :meth:`embed`."""
+        if self.memory is None:
+            raise RuntimeError("patchmemory: no memory bank yet (fit first)")
+        b, d, h, w = embedding.shape
+        queries = self._rows(embedding)
+        dist, index = nearest_distances(queries, self.memory, 1)
+        residual = (queries - self.memory[index[:, 0]]).view(b, h, w, d).permute(0, 3, 1, 2)
+        return residual, dist.view(b, 1, h, w)
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
         if self.memory is None:

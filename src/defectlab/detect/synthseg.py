@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from defectlab import distributed
+from defectlab.base import ModelConfig
 from defectlab.detect.base import Detector
 from defectlab.registry import register
 from defectlab.segment.unet import SegmentationModel, SegmenterConfig
@@ -43,7 +44,10 @@ def _lerp(a: tuple[float, float], b: tuple[float, float], t: float) -> tuple[flo
 
 
 @dataclass
-class SynthSegConfig(SegmenterConfig):
+class PaintingConfig(ModelConfig):
+    """How defects are painted on normal training images, and the curriculum that moves
+    them from easy to subtle; shared by every detector that learns from painted defects."""
+
     #: share of each batch that gets painted defects (the rest stays normal)
     synth_share: float = 0.5
     #: seed of the defect painting; step s uses numpy default_rng((synth_seed, s))
@@ -67,7 +71,6 @@ class SynthSegConfig(SegmenterConfig):
     roi: str = "otsu"
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if not 0 < self.synth_share <= 1:
             raise ValueError(f"synth_share must be in (0, 1], got {self.synth_share}")
         if not 0 < self.curriculum_share <= 1:
@@ -101,6 +104,45 @@ class SynthSegConfig(SegmenterConfig):
             roi=self.roi,
         )
 
+    def curriculum_level(self, step: int, total_steps: int) -> float:
+        """0 (easy defects) … 1 (final, subtle ones) at training step ``step`` of
+        ``total_steps`` (0 when the total is not known yet)."""
+        if not self.curriculum:
+            return 1.0
+        if total_steps <= 0:
+            return 0.0
+        progress = step / max(1, total_steps - 1)
+        return min(1.0, progress / self.curriculum_share)
+
+
+def paint_defects(
+    images: torch.Tensor, config: PaintingConfig, step: int, level: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paint defects on a share of ``images`` (B, C, H, W); return images and masks (B, H, W).
+
+    Which images get defects, and the defects, come from ``default_rng((synth_seed, step))``.
+    """
+    rng = np.random.default_rng([config.synth_seed, step])
+    chosen = np.flatnonzero(rng.random(len(images)) < config.synth_share)
+    masks = torch.zeros(images.shape[0], *images.shape[-2:])
+    if len(chosen) == 0:
+        return images, masks.to(images.device)
+    synthesizer = ProceduralSynthesizer(config.procedural_config(level))
+    painted = images.detach().cpu().float().clone()
+    for i in chosen:
+        source = painted[i].permute(1, 2, 0).numpy()
+        sample = synthesizer.synthesize(np.ascontiguousarray(source), rng)
+        painted[i] = torch.from_numpy(sample.image).permute(2, 0, 1)
+        masks[i] = torch.from_numpy(sample.mask.astype(np.float32))
+    return painted.to(images.device), masks.to(images.device)
+
+
+@dataclass
+class SynthSegConfig(SegmenterConfig, PaintingConfig):
+    def __post_init__(self) -> None:
+        SegmenterConfig.__post_init__(self)
+        PaintingConfig.__post_init__(self)
+
 
 @register
 class SynthUNet(SegmentationModel, Detector):
@@ -127,40 +169,17 @@ class SynthUNet(SegmentationModel, Detector):
 
     def curriculum_level(self) -> float:
         """0 (easy defects) … 1 (final, subtle ones) at the current step."""
-        cfg = self.config
-        if not cfg.curriculum:
-            return 1.0
         if not self.batch_size or not self.n_train:
-            return 0.0
-        total = cfg.epochs * math.ceil(self.n_train / self.batch_size)
-        progress = self.step / max(1, total - 1)
-        return min(1.0, progress / cfg.curriculum_share)
-
-    def paint(
-        self, images: torch.Tensor, step: int, level: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Paint defects on a share of ``images`` (B, C, H, W); return images and masks."""
-        cfg = self.config
-        rng = np.random.default_rng([cfg.synth_seed, step])
-        chosen = np.flatnonzero(rng.random(len(images)) < cfg.synth_share)
-        masks = torch.zeros(images.shape[0], *images.shape[-2:])
-        if len(chosen) == 0:
-            return images, masks.to(images.device)
-        synthesizer = ProceduralSynthesizer(cfg.procedural_config(level))
-        painted = images.detach().cpu().float().clone()
-        for i in chosen:
-            source = painted[i].permute(1, 2, 0).numpy()
-            sample = synthesizer.synthesize(np.ascontiguousarray(source), rng)
-            painted[i] = torch.from_numpy(sample.image).permute(2, 0, 1)
-            masks[i] = torch.from_numpy(sample.mask.astype(np.float32))
-        return painted.to(images.device), masks.to(images.device)
+            return self.config.curriculum_level(self.step, 0)
+        total = self.config.epochs * math.ceil(self.n_train / self.batch_size)
+        return self.config.curriculum_level(self.step, total)
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         images = batch["image"]
         if self.batch_size is None:  # of the global batch: a distributed rank sees a share
             self.batch_size = round(distributed.all_sum(images.shape[0]))
         level = self.curriculum_level()
-        images, masks = self.paint(images, self.step, level)
+        images, masks = paint_defects(images, self.config, self.step, level)
         losses = self.train_on_pairs(images, masks)
         self.step += 1
         return {**losses, "curriculum": level}
