@@ -9,6 +9,9 @@ the remaining defect images are the held-out test set. Rows:
 * ``arearatio-gcn`` — the exact area ratio of each training mask;
 * ``arearatio-gcn-noisy`` — the same ratios, each × its own U(0.7, 1.3) factor drawn once
   (``ratio_noise=0.3``: a fixed error per image, like a person's estimate);
+* ``arearatio-gcn-memory``, ``arearatio-gcn-memory-noisy`` — the same two with
+  ``novelty=memory``: the distance of each patch to a memory of normal training patches
+  ranks the vertices for the pseudo-labels and is an input channel of the FCN;
 * ``whole-image``, ``centre-disc``, ``centre-box`` — trivial masks computed directly: the
   whole image, and a centred disc / box. Their "maps" rank pixels by closeness to the centre,
   so the calibrated threshold gives the disc (box) whose area is the mean defect share of the
@@ -53,6 +56,11 @@ MODELS: dict[str, tuple[str, list[str]]] = {
     "cam": ("cam", []),
     "arearatio-gcn": ("arearatio-gcn", []),
     "arearatio-gcn-noisy": ("arearatio-gcn", ["model.ratio_noise=0.3"]),
+    "arearatio-gcn-memory": ("arearatio-gcn", ["model.novelty=memory"]),
+    "arearatio-gcn-memory-noisy": (
+        "arearatio-gcn",
+        ["model.novelty=memory", "model.ratio_noise=0.3"],
+    ),
 }
 BASELINES = ("whole-image", "centre-disc", "centre-box")
 DEFAULT_DATA = "../shared/data/magnetic-tile"

@@ -63,8 +63,8 @@ class Model(ABC):
 
     @abstractmethod
     def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Consume one batch (``image`` (B,C,H,W) in [0, 1], ``mask``, ``label``) and return
-        the losses to log. Non-finite values stop training with a clear message."""
+        """Consume one batch (``image`` (B,C,H,W) in [0, 1], ``mask``, ``label``, ``index``)
+        and return the losses to log. Non-finite values stop training with a clear message."""
 
     def end_epoch(self, epoch: int) -> None:  # noqa: B027 - optional hook
         """Called after every epoch (learning-rate schedules, statistics)."""

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from defectlab import registry
-from defectlab.errors import DataError
+from defectlab.errors import DataError, TrainingError
+from defectlab.evaluate.metrics import pixel_auroc
 from defectlab.segment.arearatio import (
     AreaRatioConfig,
     AreaRatioGCN,
@@ -247,6 +248,53 @@ def test_training_lowers_loss_and_the_map_finds_the_blobs(tmp_path: Path) -> Non
     assert out.maps[inside].mean() > 2 * out.maps[~inside].mean()
 
 
+def test_memory_novelty_uses_only_normal_memory_fold_images_and_finds_the_blobs(
+    tmp_path: Path,
+) -> None:
+    images, masks = _blobs(32, seed=0)
+    labels = masks.reshape(32, -1).any(axis=1).astype(np.int64)
+    model = _model(epochs=14, novelty="memory")
+    history = fit(
+        model,
+        images,
+        masks=masks,
+        labels=labels,
+        run_dir=tmp_path / "run",
+        batch_size=8,
+        progress=False,
+    )
+    in_memory = (labels == 0) & model.memory_fold.numpy()
+    assert 0 < in_memory.sum() < (labels == 0).sum()
+    assert model.memory_bank.patches_seen == in_memory.sum() * (SIZE // 8) ** 2
+    assert all("memory_patches" in row for row in history if row["epoch"] == 1)
+    assert all("loss" in row for row in history if row["epoch"] > 1)
+
+    test_images, test_masks = _blobs(12, seed=1)
+    out = model.predict(to_nchw(test_images))
+    assert pixel_auroc(test_masks > 0, out.maps.numpy()) > 0.8
+    clone = _model(epochs=14, novelty="memory")
+    clone.load_state_dict(model.state_dict())
+    again = clone.predict(to_nchw(test_images))
+    assert torch.equal(again.maps, out.maps) and torch.equal(again.scores, out.scores)
+    with pytest.raises(ValueError, match="do not fit this configuration"):
+        clone.load_state_dict(_model().state_dict())
+
+
+def test_memory_novelty_without_normal_training_images_is_a_clear_error(tmp_path: Path) -> None:
+    images, masks = _blobs(8, seed=0)
+    defective = masks.reshape(8, -1).any(axis=1)
+    with pytest.raises(TrainingError, match="needs normal"):
+        fit(
+            _model(epochs=2, novelty="memory"),
+            images[defective],
+            masks=masks[defective],
+            labels=np.ones(int(defective.sum()), np.int64),
+            run_dir=tmp_path / "run",
+            batch_size=8,
+            progress=False,
+        )
+
+
 def test_registered_and_the_gradient_reaches_the_fcn_through_vertex_features() -> None:
     assert registry.get("arearatio-gcn", "segmenter") is AreaRatioGCN
     model = _model()
@@ -409,6 +457,9 @@ def test_score_modes_and_image_size_checks() -> None:
         ({"edge_sigma": -1.0}, "edge_sigma"),
         ({"score_top_fraction": 0.0}, "score_top_fraction"),
         ({"novelty_prior": -1.0}, "novelty_prior"),
+        ({"novelty": "texture"}, "novelty must be one of"),
+        ({"novelty": "memory", "epochs": 1}, "at least 2 epochs"),
+        ({"memory_share": 0.0}, "memory_share must be in"),
         ({"prior_steps": -1}, "prior_steps"),
     ],
 )

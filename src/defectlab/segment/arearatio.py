@@ -69,12 +69,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectlab.base import ModelConfig, Prediction
-from defectlab.errors import DataError
+from defectlab.detect.patchmemory import PatchMemory, PatchMemoryConfig
+from defectlab.errors import DataError, TrainingError
 from defectlab.ops import top_fraction_mean
 from defectlab.registry import register
 from defectlab.segment.base import Segmenter
 
 PSEUDO_LABEL_RULES = ("area", "count")
+NOVELTY = ("colour", "memory")
 SCORES = ("top_mean", "max")
 #: total down-sampling inside the FCN: image sides must be multiples of it
 FCN_STRIDE = 4
@@ -291,12 +293,14 @@ def ranking_scores(
     vertex_scores: torch.Tensor,
     prior_weight: float,
     images: torch.Tensor | None = None,
+    novelty: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What pseudo-labels rank vertices by: the vertex scores, plus — while
     ``prior_weight`` > 0 — ``prior_weight`` × the vertex novelty, both standardised per image.
-    Novelty is the squared distance of the vertex's mean colour in ``images`` (B, C, H, W)
-    (or, without images, its mean feature) from the image's mean: the target is usually the
-    odd region out, and the prior stops self-training from locking in a random initial
+    Novelty is ``novelty`` (N,) when given (e.g. the distance to a memory of normal
+    patches), else the squared distance of the vertex's mean colour in ``images`` (B, C, H,
+    W) (or, without images, its mean feature) from the image's mean: the target is usually
+    the odd region out, and the prior stops self-training from locking in a random initial
     ranking."""
     scores = vertex_scores.detach()
     if prior_weight <= 0:
@@ -305,10 +309,13 @@ def ranking_scores(
     out = torch.empty_like(scores)
     for start, count in zip(graph.offsets.tolist(), graph.counts.tolist(), strict=True):
         part = slice(start, start + count)
-        areas = graph.vertex_areas[part].unsqueeze(1)
-        mean = (features[part] * areas).sum(0) / areas.sum()
-        novelty = (features[part] - mean).pow(2).sum(1)
-        out[part] = _standardise(scores[part]) + prior_weight * _standardise(novelty)
+        if novelty is not None:
+            vertex_novelty = novelty[part]
+        else:
+            areas = graph.vertex_areas[part].unsqueeze(1)
+            mean = (features[part] * areas).sum(0) / areas.sum()
+            vertex_novelty = (features[part] - mean).pow(2).sum(1)
+        out[part] = _standardise(scores[part]) + prior_weight * _standardise(vertex_novelty)
     return out
 
 
@@ -434,6 +441,13 @@ class AreaRatioConfig(ModelConfig):
     novelty_prior: float = 1.0
     #: training steps over which the novelty prior decays linearly to 0
     prior_steps: int = 200
+    #: what "novel" means: "colour" (distance of a vertex's mean colour from the image's) or
+    #: "memory" (distance of its Lite0 patches to a memory of normal training patches, which
+    #: is then also an input channel of the FCN; needs normal images in the training set)
+    novelty: str = "colour"
+    #: "memory": seeded share of the normal training images that form the memory (they
+    #: build it in the first epoch and are left out of the graph training after it)
+    memory_share: float = 0.5
     lr: float = 1e-3
     weight_decay: float = 0.0
     #: image score: "top_mean" (mean of the map's top share) or "max"
@@ -467,6 +481,12 @@ class AreaRatioConfig(ModelConfig):
             raise ValueError(f"ratio_noise must be in [0, 1), got {self.ratio_noise}")
         if self.novelty_prior < 0:
             raise ValueError(f"novelty_prior must be >= 0, got {self.novelty_prior}")
+        if self.novelty not in NOVELTY:
+            raise ValueError(f"novelty must be one of {NOVELTY}, got {self.novelty!r}")
+        if not 0 < self.memory_share < 1:
+            raise ValueError(f"memory_share must be in (0, 1), got {self.memory_share}")
+        if self.novelty == "memory" and self.epochs < 2:
+            raise ValueError("novelty='memory' needs at least 2 epochs (1 builds the memory)")
         if self.prior_steps < 0:
             raise ValueError(f"prior_steps must be >= 0, got {self.prior_steps}")
         if self.area_loss_weight < 0:
@@ -508,7 +528,22 @@ class AreaRatioGCN(Segmenter):
             raise ValueError(
                 f"n_segments {cfg.n_segments} exceeds the {self.image_size**2} pixels of an image"
             )
-        self.fcn = PixelFeatureNet(self.channels, cfg.width, cfg.feature_dim).to(self.device)
+        #: novelty="memory": normal patches of the memory fold, and the typical distance that
+        #: scales the distance channel (set at the first graph step)
+        self.memory_bank: PatchMemory | None = None
+        self.distance_scale = 1.0
+        self.memory_fold: torch.Tensor | None = None
+        if cfg.novelty == "memory":
+            self.memory_bank = PatchMemory(
+                PatchMemoryConfig(),
+                image_size=self.image_size,
+                channels=self.channels,
+                device=self.device,
+            )
+        extra = 1 if self.memory_bank is not None else 0
+        self.fcn = PixelFeatureNet(self.channels + extra, cfg.width, cfg.feature_dim).to(
+            self.device
+        )
         self.gcn = GraphConvNet(cfg.feature_dim, cfg.gcn_hidden, cfg.gcn_layers).to(self.device)
         self.optimizer: torch.optim.Optimizer | None = None
         self._steps_done = 0
@@ -535,19 +570,40 @@ class AreaRatioGCN(Segmenter):
             )
         return images.to(self.device).float()
 
-    def graph_forward(self, images: torch.Tensor) -> tuple[SuperpixelGraph, torch.Tensor]:
-        """Images → superpixel graph and vertex logits (N,) (grad-enabled if the caller is)."""
+    def raw_distance(self, images: torch.Tensor) -> torch.Tensor:
+        """novelty="memory": each pixel's (bilinearly up-sampled) distance of its Lite0 patch
+        to the nearest normal memory patch (B, 1, H, W); fixed, so no gradients."""
+        if self.memory_bank is None:
+            raise RuntimeError(f"{self.name}: raw_distance needs novelty='memory'")
+        with torch.no_grad():
+            _, distance = self.memory_bank.nearest_residual(self.memory_bank.embed(images))
+        return F.interpolate(distance, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+    def graph_forward(
+        self, images: torch.Tensor
+    ) -> tuple[SuperpixelGraph, torch.Tensor, torch.Tensor | None]:
+        """Images → superpixel graph, vertex logits (N,) (grad-enabled if the caller is) and,
+        with novelty="memory", the scaled distance map (B, 1, H, W) the FCN also saw."""
         cfg = self.config
+        distance = None
+        if self.memory_bank is not None:
+            distance = self.raw_distance(images) / self.distance_scale
+            images = torch.cat([images, distance], dim=1)
         features = self.fcn(images)
         labels = superpixels(
             features, cfg.n_segments, cfg.position_weight, cfg.superpixel_iterations
         )
         graph = build_graph(labels, features, cfg.edge_sigma)
         vertex_scores = self.gcn(graph.vertex_features, graph.edge_index, graph.edge_weight)
-        return graph, vertex_scores
+        return graph, vertex_scores, distance
 
     # --- training --------------------------------------------------------------------------
     def setup_training(self, n_train: int) -> None:
+        if self.memory_bank is not None:
+            generator = torch.Generator().manual_seed(self.config.noise_seed)
+            order = torch.randperm(n_train, generator=generator)
+            self.memory_fold = torch.zeros(n_train, dtype=torch.bool)
+            self.memory_fold[order[: round(self.config.memory_share * n_train)]] = True
         self.optimizer = torch.optim.Adam(
             [*self.fcn.parameters(), *self.gcn.parameters()],
             lr=self.config.lr,
@@ -606,10 +662,20 @@ class AreaRatioGCN(Segmenter):
         cfg = self.config
         images = self._check_images(batch["image"])
         ratios, margins = self.training_ratios(batch)
+        if self.memory_bank is not None:
+            kept = self._memory_step(batch, images)
+            if kept is None:
+                return {"memory_patches": float(self.memory_bank.patches_seen)}
+            if not kept.any():
+                return {}
+            images, ratios, margins = images[kept.to(images.device)], ratios[kept], margins[kept]
+            if self._steps_done == 0:  # the distance channel's scale, from the first batch
+                self.distance_scale = float(self.raw_distance(images).median().clamp_min(1e-6))
         self.fcn.train()
         self.gcn.train()
-        graph, vertex_scores = self.graph_forward(images)
-        ranking = ranking_scores(graph, vertex_scores, self.prior_weight(), images)
+        graph, vertex_scores, distance = self.graph_forward(images)
+        novelty = graph.vertex_mean(distance)[:, 0] if distance is not None else None
+        ranking = ranking_scores(graph, vertex_scores, self.prior_weight(), images, novelty)
         targets = torch.cat(
             [
                 pseudo_labels(
@@ -660,13 +726,45 @@ class AreaRatioGCN(Segmenter):
             "labelled": float(labelled.float().mean()),
         }
 
+    def _memory_step(
+        self, batch: dict[str, torch.Tensor], images: torch.Tensor
+    ) -> torch.Tensor | None:
+        """novelty="memory": in the first epoch, add the batch's normal memory-fold images to
+        the memory and return ``None`` (no graph step); later, the mask (B,) of the images the
+        graph trains on: all but those memory images, whose own patches are in the memory
+        at distance zero, unlike any image seen at test time."""
+        assert self.memory_bank is not None
+        if self.memory_fold is None:
+            raise RuntimeError(f"{self.name}: training step before setup_training")
+        normal = batch["label"].detach().cpu() == 0
+        in_memory = normal & self.memory_fold[batch["index"].detach().cpu()]
+        if self.memory_bank.memory is None:
+            if in_memory.any():
+                with torch.no_grad():
+                    self.memory_bank.add_patches(
+                        self.memory_bank.embed(images[in_memory.to(images.device)])
+                    )
+            return None
+        return ~in_memory
+
+    def end_epoch(self, epoch: int) -> None:
+        if self.memory_bank is not None and self.memory_bank.memory is None:
+            if self.memory_bank.patches_seen == 0:
+                raise TrainingError(
+                    f"{self.name}: novelty='memory' needs normal (label 0) training images to "
+                    "build the memory, and the first epoch saw none"
+                )
+            self.memory_bank.finish_training()
+
     # --- inference -------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
         images = self._check_images(images)
+        if self.memory_bank is not None and self.memory_bank.memory is None:
+            raise RuntimeError(f"{self.name}: predict before fit (no memory bank)")
         self.fcn.eval()
         self.gcn.eval()
-        graph, vertex_scores = self.graph_forward(images)
+        graph, vertex_scores, _ = self.graph_forward(images)
         maps = graph.paint(torch.sigmoid(vertex_scores))
         if self.config.score == "max":
             scores = maps.flatten(1).amax(dim=1)
@@ -676,7 +774,11 @@ class AreaRatioGCN(Segmenter):
 
     # --- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"fcn": dict(self.fcn.state_dict()), "gcn": dict(self.gcn.state_dict())}
+        state = {"fcn": dict(self.fcn.state_dict()), "gcn": dict(self.gcn.state_dict())}
+        if self.memory_bank is not None:
+            state["memory_bank"] = self.memory_bank.state_dict()
+            state["distance_scale"] = self.distance_scale
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, module in (("fcn", self.fcn), ("gcn", self.gcn)):
@@ -686,9 +788,16 @@ class AreaRatioGCN(Segmenter):
                 raise ValueError(
                     f"{self.name}: {key} weights do not fit this configuration: {exc}"
                 ) from exc
+        if self.memory_bank is not None:
+            if "memory_bank" not in state:
+                raise ValueError(f"{self.name}: checkpoint has no memory bank (novelty='memory')")
+            self.memory_bank.load_state_dict(dict(state["memory_bank"]))
+            self.distance_scale = float(state["distance_scale"])
 
     def training_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"steps_done": self._steps_done}
+        if self.memory_bank is not None:
+            state["memory_pool"] = self.memory_bank.training_state()
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
         return state
@@ -697,6 +806,8 @@ class AreaRatioGCN(Segmenter):
         if not state:
             return
         self._steps_done = int(state["steps_done"])
+        if self.memory_bank is not None:
+            self.memory_bank.load_training_state(state["memory_pool"])
         if "optimizer" in state:
             if self.optimizer is None:
                 self.setup_training(0)
