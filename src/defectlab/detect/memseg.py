@@ -181,12 +181,12 @@ class MonotoneDistanceHead(nn.Module):
 
 @register
 class MemSeg(Detector):
-    """Segmentation head on Lite0 patch features and their residual to a normal memory."""
+    """A monotone head, trained on painted defects, on the distances to a normal memory."""
 
     name: ClassVar[str] = "memseg"
     description: ClassVar[str] = (
-        "head on Lite0 patch features + their residual to a coreset of normal patches, "
-        "trained on painted defects (MemSeg/DRAEM-style)"
+        "monotone head on the distances to a coreset of normal Lite0 patches, trained on "
+        "painted defects (MemSeg/DRAEM-style)"
     )
     Config = MemSegConfig
     config: MemSegConfig
