@@ -53,6 +53,11 @@ DEFAULT_MODELS = [
 ]
 
 
+#: epochs of the short speed-run training where one is not enough (deepsvdd: its
+#: pre-training; memseg: the first epoch only builds the memory)
+SPEED_RUN_EPOCHS = {"deepsvdd": 3, "memseg": 2}
+
+
 def trained_run(model: str, size: int, args: argparse.Namespace) -> Path:
     from defectlab import api
 
@@ -62,7 +67,7 @@ def trained_run(model: str, size: int, args: argparse.Namespace) -> Path:
         overrides = [f"data.train_fraction={args.train_fraction}", "data.val_fraction=0.05"]
         overrides += args.set
         if model not in ("pixelstats", "patchmemory"):
-            overrides.append("model.epochs=" + ("3" if model == "deepsvdd" else "1"))
+            overrides.append(f"model.epochs={SPEED_RUN_EPOCHS.get(model, 1)}")
         api.train(
             model,
             "elpv",
