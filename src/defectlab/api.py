@@ -233,9 +233,7 @@ def predict_arrays(
     return score_array, map_array
 
 
-def _weak_labels(
-    net: Model, train: LoadedImages, data: DataConfig, role: str = "training"
-) -> dict[str, np.ndarray]:
+def _weak_labels(net: Model, train: LoadedImages, data: DataConfig) -> dict[str, np.ndarray]:
     """Per-image area ratios and margins for models that learn from them, read from
     ``data.area_ratio_csv`` (rows without a margin get the model's ``area_margin``). Without
     a CSV the model derives them from the masks (the benchmark protocol), so every defect
@@ -246,7 +244,7 @@ def _weak_labels(
         lacking = [s.path for s in train.samples if s.label == DEFECT and s.mask_path is None]
         if lacking:
             raise DataError(
-                f"{lacking[0]}: {len(lacking)} defect {role} images have no mask to derive "
+                f"{lacking[0]}: {len(lacking)} defect training images have no mask to derive "
                 "an area ratio from; give data.area_ratio_csv=LABELS.csv"
             )
         # the benchmark protocol: ratios from the masks, noisy ones drawn once per image
@@ -260,36 +258,15 @@ def _weak_labels(
         if entry is None and sample.label == NORMAL:
             entry = (0.0, None)  # a normal image has no defect area
         if entry is None:
-            raise DataError(f"{data.area_ratio_csv}: no area ratio for {role} image {sample.path}")
+            raise DataError(
+                f"{data.area_ratio_csv}: no area ratio for training image {sample.path}"
+            )
         ratios.append(entry[0])
         margins.append(net.config.area_margin if entry[1] is None else entry[1])
     return {
         "area_ratio": np.array(ratios, np.float32),
         "area_margin": np.array(margins, np.float32),
     }
-
-
-def _area_labels(
-    net: Model,
-    train: LoadedImages,
-    weak_labels: dict[str, np.ndarray],
-    val: LoadedImages,
-    val_defect: LoadedImages | None,
-    data: DataConfig,
-) -> tuple[np.ndarray, np.ndarray, str] | None:
-    """Images, area ratios and their origin for ``calibration.method=area``: the held-out
-    validation images (normal ones at ratio 0, plus the ``data.val_defects_per_class``
-    defects with their ratios) when the split has validation defects, else the training
-    images. A model fits its own training ratios more confidently than it will fit new
-    images, so a threshold matched on held-out ratios transfers better."""
-    if not weak_labels:
-        return None
-    if val_defect is None or not len(val_defect.samples):
-        return train.images, weak_labels["area_ratio"], "training images"
-    defect_ratios = _weak_labels(net, val_defect, data, "validation")["area_ratio"]
-    images = np.concatenate([val.images, val_defect.images])
-    ratios = np.concatenate([np.zeros(len(val.images), np.float32), defect_ratios])
-    return images, ratios, "validation images"
 
 
 def _with_defect_classes(config: RunConfig, split: Split) -> RunConfig:
@@ -342,13 +319,12 @@ def _calibrate(
     config: CalibrationConfig,
     method: str,
     val_defect: LoadedImages | None = None,
-    area_labels: tuple[np.ndarray, np.ndarray, str] | None = None,
+    area_labels: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Thresholds from the normal validation images (quantiles); with ``method="f1"`` the
     F1-optimal image threshold and Dice-optimal pixel threshold over normal + defect
     validation images; with ``method="area"`` the pixel threshold that matches the total
-    area of ``area_labels`` (images, their area ratios, where they come from; see
-    :func:`_area_labels`). The normal-score
+    area of ``area_labels`` (training images, their area ratios). The normal-score
     statistics always come from normal images only. ``method`` is the resolved
     :func:`calibration_method`."""
     scores, maps = predict_arrays(model, val.images)
@@ -366,11 +342,10 @@ def _calibrate(
     if method == "area":
         if area_labels is None:
             raise DataError("calibration.method=area: the training images carry no area ratios")
-        images, ratios, origin = area_labels
-        _, labelled_maps = predict_arrays(model, images)
+        images, ratios = area_labels
+        _, train_maps = predict_arrays(model, images)
         return calibration | {
-            "pixel_threshold": area_matched_threshold(labelled_maps, ratios),
-            "area_labels_from": origin,
+            "pixel_threshold": area_matched_threshold(train_maps, ratios),
             "n_area_labelled": len(ratios),
             "mean_area_ratio": float(np.mean(ratios)),
         }
@@ -520,7 +495,7 @@ def _train_into(
     train_data = _load(train_samples, config.data, "loading train images", progress)
     val_data = _load(split["val"], config.data, "loading validation images", progress)
     val_defect = None
-    if method == "f1" or (method == "area" and split["val_defect"]):
+    if method == "f1":
         val_defect = _load(split["val_defect"], config.data, "loading validation defects", progress)
     weak_labels = _weak_labels(net, train_data, config.data)
     history = fit(
@@ -547,7 +522,7 @@ def _train_into(
             config.calibration,
             method,
             val_defect,
-            _area_labels(net, train_data, weak_labels, val_data, val_defect, config.data),
+            (train_data.images, weak_labels["area_ratio"]) if weak_labels else None,
         )
     )
     if context is not None:

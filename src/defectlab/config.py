@@ -84,12 +84,10 @@ class CalibrationConfig:
       Dice, when masks exist) on labelled validation images: the normal validation share
       plus ``data.val_defects_per_class`` held-out defects.
     * ``"area"``: for models taught by area ratios (``arearatio-gcn``): the image threshold
-      as for ``"quantile"``, the pixel threshold such that the maps of area-labelled images
+      as for ``"quantile"``, the pixel threshold such that the maps of the training images
       flag as much area in total as their area-ratio labels say
-      (:func:`defectlab.evaluate.metrics.area_matched_threshold`): the validation images
-      when ``data.val_defects_per_class`` holds out labelled defects (normal ones at ratio
-      0), else the training images. Normal images say nothing about how much of a
-      defective image to flag; the ratios do.
+      (:func:`defectlab.evaluate.metrics.area_matched_threshold`). Normal images say nothing
+      about how much of a defective image to flag; the ratios do.
     * ``"auto"`` (default): ``"area"`` for models taught by area ratios, else ``"quantile"``.
     """
 
