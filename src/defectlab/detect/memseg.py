@@ -49,7 +49,7 @@ from defectlab import distributed
 from defectlab.base import Prediction
 from defectlab.detect.base import Detector
 from defectlab.detect.features import check_image_size
-from defectlab.detect.patchmemory import MemoryBankConfig, PatchMemory
+from defectlab.detect.patchmemory import MemoryBankConfig, PatchMemory, seeded_fold
 from defectlab.detect.synthseg import PaintingConfig, paint_defects
 from defectlab.errors import TrainingError
 from defectlab.ops import top_fraction_mean
@@ -225,9 +225,7 @@ class MemSeg(Detector):
             )
         self.n_train = n_train
         n_memory = min(n_train - 1, max(1, round(cfg.memory_share * n_train)))
-        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))
-        self.memory_fold = torch.zeros(n_train, dtype=torch.bool)
-        self.memory_fold[order[:n_memory]] = True
+        self.memory_fold = seeded_fold(n_train, n_memory, cfg.seed)
         self.optimizer = torch.optim.AdamW(
             self.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
@@ -243,13 +241,6 @@ class MemSeg(Detector):
         total = (self.config.epochs - 1) * min(per_epoch, head_images)
         return self.config.curriculum_level(self.step, total)
 
-    def distance(self, images: torch.Tensor) -> torch.Tensor:
-        """Distance of each stride-8 patch to its nearest memory row (B, 1, h, w); no
-        gradients: the backbone and the memory are fixed."""
-        with torch.no_grad():
-            _, distance = self.memory_bank.nearest_residual(self.memory_bank.embed(images))
-        return distance
-
     def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         if self.optimizer is None or self.memory_fold is None:
             raise RuntimeError("memseg: training step before setup_training")
@@ -258,8 +249,7 @@ class MemSeg(Detector):
         in_memory = self.memory_fold[batch["index"].cpu()].to(batch["image"].device)
         if self.memory_bank.memory is None:
             if in_memory.any():
-                with torch.no_grad():
-                    self.memory_bank.add_patches(self.memory_bank.embed(batch["image"][in_memory]))
+                self.memory_bank.add_images(batch["image"][in_memory])
             return {"memory_patches": float(self.memory_bank.patches_seen)}
         images = batch["image"][~in_memory]
         if len(images) == 0:
@@ -270,7 +260,7 @@ class MemSeg(Detector):
         if cfg.flip:
             images, masks = augment_pairs(images, masks, _FLIPS)
         self.head.train()
-        distance = self.distance(images)
+        distance = self.memory_bank.patch_distances(images)
         if self.step == 0:
             self.head.init_scale(distance)
         _, logits = self.head(distance, images)
@@ -303,7 +293,7 @@ class MemSeg(Detector):
             raise RuntimeError("memseg: predict before fit (no memory bank)")
         images = images.to(self.device).float()
         self.head.eval()
-        monotone, logits = self.head(self.distance(images), images)
+        monotone, logits = self.head(self.memory_bank.patch_distances(images), images)
         scores = top_fraction_mean(monotone[:, 0], self.config.score_top_fraction)
         return Prediction(scores, torch.sigmoid(logits[:, 0]))
 

@@ -149,6 +149,16 @@ def _min_budget_mb(cfg: MemoryBankConfig) -> float:
     ) / 2**20
 
 
+def seeded_fold(n: int, count: int, seed: int) -> torch.Tensor:
+    """Which of ``n`` training images form a memory: ``count`` of them, picked by a
+    permutation seeded by ``seed`` (bool (n,)). Models that train on the rest leave these
+    out, because their own patches are in the memory at distance zero."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    fold = torch.zeros(n, dtype=torch.bool)
+    fold[order[:count]] = True
+    return fold
+
+
 def greedy_coreset(
     features: torch.Tensor, k: int, *, projection: torch.Tensor | None, start: int
 ) -> torch.Tensor:
@@ -300,18 +310,18 @@ class PatchMemory(Detector):
         """Coreset reductions made so far (pool overflows plus the final one)."""
         return self._reductions
 
-    def add_patches(self, embedding: torch.Tensor) -> None:
-        """Add the patch features (B, D, h, w) of normal images (from :meth:`embed`) to the
-        candidate pool; for models that compute the embedding themselves."""
+    @torch.no_grad()
+    def add_images(self, images: torch.Tensor) -> None:
+        """Add the patch features of normal images (B, C, H, W) to the candidate pool (also
+        for models that build their memory from a share of their batches)."""
         if self.memory is not None:
             raise RuntimeError("patchmemory: the memory bank is final; make a new model to refit")
-        rows = self._rows(embedding.detach())
+        rows = self._rows(self.embed(images))
         self._seen += rows.shape[0]
         self._add(rows)
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        with torch.no_grad():
-            self.add_patches(self.embed(batch["image"]))
+        self.add_images(batch["image"])
         return {}
 
     def _finalize(self) -> None:
@@ -335,16 +345,16 @@ class PatchMemory(Detector):
         self._finalize()
 
     # --- inference -----------------------------------------------------------------------------
-    def nearest_residual(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each patch's difference to its nearest memory row (B, D, h, w) and the distance
-        (B, 1, h, w), for an ``embedding`` (B, D, h, w) from :meth:`embed`."""
+    @torch.no_grad()
+    def patch_distances(self, images: torch.Tensor) -> torch.Tensor:
+        """Distance of each patch of ``images`` (B, C, H, W) to its nearest memory row, on
+        the patch grid (B, 1, h, w): the raw map, for models built on the memory."""
         if self.memory is None:
             raise RuntimeError("patchmemory: no memory bank yet (fit first)")
-        b, d, h, w = embedding.shape
-        queries = self._rows(embedding)
-        dist, index = nearest_distances(queries, self.memory, 1)
-        residual = (queries - self.memory[index[:, 0]]).view(b, h, w, d).permute(0, 3, 1, 2)
-        return residual, dist.view(b, 1, h, w)
+        embedding = self.embed(images.to(self.device))
+        b, _, h, w = embedding.shape
+        dist, _ = nearest_distances(self._rows(embedding), self.memory, 1)
+        return dist.view(b, 1, h, w)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:

@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectlab.base import ModelConfig, Prediction
-from defectlab.detect.patchmemory import PatchMemory, PatchMemoryConfig
+from defectlab.detect.patchmemory import PatchMemory, PatchMemoryConfig, seeded_fold
 from defectlab.errors import DataError, TrainingError
 from defectlab.ops import top_fraction_mean
 from defectlab.registry import register
@@ -584,8 +584,7 @@ class AreaRatioGCN(Segmenter):
         to the nearest normal memory patch (B, 1, H, W); fixed, so no gradients."""
         if self.memory_bank is None:
             raise RuntimeError(f"{self.name}: raw_distance needs novelty='memory'")
-        with torch.no_grad():
-            _, distance = self.memory_bank.nearest_residual(self.memory_bank.embed(images))
+        distance = self.memory_bank.patch_distances(images)
         return F.interpolate(distance, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     def graph_forward(
@@ -609,10 +608,8 @@ class AreaRatioGCN(Segmenter):
     # --- training --------------------------------------------------------------------------
     def setup_training(self, n_train: int) -> None:
         if self.memory_bank is not None:
-            generator = torch.Generator().manual_seed(self.config.noise_seed)
-            order = torch.randperm(n_train, generator=generator)
-            self.memory_fold = torch.zeros(n_train, dtype=torch.bool)
-            self.memory_fold[order[: round(self.config.memory_share * n_train)]] = True
+            count = round(self.config.memory_share * n_train)
+            self.memory_fold = seeded_fold(n_train, count, self.config.noise_seed)
         self.optimizer = torch.optim.Adam(
             [*self.fcn.parameters(), *self.gcn.parameters()],
             lr=self.config.lr,
@@ -749,10 +746,7 @@ class AreaRatioGCN(Segmenter):
         in_memory = normal & self.memory_fold[batch["index"].detach().cpu()]
         if self.memory_bank.memory is None:
             if in_memory.any():
-                with torch.no_grad():
-                    self.memory_bank.add_patches(
-                        self.memory_bank.embed(images[in_memory.to(images.device)])
-                    )
+                self.memory_bank.add_images(images[in_memory.to(images.device)])
             return None
         return ~in_memory
 
