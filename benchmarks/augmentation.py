@@ -32,9 +32,12 @@ folders are reused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +74,14 @@ def link_files(paths: list[Path], folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i, path in enumerate(paths):
         link = folder / f"{i:05d}_{path.name}"
-        if not link.is_symlink():
+        # jobs of one cell may run at once (--jobs) and link the same normals
+        with contextlib.suppress(FileExistsError):
             link.symlink_to(path.resolve())
     return folder
+
+
+def generator_run(args: argparse.Namespace, row: str, cell: str) -> Path:
+    return args.out / f"gen-{row}-{cell}-g{args.gen_epochs}"
 
 
 def synthetic_folder(
@@ -89,7 +97,7 @@ def synthetic_folder(
         return out
     run = None
     if row in GENERATORS:
-        run = args.out / f"gen-{row}-{cell}-g{args.gen_epochs}"
+        run = generator_run(args, row, cell)
         options = [
             *split_overrides(args, k, seed),
             f"model.epochs={args.gen_epochs}",
@@ -153,6 +161,10 @@ def run_job(args: argparse.Namespace, row: str, k: int, seed: int) -> dict[str, 
     kid = None
     if args.kid and synth is not None:
         kid = kid_against([s.path for s in test.samples], synth, args.device)
+    gen_seconds = None
+    if row in GENERATORS:
+        gen_metrics = generator_run(args, row, cell) / "metrics.json"
+        gen_seconds = json.loads(gen_metrics.read_text())["train_seconds"]
     return {
         "row": row,
         "k": k,
@@ -163,6 +175,7 @@ def run_job(args: argparse.Namespace, row: str, k: int, seed: int) -> dict[str, 
         "n_test_defect": len(test.samples),
         "unet_epochs": unet_epochs(args),
         "gen_epochs": args.gen_epochs if row in GENERATORS else None,
+        "gen_train_seconds": gen_seconds,
         "train_seconds": train_seconds,
         "peak_rss_mb": peak_rss_mb(),
         **segmentation_metrics(test.masks, maps, run.pixel_threshold, types),
@@ -237,33 +250,52 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="options for the generators only (e.g. model.disc_scales=2 at 64 px)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="jobs run at once, each its own process (a GPU has room for several small ones)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/augmentation"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if min(args.k) < 1:
         parser.error("--k must be at least 1: the U-Net and generators learn from defects")
-    if args.epochs_scale <= 0 or args.n_synthetic < 1 or args.gen_epochs < 1:
-        parser.error("--epochs-scale, --n-synthetic and --gen-epochs must be positive")
+    if args.epochs_scale <= 0 or min(args.n_synthetic, args.gen_epochs, args.jobs) < 1:
+        parser.error("--epochs-scale, --n-synthetic, --gen-epochs and --jobs must be positive")
 
     if args.one:
         print(json.dumps(run_job(args, args.one, args.k[0], args.seeds[0])))
         return
+    from defectlab.data.io import atomic_write_text
 
+    jobs = [(row, k, seed) for k in args.k for seed in args.seeds for row in args.rows]
+    # generators first: they are the long jobs, so --jobs N overlaps them with the U-Nets
+    jobs.sort(key=lambda job: job[0] not in GENERATORS)
     rows: list[dict[str, Any]] = []
     failed = []
-    for k in args.k:
-        for seed in args.seeds:
-            for row in args.rows:
-                label = f"{row}/k{k}/s{seed}"
-                found = job_rows(child_command(args, row, k, seed), label)
-                if found is None:
-                    failed.append(label)
-                else:
-                    rows += found
     args.out.mkdir(parents=True, exist_ok=True)
+
+    lock = threading.Lock()
+
+    def run_one(job: tuple[str, int, int]) -> None:
+        """One child process; results.json is rewritten as each job ends, so a run cut short
+        keeps what finished."""
+        row, k, seed = job
+        found = job_rows(child_command(args, row, k, seed), f"{row}/k{k}/s{seed}")
+        with lock:
+            if found is None:
+                failed.append(f"{row}/k{k}/s{seed}")
+                return
+            rows.extend(found)
+            rows.sort(key=lambda r: (r["k"], ROWS.index(r["row"]), r["seed"]))
+            atomic_write_text(args.out / "results.json", json.dumps(rows, indent=2))
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(run_one, jobs))
     summary = aggregate(rows)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(args.out / "results.json", json.dumps(rows, indent=2))
+    atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=2))
     print_table(summary)
     if failed:
         sys.exit(f"failed jobs: {', '.join(failed)}")
