@@ -19,7 +19,9 @@ Metrics over the held-out real defect images (reusing ``benchmarks/weak_supervis
 Dice and IoU micro at the run's calibrated pixel threshold and at the oracle best-Dice
 threshold (peeks at the test masks: a reference only), pixel AUROC and pixel AP. With
 ``--kid``, each generator's Lite0-KID against the held-out real defect images (EfficientNet-
-Lite0 features, not Inception). Rows are aggregated as mean ± std over seeds per (row, K).
+Lite0 features, not Inception). ``mask_diversity`` is the mean 1 − IoU between the synthetic
+masks (0 when a generator gives one mask for every noise; the real masks of magnetic tile
+score 0.46). Rows are aggregated as mean ± std over seeds per (row, K).
 
 Each job (row, K, seed) runs in its own process. Rows go to stdout as JSON and to
 ``OUT/results.json`` (plus the aggregate in ``OUT/summary.json``); finished runs and synthetic
@@ -54,7 +56,16 @@ from weak_supervision import (
 
 ROWS = ("none", "procedural", "cyclegan", "crossgan", "maskgan")
 GENERATORS = ("cyclegan", "crossgan", "maskgan")
-COLUMNS = ("dice", "iou", "dice_oracle", "iou_oracle", "pixel_auroc_defect", "pixel_ap", "kid")
+COLUMNS = (
+    "dice",
+    "iou",
+    "dice_oracle",
+    "iou_oracle",
+    "pixel_auroc_defect",
+    "pixel_ap",
+    "kid",
+    "mask_diversity",
+)
 
 
 def split_overrides(args: argparse.Namespace, k: int, seed: int) -> list[str]:
@@ -128,6 +139,14 @@ def kid_against(real: list[Path], fake: Path, device: str) -> float:
     return result["lite0_kid"]["mean"]
 
 
+def synthetic_mask_diversity(synth: Path) -> float:
+    """Mean 1 − IoU between the synthetic masks (0: one mask for all, a collapsed generator)."""
+    from defectlab.data.io import read_mask
+    from defectlab.evaluate.synthesis import mask_diversity
+
+    return mask_diversity([read_mask(path) for path in sorted((synth / "masks").glob("*.png"))])
+
+
 def run_job(args: argparse.Namespace, row: str, k: int, seed: int) -> dict[str, Any]:
     """One (row, K, seed): synthesize if needed, train (or reuse) the U-Net, score it."""
     from defectlab import api
@@ -161,6 +180,9 @@ def run_job(args: argparse.Namespace, row: str, k: int, seed: int) -> dict[str, 
     kid = None
     if args.kid and synth is not None:
         kid = kid_against([s.path for s in test.samples], synth, args.device)
+    mask_diversity = None
+    if synth is not None:
+        mask_diversity = synthetic_mask_diversity(synth)
     gen_seconds = None
     if row in GENERATORS:
         gen_metrics = generator_run(args, row, cell) / "metrics.json"
@@ -181,6 +203,7 @@ def run_job(args: argparse.Namespace, row: str, k: int, seed: int) -> dict[str, 
         **segmentation_metrics(test.masks, maps, run.pixel_threshold, types),
         "pixel_ap": average_precision(test.masks.ravel(), maps.ravel()),
         "kid": kid,
+        "mask_diversity": mask_diversity,
         "run": str(run_dir),
     }
 
@@ -226,7 +249,8 @@ def print_table(summary: list[dict[str, Any]]) -> None:
         "mean ± std over seeds; dice/iou: micro over held-out real defect images at the "
         "calibrated pixel threshold; *_oracle: best-Dice threshold on the test masks (reference "
         "only); pixel AUROC/AP over those images' pixels; kid: Lite0-KID of the generator's "
-        "samples vs the held-out real defects (not Inception KID)."
+        "samples vs the held-out real defects (not Inception KID); mask_diversity: mean 1 − IoU "
+        "between the synthetic masks (0 = one mask for all)."
     )
 
 

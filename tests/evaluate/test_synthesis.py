@@ -25,6 +25,7 @@ from defectlab.evaluate.synthesis import (
     frechet_distance,
     inception_score_from_logits,
     kid_from_features,
+    mask_diversity,
     mask_statistics,
     mmd2_unbiased,
     outside_region_fraction,
@@ -231,6 +232,26 @@ def test_mask_statistics_on_hand_made_masks() -> None:
     json.dumps(stats)  # plain Python values only
 
 
+def test_mask_diversity_zero_when_collapsed_one_when_disjoint() -> None:
+    disc = _disc(radius=6)
+    assert mask_diversity([disc] * 5) == 0.0  # one mask for every noise: collapsed
+    empty = np.zeros((40, 40), bool)
+    assert mask_diversity([empty, empty]) == 0.0  # two empty masks are the same mask
+    left, right = np.zeros((40, 40), bool), np.zeros((40, 40), bool)
+    left[:, :10], right[:, 30:] = True, True
+    assert mask_diversity([left, right], size=40) == 1.0
+    half = np.zeros((40, 40), bool)
+    half[:, :5] = True  # inside `left`: IoU 0.5
+    assert mask_diversity([left, half], size=40) == pytest.approx(0.5)
+    # different sizes compare after resizing; pairs are sampled when there are many
+    big = cv2.resize(left.astype(np.uint8), (80, 80), interpolation=cv2.INTER_NEAREST) > 0
+    assert mask_diversity([left, big], size=40) == 0.0
+    many = [_disc(radius=3, centre=(5 + i, 5 + i)) for i in range(30)]
+    assert 0 < mask_diversity(many, max_pairs=50) <= 1
+    with pytest.raises(ValueError, match="at least 2"):
+        mask_diversity([disc])
+
+
 def test_compare_mask_statistics_and_outside_region() -> None:
     discs = [_disc(radius=r) for r in (5, 6, 7, 8)]
     bars = []
@@ -345,6 +366,8 @@ def test_mask_realism_of_a_synth_output_against_real_masks(
     assert realism is not None and "outside_object" not in realism  # procedural records none
     assert realism["distance"]["n_real"] == 6 and realism["distance"]["n_fake"] == 5
     assert realism["distance"]["area_fraction"]["w1"] >= 0
+    assert 0.5 < realism["diversity"]["fake"] <= 1  # random shapes at random places
+    assert 0 <= realism["diversity"]["real"] <= 1
     # a synthesizer that knows the object region records each mask's share outside it
     lines = (fake / "manifest.csv").read_text().splitlines()
     extra = ["100,0", "300,0.5", "100,0", "100,0", "100,0"]

@@ -67,6 +67,7 @@ __all__ = [
     "gaussian_fit",
     "inception_score_from_logits",
     "kid_from_features",
+    "mask_diversity",
     "mask_realism",
     "mask_statistics",
     "mean_pairwise_distance",
@@ -497,6 +498,32 @@ def compare_mask_statistics(real: Any, fake: Any) -> dict[str, Any]:
     return result
 
 
+def mask_diversity(masks: Any, size: int = 64, max_pairs: int = 2000, seed: int = 0) -> float:
+    """Mean 1 − IoU over pairs of masks, each resized to ``size``² (nearest neighbour), so
+    sets of different image sizes compare. 0 when every mask is the same (a collapsed mask
+    generator: the same mask whatever the noise), near 1 when masks rarely overlap. Two
+    empty masks count as identical. Up to ``max_pairs`` distinct pairs, drawn with ``seed``.
+    """
+    items = _as_masks(masks)
+    if len(items) < 2:
+        raise ValueError(f"mask diversity needs at least 2 masks, got {len(items)}")
+    flat = np.stack(
+        [
+            cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST).ravel()
+            for m in items
+        ]
+    ).astype(bool)
+    n = len(flat)
+    first, second = np.triu_indices(n, k=1)
+    if len(first) > max_pairs:
+        chosen = np.random.default_rng(seed).choice(len(first), max_pairs, replace=False)
+        first, second = first[chosen], second[chosen]
+    inter = (flat[first] & flat[second]).sum(axis=1)
+    union = (flat[first] | flat[second]).sum(axis=1)
+    distance = np.where(union > 0, 1 - inter / np.maximum(union, 1), 0.0)
+    return float(distance.mean())
+
+
 def outside_region_fraction(masks: Any, regions: Any) -> dict[str, Any]:
     """Fraction of defect pixels outside the allowed region (e.g. the object, not background).
 
@@ -526,11 +553,16 @@ def outside_region_fraction(masks: Any, regions: Any) -> dict[str, Any]:
     }
 
 
+def _diversity_or_none(masks: Any) -> float | None:
+    return mask_diversity(masks) if len(_as_masks(masks)) >= 2 else None
+
+
 def mask_realism(real: Any, fake: Any, regions: Any = None) -> dict[str, Any]:
     """Are generated masks shaped like real defect masks, and do they stay on the part?
 
     Summaries of area fraction, elongation and component count for both sets, their
-    Wasserstein-1 distances (:func:`compare_mask_statistics`) and, given the object
+    Wasserstein-1 distances (:func:`compare_mask_statistics`), each set's
+    :func:`mask_diversity` (a collapsed generator scores near 0) and, given the object
     ``regions`` of the generated masks' source images (one for all, or one per mask; e.g.
     :func:`defectlab.synth.maskgan.object_region`), the share of generated mask pixels outside
     the object (:func:`outside_region_fraction`) and the share of non-empty masks with any
@@ -541,6 +573,7 @@ def mask_realism(real: Any, fake: Any, regions: Any = None) -> dict[str, Any]:
         "real": stats["real"]["summary"],
         "fake": stats["fake"]["summary"],
         "distance": compare_mask_statistics(stats["real"], stats["fake"]),
+        "diversity": {"real": _diversity_or_none(real), "fake": _diversity_or_none(fake)},
     }
     if regions is not None:
         outside = outside_region_fraction(fake, regions)

@@ -71,6 +71,11 @@ def cmd_evaluate_synth(args: argparse.Namespace) -> str:
                 if key in ("area_fraction", "elongation", "n_components")
             )
         )
+        spread = realism["diversity"]
+        print(
+            f"mask diversity (mean 1 - IoU between masks; 0 = one mask for all): fake "
+            f"{_fmt(spread['fake'], 3)}, real {_fmt(spread['real'], 3)}"
+        )
         outside = realism.get("outside_object")
         if outside and outside["pixel_share"] is not None:
             print(

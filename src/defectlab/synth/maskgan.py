@@ -68,7 +68,12 @@ shape and are left out; each fake takes the class of the real defect it is paire
 * stage 1 (``stage`` = ``joint`` or ``mask``): ``m_g = mask_generator(x, z, c)``. The
   discriminators first (detached fakes): region level real ``m_y`` vs ``m_g``, image level
   real ``y ⊙ m_y`` vs ``x ⊙ m_g``. Then the generator against the updated, frozen ones:
-  ``adv_weight·(both adversarial terms) + boundary_weight·boundary_loss(m_g, object(x))``;
+  ``adv_weight·(both adversarial terms) + boundary_weight·boundary_loss(m_g, object(x))
+  + diversity_weight·mode_seeking_loss``. The last term (:func:`mode_seeking_loss`, after
+  MSGAN, Mao et al. 2019; not in the seed) draws a second noise ``z'`` for the same images
+  and penalises ``1 / (mean|m_g(z) − m_g(z')| / mean|z − z'| + ε)``: without it, after 500
+  steps at 128 px two of the augmentation benchmark's three seeds gave one mask whatever
+  the noise;
 * stage 2 (``joint`` or ``image``): the fake ``ŷ = m·F + (1 − m)·x`` uses the real masks of
   the paired defects (``image``) or stage 1's masks binarised at ``mask_threshold``
   (``joint``; an empty one is replaced by the paired real mask). Discriminators: image level
@@ -227,6 +232,22 @@ def boundary_loss(masks: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
     there). The +1 pixel keeps an empty mask at zero instead of 0/0."""
     outside = (masks * (1.0 - regions)).sum(dim=(2, 3))
     return (outside / (masks.sum(dim=(2, 3)) + 1.0)).mean()
+
+
+def mode_seeking_loss(
+    masks: torch.Tensor,
+    other_masks: torch.Tensor,
+    noise: torch.Tensor,
+    other_noise: torch.Tensor,
+    eps: float = 1e-2,
+) -> torch.Tensor:
+    """MSGAN's mode-seeking term: ``1 / (mean|m − m'| / mean|z − z'| + eps)`` for the masks
+    ``m``, ``m'`` one generator gave the same images under the noises ``z``, ``z'``. Small when
+    different noise gives different masks, ``1 / eps`` when it gives the same mask (a
+    collapsed generator); ``eps`` (MSGAN: 1e-5) bounds the penalty so that a collapsed start
+    cannot blow up the step."""
+    ratio = (masks - other_masks).abs().mean() / (noise - other_noise).abs().mean()
+    return 1.0 / (ratio + eps)
 
 
 def binarize_mask(soft: np.ndarray, threshold: float, min_area: int) -> np.ndarray:
@@ -443,10 +464,11 @@ class MaskGANConfig(GANTrainingConfig):
     class_conditional: bool = False
     defect_classes: tuple[str, ...] = ()
     class_dim: int = 8
-    #: loss weights
+    #: loss weights (diversity: the mode-seeking term of stage 1, 0 = off)
     adv_weight: float = 1.0
     boundary_weight: float = 10.0
     recon_weight: float = 10.0
+    diversity_weight: float = 0.1
     #: object region of the boundary-aware loss
     object_rule: str = "auto"
     object_threshold: float = 0.5
@@ -478,6 +500,7 @@ class MaskGANConfig(GANTrainingConfig):
                 "adv_weight",
                 "boundary_weight",
                 "recon_weight",
+                "diversity_weight",
                 "object_margin",
                 "mask_min_area",
             ),
@@ -739,7 +762,8 @@ class MaskGAN(GANSynthesizer):
         region_d, image_d = (self.nets[n] for n in STAGE_NETWORKS["mask"][1])
         x, y, m_y, c = pair.normal, pair.defect, pair.mask, pair.classes
         k = cfg.n_masks
-        soft = self.generate_masks(x, self.noise(len(x)), c)  # (n, K, H, W)
+        noise = self.noise(len(x))
+        soft = self.generate_masks(x, noise, c)  # (n, K, H, W)
         fake_masks = soft.reshape(-1, 1, *soft.shape[2:])
         x_k, c_k = x.repeat_interleave(k, dim=0), c.repeat_interleave(k)
 
@@ -766,9 +790,15 @@ class MaskGAN(GANSynthesizer):
             )
             boundary = boundary_loss(soft, self.object_regions(x))
             loss = cfg.adv_weight * adv + cfg.boundary_weight * boundary
+            seeking = torch.zeros((), device=self.device)
+            if cfg.diversity_weight > 0:
+                other = self.noise(len(x))
+                seeking = mode_seeking_loss(soft, self.generate_masks(x, other, c), noise, other)
+                loss = loss + cfg.diversity_weight * seeking
             self.step_optimizers(("mask_generator",), loss)
         return soft.detach(), {
             "boundary": boundary.item(),
+            "mode_seeking": seeking.item(),
             "g1_adv": adv.item(),
             "g1_total": loss.item(),
             "mask_mean": soft.mean().item(),
