@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import random
 import sys
@@ -50,9 +51,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch; with CUDA also ask cuDNN and torch for deterministic
+    kernels (cuDNN's autotuner and atomic-add backward passes otherwise make two runs of the
+    same seed differ). ``CUBLAS_WORKSPACE_CONFIG`` only takes effect when set before CUDA
+    starts, so a caller that wants bit-identical GPU runs sets it in the environment."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        # warn_only: an op without a deterministic kernel warns instead of stopping training
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def environment_info(device: torch.device | None = None) -> dict[str, Any]:
