@@ -23,9 +23,10 @@ Lite0 features, not Inception). ``mask_diversity`` is the mean 1 − IoU between
 masks (0 when a generator gives one mask for every noise; the real masks of magnetic tile
 score 0.46). Rows are aggregated as mean ± std over seeds per (row, K).
 
-Each job (row, K, seed) runs in its own process. Rows go to stdout as JSON and to
-``OUT/results.json`` (plus the aggregate in ``OUT/summary.json``); finished runs and synthetic
-folders are reused.
+Each job (row, K, seed) runs in its own process; ``--jobs N`` runs N at once (on one GPU,
+15 small jobs time-share it, so each runs slower, but the whole table ends sooner). Rows go
+to stdout as JSON and to ``OUT/results.json`` (plus the aggregate in ``OUT/summary.json``);
+finished runs and synthetic folders are reused.
 
     .venv/bin/python benchmarks/augmentation.py --k 5 20 --seeds 0 1 2 --image-size 128 \\
         --n-synthetic 200 --epochs-scale 1.0 --gen-epochs 100 --kid --out runs/augmentation
