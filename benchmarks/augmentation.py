@@ -140,20 +140,13 @@ def kid_against(real: list[Path], fake: Path, device: str) -> float:
     return result["lite0_kid"]["mean"]
 
 
-def synthetic_mask_diversity(synth: Path) -> float:
-    """Mean 1 − IoU between the synthetic masks (0: one mask for all, a collapsed generator)."""
-    from defectlab.data.io import read_mask
-    from defectlab.evaluate.synthesis import mask_diversity
-
-    return mask_diversity([read_mask(path) for path in sorted((synth / "masks").glob("*.png"))])
-
-
 def run_job(args: argparse.Namespace, row: str, k: int, seed: int) -> dict[str, Any]:
     """One (row, K, seed): synthesize if needed, train (or reuse) the U-Net, score it."""
     from defectlab import api
     from defectlab.data.layouts import NORMAL
     from defectlab.data.splits import Split
     from defectlab.evaluate.metrics import average_precision
+    from defectlab.evaluate.synthesis import mask_diversity, synthetic_masks
 
     cell = f"k{k}-{args.image_size}-s{seed}"
     options = split_overrides(args, k, seed)
@@ -181,9 +174,10 @@ def run_job(args: argparse.Namespace, row: str, k: int, seed: int) -> dict[str, 
     kid = None
     if args.kid and synth is not None:
         kid = kid_against([s.path for s in test.samples], synth, args.device)
-    mask_diversity = None
+    spread = None
     if synth is not None:
-        mask_diversity = synthetic_mask_diversity(synth)
+        # mean 1 − IoU between the synthetic masks: 0 for a collapsed generator
+        spread = mask_diversity(synthetic_masks(synth))
     gen_seconds = None
     if row in GENERATORS:
         gen_metrics = generator_run(args, row, cell) / "metrics.json"
@@ -204,7 +198,7 @@ def run_job(args: argparse.Namespace, row: str, k: int, seed: int) -> dict[str, 
         **segmentation_metrics(test.masks, maps, run.pixel_threshold, types),
         "pixel_ap": average_precision(test.masks.ravel(), maps.ravel()),
         "kid": kid,
-        "mask_diversity": mask_diversity,
+        "mask_diversity": spread,
         "run": str(run_dir),
     }
 

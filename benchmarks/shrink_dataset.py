@@ -5,8 +5,8 @@ Why: a remote GPU machine may take only a small upload (the device runs in the R
 magnetic tile as a 28 MB copy at 256 px, since the benchmarks train at 128 px anyway).
 Masks (files whose path relative to the source matches ``--masks``) are resized with nearest
 neighbour, so thresholding them later gives the same answer as before; other images with
-area averaging; JPEGs are rewritten at quality 95. Images already small enough and non-image
-files are copied unchanged.
+area averaging. Every image is re-encoded (JPEGs at quality 95), also one already small
+enough; non-image files are copied unchanged.
 
     .venv/bin/python benchmarks/shrink_dataset.py ../shared/data/magnetic-tile \\
         .devdata/magnetic-tile --max-side 256 --masks '*.png'
@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+from defectlab.data.io import IMAGE_EXTENSIONS
 
 
 def shrink(image: np.ndarray, max_side: int, is_mask: bool) -> np.ndarray:
@@ -56,7 +56,7 @@ def main() -> None:
     for path in files:
         out = args.target / path.relative_to(args.source)
         out.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
             shutil.copy2(path, out)
             continue
         image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)

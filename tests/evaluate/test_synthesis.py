@@ -367,6 +367,10 @@ def test_mask_realism_of_a_synth_output_against_real_masks(
     assert realism["distance"]["n_real"] == 6 and realism["distance"]["n_fake"] == 5
     assert realism["distance"]["area_fraction"]["w1"] >= 0
     assert 0.5 < realism["diversity"]["fake"] <= 1  # random shapes at random places
+    masks = syn.synthetic_masks(fake)  # the manifest's masks, as the benchmark reads them
+    assert len(masks) == 5 and all(m.dtype == bool and m.any() for m in masks)
+    with pytest.raises(DataError, match=r"no manifest\.csv"):
+        syn.synthetic_masks(folder_root / "normal")
     assert 0 <= realism["diversity"]["real"] <= 1
     # a synthesizer that knows the object region records each mask's share outside it
     lines = (fake / "manifest.csv").read_text().splitlines()

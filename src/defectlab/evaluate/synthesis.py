@@ -73,6 +73,7 @@ __all__ = [
     "mean_pairwise_distance",
     "mmd2_unbiased",
     "outside_region_fraction",
+    "synthetic_masks",
 ]
 
 RESULT_FILE = "synth_quality.json"
@@ -777,17 +778,34 @@ def _read_masks(paths: Sequence[Path]) -> list[np.ndarray]:
     return masks
 
 
+def _masked_rows(fake: str | Path) -> list[dict[str, str]] | None:
+    """The rows of a ``defectlab synth`` output's ``manifest.csv`` that name a mask, or
+    ``None`` without a manifest."""
+    manifest = Path(fake) / "manifest.csv"
+    if not manifest.is_file():
+        return None
+    with open(manifest, encoding="utf-8", newline="") as handle:
+        return [r for r in csv.DictReader(handle) if r.get("mask")]
+
+
+def synthetic_masks(fake: str | Path) -> list[np.ndarray]:
+    """The masks a ``defectlab synth`` output lists in its manifest (bool (H, W) each);
+    unreadable ones are reported and skipped. A folder without a manifest is a DataError."""
+    rows = _masked_rows(fake)
+    if rows is None:
+        raise DataError(f"{fake}: no manifest.csv (not a defectlab synth output)")
+    return _read_masks([Path(fake) / r["mask"] for r in rows])
+
+
 def synthesis_mask_realism(real: str | Path, fake: str | Path) -> dict[str, Any] | None:
     """:func:`mask_realism` of a ``defectlab synth`` output's masks against the real defect
     masks of a dataset folder, or ``None`` when either side has no masks. The share outside
     the object comes from the manifest's ``outside_object`` column (mask pixels outside the
     source's object region, recorded by synthesizers that know it, e.g. maskgan), pooled
     over all generated mask pixels."""
-    manifest = Path(fake) / "manifest.csv"
-    if not manifest.is_file():
+    rows = _masked_rows(fake)
+    if rows is None:
         return None
-    with open(manifest, encoding="utf-8", newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r.get("mask")]
     try:
         dataset = load_dataset(real)
     except DataError:
@@ -795,6 +813,7 @@ def synthesis_mask_realism(real: str | Path, fake: str | Path) -> dict[str, Any]
     real_paths = [s.mask_path for s in dataset.defect if s.mask_path is not None]
     if not rows or not real_paths:
         return None
+    # the rows are read already: their masks directly, not synthetic_masks (a second read)
     result = mask_realism(
         _read_masks(real_paths), _read_masks([Path(fake) / r["mask"] for r in rows])
     )
