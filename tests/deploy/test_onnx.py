@@ -44,12 +44,12 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def runs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One trained run per model family the export must cover: a reconstruction
-    autoencoder, a U-Net trained on synthetic defects, a feature memory (nearest-neighbour
-    search in the graph), a head on that search's distances and a fixed-position template
-    without alignment."""
+    autoencoder (its image-statistics score normalisation in the graph too), a U-Net trained
+    on synthetic defects, a feature memory (nearest-neighbour search in the graph), a head on
+    that search's distances and a fixed-position template without alignment."""
     base = tmp_path_factory.mktemp("runs")
     settings = {
-        "ae": ["model.epochs=1"],
+        "ae": ["model.epochs=1", "model.score_normalization=image_statistics"],
         "synth-unet": ["model.epochs=1"],
         "patchmemory": [],
         "memseg": ["model.epochs=2"],

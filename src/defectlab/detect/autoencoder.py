@@ -25,6 +25,11 @@ Anomaly map: the residual between image and reconstruction — ``1 − SSIM`` (`
 level fixed at the end of training as the ``level_quantile`` quantile of the residual maps
 of ``level_samples`` training images (``"pixel_count"``: "residual thresholded to a mask,
 pixel count thresholded to a decision").
+
+``score_normalization="image_statistics"`` then subtracts from the image score what the
+image's brightness and texture energy predict (:mod:`defectlab.detect.nuisance`, fitted on
+``normalization_samples`` normal training images at the end of training): among normal
+images most of the residual's spread is brightness and texture, not defects.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ from torch import nn
 from defectlab.base import ModelConfig, Prediction
 from defectlab.config import check_choice
 from defectlab.detect.base import Detector
-from defectlab.errors import InputShapeError
+from defectlab.detect.nuisance import ScoreNormalizer, image_statistics
+from defectlab.errors import InputShapeError, TrainingError
 from defectlab.ops import gaussian_blur, top_fraction_mean
 from defectlab.registry import register
 
@@ -50,6 +56,9 @@ DOWNSAMPLING = 32
 PIXEL_LOSSES = ("l1", "l2")
 MAP_RESIDUALS = ("ssim", "l1", "mixed")
 SCORES = ("topk", "pixel_count")
+SCORE_NORMALIZATIONS = ("none", "image_statistics")
+#: a linear fit of five statistics needs a few more images than unknowns
+MIN_NORMALIZATION_SAMPLES = 8
 KERNELS = ("imq", "rbf")
 #: IMQ kernel scales of Tolstikhin et al.'s reference code, multiplying C = 2·d·σ²
 IMQ_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -316,6 +325,10 @@ class AutoencoderConfig(ModelConfig):
     level_quantile: float = 0.995
     #: ... of this many training images (kept from the first batches)
     level_samples: int = 32
+    #: "image_statistics": subtract the score that brightness and texture energy predict,
+    #: a linear fit over normalization_samples training images (kept from the first batches)
+    score_normalization: str = "none"
+    normalization_samples: int = 128
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -342,6 +355,12 @@ class AutoencoderConfig(ModelConfig):
             raise ValueError(f"level_quantile must be in (0, 1), got {self.level_quantile}")
         if self.level_samples < 1:
             raise ValueError(f"level_samples must be at least 1, got {self.level_samples}")
+        check_choice("score_normalization", self.score_normalization, SCORE_NORMALIZATIONS)
+        if self.normalization_samples < MIN_NORMALIZATION_SAMPLES:
+            raise ValueError(
+                f"normalization_samples must be at least {MIN_NORMALIZATION_SAMPLES}, got "
+                f"{self.normalization_samples}"
+            )
 
 
 @dataclass
@@ -410,6 +429,7 @@ class Autoencoder(Detector):
         #: training images kept to fix the pixel level (CPU), and the level itself
         self._level_images: torch.Tensor | None = None
         self.pixel_level: float | None = None
+        self.score_normalizer = ScoreNormalizer()
 
     @property
     def code_size(self) -> int:
@@ -434,9 +454,16 @@ class Autoencoder(Detector):
             self.net.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
         )
 
+    @property
+    def _kept_samples(self) -> int:
+        cfg = self.config
+        if cfg.score_normalization == "none":
+            return cfg.level_samples
+        return max(cfg.level_samples, cfg.normalization_samples)
+
     def _keep_for_level(self, images: torch.Tensor) -> None:
         held = 0 if self._level_images is None else len(self._level_images)
-        wanted = self.config.level_samples - held
+        wanted = self._kept_samples - held
         if wanted <= 0:
             return
         new = images[:wanted].detach().float().cpu()
@@ -472,8 +499,19 @@ class Autoencoder(Detector):
     def finish_training(self) -> None:
         if self._level_images is None:
             return
-        maps = torch.cat([self.anomaly_maps(chunk).cpu() for chunk in self._level_images.split(16)])
-        self.pixel_level = float(np.quantile(maps.double().numpy(), self.config.level_quantile))
+        cfg = self.config
+        kept = self._level_images
+        maps = torch.cat([self.anomaly_maps(chunk).cpu() for chunk in kept.split(16)])
+        level_maps = maps[: cfg.level_samples]
+        self.pixel_level = float(np.quantile(level_maps.double().numpy(), cfg.level_quantile))
+        self.score_normalizer = ScoreNormalizer()
+        if cfg.score_normalization == "image_statistics":
+            if len(kept) < MIN_NORMALIZATION_SAMPLES:
+                raise TrainingError(
+                    f"{self.name}: score_normalization=image_statistics needs at least "
+                    f"{MIN_NORMALIZATION_SAMPLES} training images, got {len(kept)}"
+                )
+            self.score_normalizer.fit(self._raw_scores(maps), image_statistics(kept))
 
     # --- inference ----------------------------------------------------------------------
     def residual_maps(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -493,18 +531,23 @@ class Autoencoder(Detector):
         recon = self.reconstruct_for_map(images)
         return gaussian_blur(self.residual_maps(images, recon), self.config.map_sigma)[:, 0]
 
+    def _raw_scores(self, maps: torch.Tensor) -> torch.Tensor:
+        """The image score of the configured kind, before any normalisation."""
+        cfg = self.config
+        if cfg.score == "topk":
+            return top_fraction_mean(maps, cfg.score_top_fraction)
+        if self.pixel_level is None:
+            raise RuntimeError(
+                f"{self.name}: score 'pixel_count' needs the pixel level set by training"
+            )
+        return (maps > self.pixel_level).flatten(1).float().mean(dim=1)
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
-        cfg = self.config
         maps = self.anomaly_maps(images)
-        if cfg.score == "topk":
-            scores = top_fraction_mean(maps, cfg.score_top_fraction)
-        else:
-            if self.pixel_level is None:
-                raise RuntimeError(
-                    f"{self.name}: score 'pixel_count' needs the pixel level set by training"
-                )
-            scores = (maps > self.pixel_level).flatten(1).float().mean(dim=1)
+        scores = self._raw_scores(maps)
+        if self.score_normalizer.fitted:
+            scores = self.score_normalizer(scores, image_statistics(images.to(maps.device)))
         return Prediction(scores, maps)
 
     @torch.no_grad()
@@ -515,12 +558,17 @@ class Autoencoder(Detector):
 
     # --- state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"net": dict(self.net.state_dict()), "pixel_level": self.pixel_level}
+        return {
+            "net": dict(self.net.state_dict()),
+            "pixel_level": self.pixel_level,
+            "score_normalizer": self.score_normalizer.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
         level = state.get("pixel_level")
         self.pixel_level = None if level is None else float(level)
+        self.score_normalizer.load_state_dict(state.get("score_normalizer"))
 
     def training_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"level_images": self._level_images}
