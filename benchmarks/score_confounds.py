@@ -17,6 +17,8 @@ square. It prints:
   of fold; this peeks at the test normals, so it is a diagnosis, not a detector. Aspect ratio
   and size stay out of that fit: on magnetic tile they differ between the normal and the
   defect folders (a dataset bias, not image content), and a fit on them would reward it.
+* for a run whose model fitted its own normaliser (``score_normalization=image_statistics``,
+  on training images), the image AUROC of the same network's score without it.
 
 A score that the nuisance statistics explain well among normal images, and whose unexplained
 part separates defects better than the score itself, is swamped by normal variation rather
@@ -144,6 +146,28 @@ def report(run: Path) -> None:
         f"  image statistics explain R² = {r2:.2f} of the score's spread among normal images "
         f"(5-fold); AUROC of the unexplained part {auroc(labels, residual):.3f}"
     )
+    raw = raw_scores(run, test.images[kept])
+    if raw is not None:
+        print(
+            f"  the model's own score normaliser is fitted; without it the image AUROC is "
+            f"{auroc(labels, raw):.3f}"
+        )
+
+
+def raw_scores(run: Path, images: np.ndarray) -> np.ndarray | None:
+    """The run's scores with its fitted :class:`~defectlab.detect.nuisance.ScoreNormalizer`
+    switched off (same network), or ``None`` when the model has none fitted."""
+    from defectlab import api
+    from defectlab.detect.nuisance import ScoreNormalizer
+
+    if not (run / "model.pt").exists():
+        return None
+    model = api.load_run(run, "cpu").model
+    normalizer = getattr(model, "score_normalizer", None)
+    if normalizer is None or not normalizer.fitted:
+        return None
+    model.score_normalizer = ScoreNormalizer()
+    return api.predict_arrays(model, images)[0]
 
 
 def main() -> None:
