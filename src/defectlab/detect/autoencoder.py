@@ -326,9 +326,11 @@ class AutoencoderConfig(ModelConfig):
     #: ... of this many training images (kept from the first batches)
     level_samples: int = 32
     #: "image_statistics": subtract the score that brightness and texture energy predict,
-    #: a linear fit over normalization_samples training images (kept from the first batches)
+    #: a linear fit over normalization_samples training images (kept from the first batches;
+    #: on magnetic tile the fit's AUROC varied by ±0.008 between random 128-image subsets and
+    #: by ±0.004 between 256-image ones)
     score_normalization: str = "none"
-    normalization_samples: int = 128
+    normalization_samples: int = 256
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
