@@ -1,7 +1,7 @@
 """Image statistics that move a detector's score without being defects, and their removal.
 
 A reconstruction residual grows with how bright and how textured an image is: on magnetic
-tile and ELPV, 50–70% of the spread of the autoencoders' image scores among *normal* test
+tile and ELPV, 40–70% of the spread of the autoencoders' image scores among *normal* test
 images is predicted by five image statistics (``benchmarks/score_confounds.py``). That spread
 swamps the smaller rise a defect causes. :class:`ScoreNormalizer` fits, on normal training
 images only, a linear model of the score from those statistics and subtracts its prediction,
@@ -83,8 +83,7 @@ class ScoreNormalizer:
         design = (statistics - self.mean) / self.std
         centred = scores - scores.mean()
         gram = design.T @ design + self.ridge * n * torch.eye(s, dtype=torch.float64)
-        slopes = torch.linalg.solve(gram, design.T @ centred)
-        self.coef = slopes
+        self.coef = torch.linalg.solve(gram, design.T @ centred)
         return self
 
     def __call__(self, scores: torch.Tensor, statistics: torch.Tensor) -> torch.Tensor:
