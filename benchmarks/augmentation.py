@@ -21,7 +21,9 @@ threshold (peeks at the test masks: a reference only), pixel AUROC and pixel AP.
 ``--kid``, each generator's Lite0-KID against the held-out real defect images (EfficientNet-
 Lite0 features, not Inception). ``mask_diversity`` is the mean 1 − IoU between the synthetic
 masks (0 when a generator gives one mask for every noise; the real masks of magnetic tile
-score 0.46). Rows are aggregated as mean ± std over seeds per (row, K).
+score 0.46). ``dice_whole_image`` is the Dice of the trivial all-defect mask on the same
+test masks, the floor a calibrated Dice must clear. Rows are aggregated as mean ± std over
+seeds per (row, K).
 
 Each job (row, K, seed) runs in its own process; ``--jobs N`` runs N at once (on one GPU,
 15 small jobs time-share it, so each runs slower, but the whole table ends sooner). Rows go
@@ -66,6 +68,7 @@ COLUMNS = (
     "pixel_ap",
     "kid",
     "mask_diversity",
+    "dice_whole_image",
 )
 
 
@@ -178,6 +181,10 @@ def run_job(args: argparse.Namespace, row: str, k: int, seed: int) -> dict[str, 
     if synth is not None:
         # mean 1 − IoU between the synthetic masks: 0 for a collapsed generator
         spread = mask_diversity(synthetic_masks(synth))
+    # the trivial mask "all of the image is defect" on the same test masks: a calibrated
+    # Dice means something only above it
+    defect_pixels = float(test.masks.sum())
+    whole_image = 2 * defect_pixels / (defect_pixels + test.masks.size)
     gen_seconds = None
     if row in GENERATORS:
         gen_metrics = generator_run(args, row, cell) / "metrics.json"
@@ -199,6 +206,7 @@ def run_job(args: argparse.Namespace, row: str, k: int, seed: int) -> dict[str, 
         "pixel_ap": average_precision(test.masks.ravel(), maps.ravel()),
         "kid": kid,
         "mask_diversity": spread,
+        "dice_whole_image": whole_image,
         "run": str(run_dir),
     }
 
