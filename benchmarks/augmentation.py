@@ -28,7 +28,9 @@ seeds per (row, K).
 Each job (row, K, seed) runs in its own process; ``--jobs N`` runs N at once (on one GPU,
 15 small jobs time-share it, so each runs slower, but the whole table ends sooner). Rows go
 to stdout as JSON and to ``OUT/results.json`` (plus the aggregate in ``OUT/summary.json``);
-finished runs and synthetic folders are reused.
+finished runs and synthetic folders are reused, and rows that an earlier invocation wrote to
+the same ``OUT`` for other (row, K, seed) cells are kept, so a table can be built one seed at
+a time.
 
     .venv/bin/python benchmarks/augmentation.py --k 5 20 --seeds 0 1 2 --image-size 128 \\
         --n-synthetic 200 --epochs-scale 1.0 --gen-epochs 100 --kid --out runs/augmentation
@@ -299,9 +301,17 @@ def main() -> None:
     jobs = [(row, k, seed) for k in args.k for seed in args.seeds for row in args.rows]
     # generators first: they are the long jobs, so --jobs N overlaps them with the U-Nets
     jobs.sort(key=lambda job: job[0] not in GENERATORS)
-    rows: list[dict[str, Any]] = []
     failed = []
     args.out.mkdir(parents=True, exist_ok=True)
+    # rows of earlier invocations into the same --out (other seeds, K or rows) are kept, so a
+    # table can be built one seed at a time; the jobs run now replace their own rows
+    rerun = {(row, k, seed) for row, k, seed in jobs}
+    previous = args.out / "results.json"
+    rows: list[dict[str, Any]] = [
+        r
+        for r in (json.loads(previous.read_text()) if previous.exists() else [])
+        if (r["row"], r["k"], r["seed"]) not in rerun
+    ]
 
     lock = threading.Lock()
 
