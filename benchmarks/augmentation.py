@@ -150,7 +150,7 @@ def run_job(args: argparse.Namespace, row: str, k: int, seed: int) -> dict[str, 
     from defectlab import api
     from defectlab.data.layouts import NORMAL
     from defectlab.data.splits import Split
-    from defectlab.evaluate.metrics import average_precision
+    from defectlab.evaluate.metrics import average_precision, dice_iou
     from defectlab.evaluate.synthesis import mask_diversity, synthetic_masks
 
     cell = f"k{k}-{args.image_size}-s{seed}"
@@ -185,8 +185,7 @@ def run_job(args: argparse.Namespace, row: str, k: int, seed: int) -> dict[str, 
         spread = mask_diversity(synthetic_masks(synth))
     # the trivial mask "all of the image is defect" on the same test masks: a calibrated
     # Dice means something only above it
-    defect_pixels = float(test.masks.sum())
-    whole_image = 2 * defect_pixels / (defect_pixels + test.masks.size)
+    whole_image, _ = dice_iou(test.masks, np.ones_like(test.masks))
     gen_seconds = None
     if row in GENERATORS:
         gen_metrics = generator_run(args, row, cell) / "metrics.json"
@@ -305,7 +304,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     # rows of earlier invocations into the same --out (other seeds, K or rows) are kept, so a
     # table can be built one seed at a time; the jobs run now replace their own rows
-    rerun = {(row, k, seed) for row, k, seed in jobs}
+    rerun = set(jobs)
     previous = args.out / "results.json"
     rows: list[dict[str, Any]] = [
         r

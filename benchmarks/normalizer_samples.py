@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from score_confounds import content_statistics
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     from defectlab import api
     from defectlab.data.loading import load_samples
     from defectlab.data.splits import Split
-    from defectlab.detect.nuisance import ScoreNormalizer, image_statistics
+    from defectlab.detect.nuisance import ScoreNormalizer
     from defectlab.evaluate.metrics import auroc
 
     run = api.load_run(args.run, "cpu")
@@ -47,9 +48,7 @@ def main() -> None:
             split[part], data.image_size, data.channels, data.mask_threshold, desc=part
         )
         scores, _ = api.predict_arrays(run.model, loaded.images)
-        images = torch.from_numpy(np.ascontiguousarray(loaded.images.transpose(0, 3, 1, 2)))
-        statistics = torch.cat([image_statistics(chunk) for chunk in images.split(64)])
-        parts[part] = (torch.from_numpy(scores), statistics, loaded.labels)
+        parts[part] = (torch.from_numpy(scores), content_statistics(loaded.images), loaded.labels)
     test_scores, test_statistics, labels = parts["test"]
 
     def test_auroc(scores: torch.Tensor, statistics: torch.Tensor) -> float:

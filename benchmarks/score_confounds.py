@@ -36,21 +36,25 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 SHAPE_STATISTICS = ("aspect ratio (w/h)", "original size")
 
 
-def nuisance_statistics(images: np.ndarray, original_sizes: list[tuple[int, int]]) -> np.ndarray:
-    """(N, 7): :func:`defectlab.detect.nuisance.image_statistics` of images (N, H, W, C) in
-    [0, 1], then the original aspect ratio and size."""
-    import torch
-
+def content_statistics(images: np.ndarray) -> torch.Tensor:
+    """:func:`defectlab.detect.nuisance.image_statistics` (N, 5) of images (N, H, W, C) in
+    [0, 1], as loaded by :func:`defectlab.data.loading.load_samples`."""
     from defectlab.detect.nuisance import image_statistics
 
     tensor = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    content = torch.cat([image_statistics(chunk) for chunk in tensor.split(64)]).numpy()
+    return torch.cat([image_statistics(chunk) for chunk in tensor.split(64)])
+
+
+def nuisance_statistics(images: np.ndarray, original_sizes: list[tuple[int, int]]) -> np.ndarray:
+    """(N, 7): :func:`content_statistics`, then the original aspect ratio and size."""
     heights, widths = np.array(original_sizes, dtype=np.float64).T
-    return np.hstack([content, np.stack([widths / heights, np.sqrt(widths * heights)], axis=1)])
+    shape = np.stack([widths / heights, np.sqrt(widths * heights)], axis=1)
+    return np.hstack([content_statistics(images).numpy(), shape])
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -60,28 +64,31 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(rank_a, rank_b)[0, 1])
 
 
-def _design(features: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    return np.hstack([np.ones((len(features), 1)), (features - mean) / std])
-
-
 def unexplained_scores(
     scores: np.ndarray, features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0
 ) -> tuple[np.ndarray, float]:
     """Score minus its linear prediction from the statistics, fitted on normal images out of
     fold (each defect image uses the mean of the fold models), and the cross-validated R² of
-    that prediction among the normal images."""
+    that prediction among the normal images. The fit is the detectors' own
+    :class:`~defectlab.detect.nuisance.ScoreNormalizer`, unregularised (least squares)."""
+    from defectlab.detect.nuisance import ScoreNormalizer
+
+    score_tensor, feature_tensor = torch.from_numpy(scores), torch.from_numpy(features)
     normal = np.flatnonzero(labels == 0)
     order = np.random.default_rng(seed).permutation(normal)
     residual = np.empty_like(scores, dtype=np.float64)
     defect = labels == 1
-    defect_prediction = np.zeros(int(defect.sum()))
+    defect_residual = np.zeros(int(defect.sum()))
     for fold in np.array_split(order, folds):
         fit_on = np.setdiff1d(normal, fold)
-        mean, std = features[fit_on].mean(axis=0), features[fit_on].std(axis=0) + 1e-12
-        coef, *_ = np.linalg.lstsq(_design(features[fit_on], mean, std), scores[fit_on], rcond=None)
-        residual[fold] = scores[fold] - _design(features[fold], mean, std) @ coef
-        defect_prediction += _design(features[defect], mean, std) @ coef / folds
-    residual[defect] = scores[defect] - defect_prediction
+        normalizer = ScoreNormalizer(ridge=0.0).fit(score_tensor[fit_on], feature_tensor[fit_on])
+        # the normaliser keeps the fitted mean score; the residual is taken around zero
+        fitted_mean = scores[fit_on].mean()
+        residual[fold] = normalizer(score_tensor[fold], feature_tensor[fold]).numpy() - fitted_mean
+        defect_residual += (
+            normalizer(score_tensor[defect], feature_tensor[defect]).numpy() - fitted_mean
+        ) / folds
+    residual[defect] = defect_residual
     normal_scores = scores[normal]
     r2 = 1.0 - float(
         np.sum(residual[normal] ** 2) / np.sum((normal_scores - normal_scores.mean()) ** 2)
