@@ -112,6 +112,7 @@ def report(run: Path) -> None:
     from defectlab.detect.nuisance import STATISTICS
     from defectlab.evaluate.metrics import auroc
 
+    scored = read_scores(run)  # first: a folder that is not a finished run says so
     config = json.loads((run / "config.json").read_text())
     data = config["data"]
     split = Split.load(run / "split.json")
@@ -122,7 +123,6 @@ def report(run: Path) -> None:
         data["mask_threshold"],
         desc="loading test images",
     )
-    scored = read_scores(run)
     kept = [i for i, s in enumerate(test.samples) if str(s.path) in scored]
     if len(kept) < len(test.samples):
         print(f"{run}: {len(test.samples) - len(kept)} test images have no score; left out")
