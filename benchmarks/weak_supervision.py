@@ -6,6 +6,8 @@ the remaining defect images are the held-out test set. Rows:
 
 * ``unet`` — masks (fully supervised; the upper bound);
 * ``cam`` — image labels only (class activation maps);
+* ``cam-peak`` — the same classifier's maps thresholded by CAM's own rule (20% of each map's
+  peak, ``peak_fraction=0.2``) instead of a quantile of normal pixels;
 * ``arearatio-gcn`` — the exact area ratio of each training mask;
 * ``arearatio-gcn-noisy`` — the same ratios, each × its own U(0.7, 1.3) factor drawn once
   (``ratio_noise=0.3``: a fixed error per image, like a person's estimate);
@@ -54,6 +56,11 @@ import numpy as np
 MODELS: dict[str, tuple[str, list[str], str]] = {
     "unet": ("unet", [], "masks"),
     "cam": ("cam", [], "image labels"),
+    "cam-peak": (
+        "cam",
+        ["model.normalize=minmax", "model.peak_fraction=0.2"],
+        "image labels (mask: 20% of each map's peak)",
+    ),
     "arearatio-gcn": ("arearatio-gcn", [], "area ratios"),
     "arearatio-gcn-noisy": ("arearatio-gcn", ["model.ratio_noise=0.3"], "area ratios ±30%"),
     "arearatio-gcn-memory": ("arearatio-gcn", ["model.novelty=memory"], "area ratios"),

@@ -170,11 +170,33 @@ def test_state_round_trip(trained) -> None:
         ("guide_radius", 0),
         ("guide_eps", 0.0),
         ("lr", -1.0),
+        ("peak_fraction", 1.0),
+        ("peak_fraction", -0.1),
     ],
 )
 def test_bad_config_names_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         CAMConfig(**{field: value})
+
+
+def test_peak_fraction_needs_minmax_maps() -> None:
+    with pytest.raises(ValueError, match=r"peak_fraction.*minmax"):
+        CAMConfig(peak_fraction=0.2)
+
+
+def test_peak_fraction_fixes_the_thresholds(trained) -> None:
+    """CAM's rule: the mask is the region at or above 20% of each map's own peak."""
+    model, _ = trained
+    assert model.decision_thresholds is None  # default: the API calibrates on normal pixels
+    rule = CAMSegmenter(
+        CAMConfig(normalize="minmax", peak_fraction=0.2, **SMALL), image_size=LOCALISE
+    )
+    rule.load_state_dict(model.state_dict())
+    assert rule.decision_thresholds == (0.5, 0.2)
+    images, _, _ = blobs(4, seed=3, size=LOCALISE)
+    maps = rule.predict(images).maps
+    peaks = maps.amax(dim=(1, 2), keepdim=True)
+    assert torch.equal(maps >= 0.2, maps >= 0.2 * peaks)
 
 
 def test_bad_image_size_is_a_config_error() -> None:
@@ -209,6 +231,26 @@ def test_api_train_and_evaluate_k_shot(folder_root: Path, tmp_path: Path) -> Non
     metrics = dl.evaluate(run.run_dir, folder_root, tmp_path / "eval", progress=False)
     assert metrics["n_defect"] == 3 and metrics["image_auroc"] is not None
     assert metrics["dice"] is not None and (tmp_path / "eval" / "report.html").exists()
+
+
+def test_api_uses_the_peak_fraction_rule(folder_root: Path, tmp_path: Path) -> None:
+    run = dl.train(
+        "cam",
+        folder_root,
+        tmp_path / "run",
+        image_size=32,
+        device="cpu",
+        progress=False,
+        overrides=[
+            "data.defects_per_class=3",
+            "model.epochs=1",
+            "model.width=8",
+            "model.normalize=minmax",
+            "model.peak_fraction=0.25",
+        ],
+    )
+    assert run.calibration["method"] == "model"
+    assert (run.image_threshold, run.pixel_threshold) == (0.5, 0.25)
 
 
 def test_training_state_restores_class_counts() -> None:

@@ -20,6 +20,15 @@ then multiplied by the image's defect probability, so a confidently normal image
 near-zero map and pixel thresholds calibrated on normal images mean something; ``"minmax"``
 keeps every map's peak at 1 (pure localisation, e.g. for the oracle-threshold Dice).
 
+Masks: by default the run's calibrated pixel threshold (a quantile of normal validation
+pixels). ``peak_fraction=r`` (with ``normalize="minmax"``) uses CAM's own rule instead (Zhou et
+al. 2016 keep the region above 20% of the map's maximum): a pixel is defect when its map
+value is at least ``r`` × the image's peak, and an image is defective when the classifier's
+probability is at least 0.5 (the class-balanced decision point). Both thresholds are fixed
+by the model (``decision_thresholds``), so no normal validation quantile is involved; on an
+image the classifier calls normal the mask still shows where a defect would be, which is
+what the image decision is for.
+
 Refinement (``refine="guided"``): a guided filter (He et al. 2010) in plain torch, with the
 grey image as guide, pulls the coarse map's edges onto image edges. A dense CRF
 (``pydensecrf``) was the first choice, but it ships only a 2018 source distribution whose
@@ -81,6 +90,9 @@ class CAMConfig(EncoderTrainingConfig):
     #: weight normal and defect images equally in the BCE, by their running counts (defects
     #: are few)
     balance_classes: bool = True
+    #: 0: masks at the run's calibrated pixel threshold; r in (0, 1): CAM's rule, pixels at or
+    #: above r × the map's peak (needs normalize="minmax"; module docstring)
+    peak_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -100,6 +112,13 @@ class CAMConfig(EncoderTrainingConfig):
             raise ValueError(f"guide_radius must be at least 1, got {self.guide_radius}")
         if not (self.guide_eps > 0 and math.isfinite(self.guide_eps)):
             raise ValueError(f"guide_eps must be positive, got {self.guide_eps}")
+        if not 0 <= self.peak_fraction < 1:
+            raise ValueError(f"peak_fraction must be in [0, 1), got {self.peak_fraction}")
+        if self.peak_fraction and self.normalize != "minmax":
+            raise ValueError(
+                "peak_fraction is a fraction of each map's own peak, so it needs "
+                f'normalize="minmax" (every map peaks at 1); got normalize={self.normalize!r}'
+            )
 
 
 def guided_filter(
@@ -273,6 +292,14 @@ class CAMSegmenter(Segmenter):
         guide = images.to(self.device).float().mean(dim=1, keepdim=True)
         refined = guided_filter(guide, cam, self.config.guide_radius, self.config.guide_eps)
         return _peak_normalise(refined.clamp(0.0, 1.0))
+
+    @property
+    def decision_thresholds(self) -> tuple[float, float] | None:
+        """With ``peak_fraction`` the image and pixel thresholds are the model's own (0.5
+        probability, the fraction of a peak-1 map); the API's quantile calibration defers."""
+        if not self.config.peak_fraction:
+            return None
+        return 0.5, self.config.peak_fraction
 
     def predict(self, images: torch.Tensor) -> Prediction:
         images = images.to(self.device).float()

@@ -225,7 +225,7 @@ class CrossGAN(TranslationGAN):
     def build_networks(self) -> dict[str, nn.Module]:
         cfg, c, w = self.config, self.channels, self.config.width
         return {
-            "content_encoder": ResidualEncoder(c, w, cfg.content_blocks),
+            "content_encoder": ResidualEncoder(c, w, cfg.content_blocks, cfg.encoder_norm),
             "detail_encoder": DetailEncoder(c, w, cfg.detail_dim),
             "defect_generator": DefectGenerator(c, w, cfg.detail_dim),
             "normal_generator": UpDecoder(c, w),

@@ -67,8 +67,8 @@ class CycleGANConfig(GANConfig):
 class ResnetGenerator(nn.Sequential):
     """Down-sample twice, residual blocks, up-sample twice, conv + Tanh."""
 
-    def __init__(self, channels: int, width: int, blocks: int) -> None:
-        super().__init__(ResidualEncoder(channels, width, blocks), UpDecoder(channels, width))
+    def __init__(self, channels: int, width: int, blocks: int, norm: str = "instance") -> None:
+        super().__init__(ResidualEncoder(channels, width, blocks, norm), UpDecoder(channels, width))
 
 
 @register
@@ -90,8 +90,8 @@ class CycleGAN(TranslationGAN):
     def build_networks(self) -> dict[str, nn.Module]:
         cfg, c, w = self.config, self.channels, self.config.width
         return {
-            "defect_generator": ResnetGenerator(c, w, cfg.res_blocks),
-            "normal_generator": ResnetGenerator(c, w, cfg.res_blocks),
+            "defect_generator": ResnetGenerator(c, w, cfg.res_blocks, cfg.encoder_norm),
+            "normal_generator": ResnetGenerator(c, w, cfg.res_blocks, cfg.encoder_norm),
             "normal_discriminator": MultiScaleDiscriminator(c, w, cfg.disc_layers, cfg.disc_scales),
             "defect_discriminator": MultiScaleDiscriminator(c, w, cfg.disc_layers, cfg.disc_scales),
         }

@@ -50,6 +50,7 @@ from defectlab.errors import ConfigError, TrainingError
 from defectlab.synth.base import Synthesizer, SynthSample
 
 GAN_LOSSES = ("bce", "lsgan")
+ENCODER_NORMS = ("instance", "batch", "none")
 MASK_RULES = ("std", "fixed")
 
 
@@ -100,26 +101,30 @@ def to_image_conv(width: int, channels: int) -> nn.Module:
     )
 
 
-def _conv_in_relu(c_in: int, c_out: int, kernel: int, stride: int) -> nn.Module:
+def _conv_norm_relu(c_in: int, c_out: int, kernel: int, stride: int, norm: str) -> nn.Module:
     padding = (kernel - 1) // 2 if stride == 1 else 1
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, kernel, stride, padding=padding),
-        nn.InstanceNorm2d(c_out, affine=True),
+        _norm(norm, c_out),
         nn.ReLU(inplace=True),
     )
 
 
 class ResidualEncoder(nn.Sequential):
     """Residual FCN with two stride-2 down-samplings: conv7×7 w, conv4×4/2 2w, conv4×4/2 4w
-    (each IN + ReLU), then ``blocks`` residual blocks → (4w, H/4, W/4). CrossGAN's content
-    encoder; with :class:`UpDecoder` after it, CycleGAN's generator."""
+    (each norm + ReLU), then ``blocks`` residual blocks → (4w, H/4, W/4). CrossGAN's content
+    encoder; with :class:`UpDecoder` after it, CycleGAN's generator.
 
-    def __init__(self, channels: int, width: int, blocks: int) -> None:
+    ``norm`` is ``"instance"`` (the CycleGAN/DRIT choice), ``"batch"`` or ``"none"``. Instance
+    norm right after the first conv makes the code of a grey image blind to its brightness and
+    contrast (``a·x + c`` gives the same code), so a decoder can only guess them back."""
+
+    def __init__(self, channels: int, width: int, blocks: int, norm: str = "instance") -> None:
         super().__init__(
-            _conv_in_relu(channels, width, 7, 1),
-            _conv_in_relu(width, 2 * width, 4, 2),
-            _conv_in_relu(2 * width, 4 * width, 4, 2),
-            *(ResidualBlock(4 * width, "instance") for _ in range(blocks)),
+            _conv_norm_relu(channels, width, 7, 1, norm),
+            _conv_norm_relu(width, 2 * width, 4, 2, norm),
+            _conv_norm_relu(2 * width, 4 * width, 4, 2, norm),
+            *(ResidualBlock(4 * width, norm) for _ in range(blocks)),
         )
 
 
@@ -331,6 +336,9 @@ class GANTrainingConfig(ModelConfig):
     epochs: int = 400
     #: base channel count; encoders/generators work at up to 4× this, discriminators 8×
     width: int = 32
+    #: normalisation in the residual encoders (:class:`ResidualEncoder`): "instance" (the
+    #: CycleGAN/DRIT choice, the default), "batch" or "none"
+    encoder_norm: str = "instance"
     #: Adam: one optimiser per network (seed: lr 1e-4, β1 0.5, weight decay 1e-4)
     lr: float = 1e-4
     beta1: float = 0.5
@@ -363,7 +371,7 @@ class GANTrainingConfig(ModelConfig):
             half_open_unit=("beta1", "beta2"),
             nonnegative=("weight_decay", "collapse_threshold", "collapse_patience", "sample_every"),
         )
-        check_choices(self, {"gan_loss": self.gan_losses})
+        check_choices(self, {"gan_loss": self.gan_losses, "encoder_norm": ENCODER_NORMS})
 
 
 @dataclass

@@ -311,9 +311,10 @@ class MaskGenerator(nn.Module):
         n_masks: int,
         n_classes: int,
         class_dim: int,
+        norm: str = "instance",
     ) -> None:
         super().__init__()
-        self.encoder = ResidualEncoder(channels, width, blocks)
+        self.encoder = ResidualEncoder(channels, width, blocks, norm)
         self.class_embedding = nn.Embedding(n_classes, class_dim) if n_classes else None
         extra = noise_channels + (class_dim if n_classes else 0)
         self.fuse = nn.Sequential(
@@ -401,10 +402,16 @@ class DefectGenerator(nn.Module):
     :func:`compose`."""
 
     def __init__(
-        self, channels: int, width: int, blocks: int, n_classes: int, class_dim: int
+        self,
+        channels: int,
+        width: int,
+        blocks: int,
+        n_classes: int,
+        class_dim: int,
+        norm: str = "instance",
     ) -> None:
         super().__init__()
-        self.encoder = ResidualEncoder(channels + 1, width, blocks)
+        self.encoder = ResidualEncoder(channels + 1, width, blocks, norm)
         self.class_embedding = nn.Embedding(n_classes, class_dim) if n_classes else None
         cond = 1 + (class_dim if n_classes else 0)
         self.modulation = nn.ModuleList(
@@ -608,11 +615,20 @@ class MaskGAN(GANSynthesizer):
         layers, scales = cfg.disc_layers, cfg.disc_scales
         return {
             "mask_generator": MaskGenerator(
-                c, w, cfg.mask_blocks, cfg.noise_channels, cfg.n_masks, k, cfg.class_dim
+                c,
+                w,
+                cfg.mask_blocks,
+                cfg.noise_channels,
+                cfg.n_masks,
+                k,
+                cfg.class_dim,
+                cfg.encoder_norm,
             ),
             "region_discriminator": MultiScaleDiscriminator(1 + k, w, layers, scales),
             "masked_image_discriminator": MultiScaleDiscriminator(c + k, w, layers, scales),
-            "defect_generator": DefectGenerator(c, w, cfg.image_blocks, k, cfg.class_dim),
+            "defect_generator": DefectGenerator(
+                c, w, cfg.image_blocks, k, cfg.class_dim, cfg.encoder_norm
+            ),
             "image_discriminator": MultiScaleDiscriminator(c + k, w, layers, scales),
             "defect_region_discriminator": MultiScaleDiscriminator(c + 1 + k, w, layers, scales),
         }
