@@ -217,16 +217,21 @@ def test_api_refuses_a_split_without_defects(folder_root: Path, tmp_path: Path) 
         dl.train("cam", folder_root, tmp_path / "run", image_size=32, progress=False)
 
 
-def test_api_train_and_evaluate_k_shot(folder_root: Path, tmp_path: Path) -> None:
-    run = dl.train(
+def train_k_shot(folder_root: Path, run_dir: Path, *overrides: str) -> dl.TrainedRun:
+    """A tiny CAM run through the API on 3 labelled defects per type."""
+    return dl.train(
         "cam",
         folder_root,
-        tmp_path / "run",
+        run_dir,
         image_size=32,
         device="cpu",
         progress=False,
-        overrides=["data.defects_per_class=3", "model.epochs=2", "model.width=8"],
+        overrides=["data.defects_per_class=3", "model.width=8", *overrides],
     )
+
+
+def test_api_train_and_evaluate_k_shot(folder_root: Path, tmp_path: Path) -> None:
+    run = train_k_shot(folder_root, tmp_path / "run", "model.epochs=2")
     assert run.config.model == "cam"
     metrics = dl.evaluate(run.run_dir, folder_root, tmp_path / "eval", progress=False)
     assert metrics["n_defect"] == 3 and metrics["image_auroc"] is not None
@@ -234,20 +239,12 @@ def test_api_train_and_evaluate_k_shot(folder_root: Path, tmp_path: Path) -> Non
 
 
 def test_api_uses_the_peak_fraction_rule(folder_root: Path, tmp_path: Path) -> None:
-    run = dl.train(
-        "cam",
+    run = train_k_shot(
         folder_root,
         tmp_path / "run",
-        image_size=32,
-        device="cpu",
-        progress=False,
-        overrides=[
-            "data.defects_per_class=3",
-            "model.epochs=1",
-            "model.width=8",
-            "model.normalize=minmax",
-            "model.peak_fraction=0.25",
-        ],
+        "model.epochs=1",
+        "model.normalize=minmax",
+        "model.peak_fraction=0.25",
     )
     assert run.calibration["method"] == "model"
     assert (run.image_threshold, run.pixel_threshold) == (0.5, 0.25)
