@@ -9,7 +9,7 @@ source, and the aligned difference gives its mask.
 
 Networks (``w = width``, images in [-1, 1]; module names are the keys of ``self.nets``)::
 
-    content_encoder  E^c (shared by both domains, weights shared):
+    content_encoder  E^c (shared by both domains, weights shared; IN = ``encoder_norm``):
         conv7×7 w ─IN─ReLU─ conv4×4/2 2w ─IN─ReLU─ conv4×4/2 4w ─IN─ReLU
         ─ content_blocks × ResidualBlock(4w, IN)                        → z (4w, H/4, W/4)
     content_discriminator D_c (on content codes):

@@ -116,8 +116,9 @@ class ResidualEncoder(nn.Sequential):
     encoder; with :class:`UpDecoder` after it, CycleGAN's generator.
 
     ``norm`` is ``"instance"`` (the CycleGAN/DRIT choice), ``"batch"`` or ``"none"``. Instance
-    norm right after the first conv makes the code of a grey image blind to its brightness and
-    contrast (``a·x + c`` gives the same code), so a decoder can only guess them back."""
+    norm right after the first conv makes the code of a grey image blind to its contrast
+    (``a·x`` gives the same code) and nearly blind to its brightness (only the zero-padded
+    border still sees a shift), so a decoder can only guess them back."""
 
     def __init__(self, channels: int, width: int, blocks: int, norm: str = "instance") -> None:
         super().__init__(
