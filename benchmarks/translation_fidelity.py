@@ -1,0 +1,123 @@
+"""How faithfully a trained CrossGAN copies its source image: the diagnosis behind the README's
+"why the translation GANs stay blurred".
+
+A translated defect image is only useful with a difference-derived mask if the generator
+copies everything but the defect. On the run's own normal training images (its
+``split.json``), in eval mode, this prints:
+
+* ``self_recon_l1``: L1 between a normal image and ``G_X(E^c(x))`` (images in [-1, 1]);
+* ``mean_image_l1``: the same L1 for the mean training image, the trivial reconstruction;
+* ``translated_l1``: L1 between a normal image and its defect version ``G_Y(E^c(x), a)`` with
+  ``a`` drawn from the prior (seeded), plus the correlations of the two images' brightness
+  (mean) and contrast (std) over the images;
+* ``autoencoder_l1`` (``--autoencoder-steps N``, 0 = off): the same content encoder and G_X
+  architecture trained from scratch as a plain L1 autoencoder on those images for N steps
+  (batch 16, the run's Adam settings), then scored like ``self_recon_l1``: what the networks
+  can reach without the adversarial terms.
+
+    .venv/bin/python benchmarks/translation_fidelity.py \\
+        runs/augmentation-64/gen-crossgan-k5-64-s0-g20 --autoencoder-steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(np.corrcoef(a.numpy(), b.numpy())[0, 1])
+
+
+def train_autoencoder(model, images: torch.Tensor, steps: int, seed: int) -> float:
+    """L1 of a freshly trained content encoder + G_X (same settings as ``model``)."""
+    from defectlab.synth.gan_parts import ResidualEncoder, UpDecoder
+
+    cfg = model.config
+    torch.manual_seed(seed)
+    channels = images.shape[1]
+    autoencoder = torch.nn.Sequential(
+        ResidualEncoder(channels, cfg.width, cfg.content_blocks, cfg.encoder_norm),
+        UpDecoder(channels, cfg.width),
+    )
+    optimizer = torch.optim.Adam(
+        autoencoder.parameters(),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        weight_decay=cfg.weight_decay,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = images[torch.randint(len(images), (16,), generator=generator)]
+        loss = F.l1_loss(autoencoder(batch), batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    autoencoder.eval()
+    with torch.no_grad():
+        return float(F.l1_loss(autoencoder(images), images))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a finished crossgan run folder")
+    parser.add_argument("--autoencoder-steps", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.autoencoder_steps < 0:
+        parser.error("--autoencoder-steps must be 0 or more")
+
+    from defectlab import api
+    from defectlab.data.loading import load_samples
+    from defectlab.data.splits import Split
+    from defectlab.errors import DefectlabError
+
+    try:
+        run = api.load_run(args.run, "cpu")
+        split = Split.load(args.run / "split.json")
+    except (DefectlabError, OSError) as error:
+        sys.exit(f"{args.run}: not a finished run ({error})")
+    model = run.model
+    if model.name != "crossgan":
+        sys.exit(f"{args.run} holds a {model.name} run; this diagnosis reads CrossGAN's codes")
+    data = run.config.data
+    loaded = load_samples(
+        split["train"], data.image_size, data.channels, data.mask_threshold, desc="normals"
+    )
+    images = torch.from_numpy(np.ascontiguousarray(loaded.images.transpose(0, 3, 1, 2)))
+    images = images * 2 - 1
+    model.nets.eval()
+    generator = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        content = model.content(images)
+        rebuilt = model.to_normal(content)
+        prior = torch.randn(len(images), model.config.detail_dim, generator=generator)
+        translated = model.to_defect(content, prior)
+    mean_image = images.mean(dim=0, keepdim=True).expand_as(images)
+    row = {
+        "run": str(args.run),
+        "n_images": len(images),
+        "self_recon_l1": float(F.l1_loss(rebuilt, images)),
+        "mean_image_l1": float(F.l1_loss(mean_image, images)),
+        "translated_l1": float(F.l1_loss(translated, images)),
+        "brightness_correlation": correlation(
+            translated.mean(dim=(1, 2, 3)), images.mean(dim=(1, 2, 3))
+        ),
+        "contrast_correlation": correlation(
+            translated.std(dim=(1, 2, 3)), images.std(dim=(1, 2, 3))
+        ),
+    }
+    if args.autoencoder_steps:
+        row["autoencoder_steps"] = args.autoencoder_steps
+        row["autoencoder_l1"] = train_autoencoder(model, images, args.autoencoder_steps, args.seed)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+
+
+if __name__ == "__main__":
+    main()
