@@ -161,6 +161,14 @@ def test_area_calibration_needs_a_model_taught_by_area_ratios(
             overrides=["calibration.method=area"],
             progress=False,
         )
+    with pytest.raises(ConfigError, match=r"calibration\.method=model needs a model that fixes"):
+        dl.train(
+            "pixelstats",
+            folder_root,
+            tmp_path / "run",
+            overrides=["calibration.method=model"],
+            progress=False,
+        )
     with pytest.raises(ConfigError, match=r"calibration\.method must be one of"):
         dl.train("pixelstats", folder_root, tmp_path / "bad", overrides=["calibration.method=x"])
 
@@ -175,6 +183,11 @@ def test_area_ratio_segmenter_reads_ratios_from_a_csv(folder_root: Path, tmp_pat
         overrides=overrides,
         progress=False,
     )  # no CSV: ratios derived from the masks
+    # default calibration: the vertex classifier's own decision point
+    default = json.loads((split.run_dir / "calibration.json").read_text())
+    assert default["method"] == "model"
+    assert default["pixel_threshold"] == 0.5
+    assert default["image_threshold"] >= default["normal_score_mean"]  # still the 99% quantile
     train_defects = [s.path for s in Split.load(split.run_dir / "split.json")["train_defect"]]
     labels = tmp_path / "ratios.csv"
     labels.write_text("path,area_ratio,margin\n" + "".join(f"{p},0.05,\n" for p in train_defects))
@@ -183,11 +196,11 @@ def test_area_ratio_segmenter_reads_ratios_from_a_csv(folder_root: Path, tmp_pat
         folder_root,
         tmp_path / "csv",
         image_size=32,
-        overrides=[*overrides, f"data.area_ratio_csv={labels}"],
+        overrides=[*overrides, f"data.area_ratio_csv={labels}", "calibration.method=area"],
         progress=False,
     )
     assert run.model.family == "segmenter"
-    # default calibration: the pixel threshold flags the labelled area on the training images
+    # area calibration: the pixel threshold flags the labelled area on the training images
     calibration = json.loads((run.run_dir / "calibration.json").read_text())
     assert calibration["method"] == "area"
     n_train = calibration["n_area_labelled"]

@@ -301,13 +301,25 @@ def _defect_class_ids(net: Model, train: LoadedImages) -> dict[str, np.ndarray]:
 
 
 def calibration_method(model: Model, config: CalibrationConfig) -> str:
-    """The calibration a run gets: ``config.method``, with ``"auto"`` resolved to ``"area"``
-    for models taught by area ratios and ``"quantile"`` for every other model."""
+    """The calibration a run gets: ``config.method`` resolved for ``model``. ``"auto"`` is
+    ``"model"`` for models that fix their own thresholds (``decision_thresholds``), else
+    ``"area"`` for models taught by area ratios, else ``"quantile"``; ``"quantile"`` defers
+    to a model's own thresholds too. Asking for ``"area"`` or ``"model"`` from a model that
+    cannot give them is a config error, raised before any data is loaded."""
     learns_ratios = getattr(model, "learns_from_area_ratios", False)
+    fixes_thresholds = getattr(model, "decision_thresholds", None) is not None
     if config.method == "area" and not learns_ratios:
         raise ConfigError(
             f"calibration.method=area needs a model taught by area ratios; {model.name} is not"
         )
+    if config.method == "model" and not fixes_thresholds:
+        raise ConfigError(
+            f"calibration.method=model needs a model that fixes its own thresholds (cam with "
+            f"peak_fraction, a voting ensemble, arearatio-gcn); {model.name} with this "
+            "configuration does not"
+        )
+    if config.method in ("auto", "quantile") and fixes_thresholds:
+        return "model"
     if config.method == "auto":
         return "area" if learns_ratios else "quantile"
     return config.method
@@ -324,7 +336,8 @@ def _calibrate(
     """Thresholds from the normal validation images (quantiles); with ``method="f1"`` the
     F1-optimal image threshold and Dice-optimal pixel threshold over normal + defect
     validation images; with ``method="area"`` the pixel threshold that matches the total
-    area of ``area_labels`` (training images, their area ratios). The normal-score
+    area of ``area_labels`` (training images, their area ratios); with ``method="model"`` the
+    model's own ``decision_thresholds``. The normal-score
     statistics always come from normal images only. ``method`` is the resolved
     :func:`calibration_method`."""
     scores, maps = predict_arrays(model, val.images)
@@ -349,14 +362,13 @@ def _calibrate(
             "n_area_labelled": len(ratios),
             "mean_area_ratio": float(np.mean(ratios)),
         }
-    if method != "f1":
-        fixed = getattr(model, "decision_thresholds", None)
-        if fixed is not None:
-            calibration |= {
-                "method": "model",
-                "image_threshold": fixed[0],
-                "pixel_threshold": fixed[1],
-            }
+    if method == "model":
+        image_threshold, pixel_threshold = model.decision_thresholds
+        calibration["pixel_threshold"] = pixel_threshold
+        if image_threshold is not None:  # None: the model leaves it to the normal quantile
+            calibration["image_threshold"] = image_threshold
+        return calibration
+    if method == "quantile":
         return calibration
     if val_defect is None or not len(val_defect.samples):
         raise DataError("calibration.method=f1: the split holds no validation defect images")

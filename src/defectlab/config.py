@@ -71,7 +71,7 @@ class TrainConfig:
             )
 
 
-CALIBRATION_METHODS = ("auto", "quantile", "f1", "area")
+CALIBRATION_METHODS = ("auto", "quantile", "f1", "area", "model")
 
 
 @dataclass
@@ -83,12 +83,18 @@ class CalibrationConfig:
     * ``"f1"``: the image threshold with the best F1 (and the pixel threshold with the best
       Dice, when masks exist) on labelled validation images: the normal validation share
       plus ``data.val_defects_per_class`` held-out defects.
-    * ``"area"``: for models taught by area ratios (``arearatio-gcn``): the image threshold
+    * ``"area"``: for models taught by area ratios (``arearatio-gcn``, where it must be asked
+      for: its default is ``"model"``): the image threshold
       as for ``"quantile"``, the pixel threshold such that the maps of the training images
       flag as much area in total as their area-ratio labels say
       (:func:`defectlab.evaluate.metrics.area_matched_threshold`). Normal images say nothing
       about how much of a defective image to flag; the ratios do.
-    * ``"auto"`` (default): ``"area"`` for models taught by area ratios, else ``"quantile"``.
+    * ``"model"``: the thresholds the model fixes itself (``decision_thresholds``: CAM with
+      ``peak_fraction``, a voting ensemble, ``arearatio-gcn``'s probability 0.5). A model
+      that fixes them also gets them under ``"quantile"``, whose normal-image quantiles
+      would say nothing about its decision rule.
+    * ``"auto"`` (default): ``"model"`` for models that fix their own thresholds, else
+      ``"area"`` for models taught by area ratios, else ``"quantile"``.
     """
 
     method: str = "auto"

@@ -58,7 +58,14 @@ Margins come from ``batch["area_margin"]`` or ``area_margin``.
 
 Prediction paints each vertex's probability back onto its pixels; the image score is the
 map's maximum or the mean of its top ``score_top_fraction`` (= area-weighted top mean of the
-vertices).
+vertices). The model fixes its own thresholds (``decision_thresholds``, the API's calibration
+``"model"``, its default): a pixel is target when its vertex's probability is at least 0.5, the
+point the class-balanced BCE trains around. The image threshold stays a quantile of normal
+validation scores: on magnetic tile the top 1% of a normal image's map averaged 0.99, so the
+image score separates by rank, not at 0.5.
+``calibration.method=area`` instead matches the flagged area of the training images to their
+ratios; on magnetic tile that threshold came out too high (0.85–0.95), as the training maps fit
+their own pseudo-labels more confidently than new images' maps.
 
 :func:`read_area_ratio_csv` reads the ``path,area_ratio[,margin]`` label files.
 """
@@ -774,6 +781,13 @@ class AreaRatioGCN(Segmenter):
         else:
             scores = top_fraction_mean(maps, self.config.score_top_fraction)
         return Prediction(scores, maps)
+
+    @property
+    def decision_thresholds(self) -> tuple[None, float]:
+        """The vertex classifier's own pixel threshold, probability 0.5 (module docstring);
+        the API's quantile and auto calibrations defer to it. The image threshold (None) stays
+        a quantile of normal validation scores: normal images' maps peak high too."""
+        return None, 0.5
 
     # --- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
