@@ -430,6 +430,7 @@ SUMMARY_COLUMNS = (
     "dice_oracle",
     "dice_model_rule",
     "normal_flagged_share",
+    "normal_flagged_share_model_rule",
     "pixel_auroc_defect",
     "image_auroc",
 )
@@ -466,8 +467,9 @@ def summarise(seeds: list[str]) -> None:
                 print(f"    {column} per seed: {per_seed_shares(per_seed, name, column)}")
     print(
         "mean ± std over split seeds; dice: calibrated threshold; dice_model_rule: the model's "
-        "own threshold; normal_flagged_share: pixels of held-out normal images flagged at the "
-        "calibrated threshold; per seed: the Dice (its share of the same seed's U-Net Dice)."
+        "own threshold; normal_flagged_share(_model_rule): share of the held-out normal images' "
+        "pixels flagged at that threshold; per seed: the Dice (its share of the same seed's "
+        "U-Net Dice)."
     )
 
 
