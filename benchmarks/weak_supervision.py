@@ -9,10 +9,12 @@ the remaining defect images are the held-out test set. Rows:
 * ``cam-peak`` — the same classifier's maps thresholded by CAM's own rule (20% of each map's
   peak, ``peak_fraction=0.2``) instead of a quantile of normal pixels;
 * ``cam-lite0-peak`` — the same rule on a classifier over the frozen ImageNet Lite0 encoder
-  (``encoder=lite0``) instead of the small plain encoder trained from scratch;
-* ``cam-lite0-fine`` — the same classifier with maps from the stride-8 and stride-16 Lite0
-  stages (``cam_layers=-2,-3``) instead of the stride-16 and stride-32 ones (at 96 px the
-  deepest stage is 3 × 3 pixels); chosen with ``cam_localisation.py`` on split seeds 0 and 1;
+  (``encoder=lite0``) instead of the small plain encoder trained from scratch, with maps from
+  its two deepest stages (``cam_layers=-1,-2``: strides 32 and 16; at 96 px the deepest is
+  3 × 3 pixels);
+* ``cam-lite0-fine`` — the same classifier with maps from its stride-16 and stride-8 stages
+  (``cam_layers=-2,-3``, now the Lite0 default); chosen with ``cam_localisation.py`` on split
+  seeds 0 and 1;
 * ``arearatio-gcn`` — the exact area ratio of each training mask (all four ``arearatio-gcn``
   rows are calibrated with ``calibration.method=area``; their own 0.5 rule is the
   ``dice_model_rule`` column);
@@ -41,8 +43,9 @@ reference only), and pixel AUROC over those images. Trained models
 are also run through :func:`defectlab.api.evaluate` (normal + defect test images), which adds
 image AUROC, the usual pixel AUROC and ``eval/report.html``.
 
-ELPV part (``--elpv``, on by default): ``cam`` on ELPV from image labels, with K defect cells
-held out for training (ELPV has one defect type and no masks): image AUROC and a report.
+ELPV part (``--elpv``, on by default): a CAM row (``--elpv-row``, default ``cam``) on ELPV
+from image labels, with K defect cells held out for training (ELPV has one defect type and no
+masks): image AUROC and a report.
 
 Each job runs in its own process, so peak RSS is its own. Rows go to stdout as JSON and to
 ``OUT/results.json``, which keeps the rows of earlier invocations into the same ``OUT`` for
@@ -77,8 +80,8 @@ MODELS: dict[str, tuple[str, list[str], str]] = {
     "cam-peak": ("cam", PEAK_RULE, "image labels (mask: 20% of each map's peak)"),
     "cam-lite0-peak": (
         "cam",
-        ["model.encoder=lite0", *PEAK_RULE],
-        "image labels (Lite0 encoder; mask: 20% of each map's peak)",
+        ["model.encoder=lite0", "model.cam_layers=-1,-2", *PEAK_RULE],
+        "image labels (Lite0 encoder, stride-16 and -32 stages; mask: 20% of each map's peak)",
     ),
     "cam-lite0-fine": (
         "cam",
@@ -333,15 +336,18 @@ def run_baselines(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def run_elpv(args: argparse.Namespace) -> dict[str, Any]:
-    """``cam`` on ELPV from image labels (K defect cells for training): image AUROC."""
+    """A CAM row (``--elpv-row``) on ELPV from image labels (K defect cells for training):
+    image AUROC and the report's maps."""
     from defectlab import api
 
+    name = args.elpv_row
+    model, extra, _ = MODELS[name]
     k = args.elpv_k if args.elpv_k is not None else args.k
-    run_dir = args.out / f"cam-elpv-k{k}-{args.image_size}-s{args.seed}-e{args.epochs_scale:g}"
-    train_seconds = train_or_reuse(args, "cam", "elpv", run_dir, overrides(args, "cam", [], k))
+    run_dir = args.out / f"{name}-elpv-k{k}-{args.image_size}-s{args.seed}-e{args.epochs_scale:g}"
+    train_seconds = train_or_reuse(args, model, "elpv", run_dir, overrides(args, model, extra, k))
     metrics = api.evaluate(run_dir, "elpv", run_dir / "eval", device=args.device)
     return {
-        "model": "cam",
+        "model": name,
         "dataset": "elpv",
         "split": metrics["split"],
         "supervision": "image labels",
@@ -387,6 +393,7 @@ def child_command(args: argparse.Namespace, job: str) -> list[str]:
     ]
     if args.elpv_k is not None:
         command += ["--elpv-k", str(args.elpv_k)]
+    command += ["--elpv-row", args.elpv_row]
     for option in args.set:
         command += ["--set", option]
     return command
@@ -437,9 +444,10 @@ SUMMARY_COLUMNS = (
 
 
 def summarise(seeds: list[str]) -> None:
-    """Mean ± std over split seeds of each magnetic-tile row, and each row's calibrated Dice
-    per seed as a share of the U-Net's on the same seed. Each item of ``seeds`` is one seed's
-    ``--out`` folders, comma-separated (a later folder's row replaces an earlier one's)."""
+    """Mean ± std over split seeds of each magnetic-tile row, and each row's Dice per seed
+    (calibrated and at its own rule) as a share of the same seed's U-Net Dice. Each item of
+    ``seeds`` is one seed's ``--out`` folders, comma-separated (a later folder's row replaces
+    an earlier one's)."""
     per_seed: list[dict[str, dict[str, Any]]] = []
     for item in seeds:
         rows: dict[str, dict[str, Any]] = {}
@@ -503,6 +511,12 @@ def main() -> None:
     parser.add_argument("--no-baselines", dest="baselines", action="store_false")
     parser.add_argument("--no-elpv", dest="elpv", action="store_false")
     parser.add_argument("--elpv-k", type=int, default=None, help="ELPV training defects (K)")
+    parser.add_argument(
+        "--elpv-row",
+        default="cam",
+        choices=[name for name, (model, _, _) in MODELS.items() if model == "cam"],
+        help="the CAM row trained on ELPV",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument(
         "--summarise",
@@ -531,7 +545,7 @@ def main() -> None:
     # rows of earlier invocations into the same --out are kept unless rerun now
     rerun = {(name, "magnetic-tile") for name in args.models}
     rerun |= {(name, "magnetic-tile") for name in BASELINES} if args.baselines else set()
-    rerun |= {("cam", "elpv")} if args.elpv else set()
+    rerun |= {(args.elpv_row, "elpv")} if args.elpv else set()
     previous = args.out / "results.json"
     rows: list[dict[str, Any]] = [
         r

@@ -150,27 +150,25 @@ def test_f1_calibration_without_validation_defects_is_a_config_error(
         )
 
 
-def test_area_calibration_needs_a_model_taught_by_area_ratios(
-    folder_root: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ("area", r"calibration\.method=area needs a model taught by area"),
+        ("model", r"calibration\.method=model needs a model that fixes"),
+        ("x", r"calibration\.method must be one of"),
+    ],
+)
+def test_calibration_method_the_model_cannot_take_is_a_config_error(
+    folder_root: Path, tmp_path: Path, method: str, message: str
 ) -> None:
-    with pytest.raises(ConfigError, match=r"calibration\.method=area needs a model taught by area"):
+    with pytest.raises(ConfigError, match=message):
         dl.train(
             "pixelstats",
             folder_root,
             tmp_path / "run",
-            overrides=["calibration.method=area"],
+            overrides=[f"calibration.method={method}"],
             progress=False,
         )
-    with pytest.raises(ConfigError, match=r"calibration\.method=model needs a model that fixes"):
-        dl.train(
-            "pixelstats",
-            folder_root,
-            tmp_path / "run",
-            overrides=["calibration.method=model"],
-            progress=False,
-        )
-    with pytest.raises(ConfigError, match=r"calibration\.method must be one of"):
-        dl.train("pixelstats", folder_root, tmp_path / "bad", overrides=["calibration.method=x"])
 
 
 def test_area_ratio_segmenter_reads_ratios_from_a_csv(folder_root: Path, tmp_path: Path) -> None:

@@ -86,6 +86,16 @@ def test_shapes_and_range(encoder: str) -> None:
     assert not out.maps.requires_grad
 
 
+@pytest.mark.parametrize("encoder", ["plain", "lite0"])
+def test_default_stages_are_the_encoders_stride_16_and_8_ones(encoder: str) -> None:
+    """Lite0's deepest stage has stride 32, the plain encoder's 16: the default is by stride."""
+    model = CAMSegmenter(CAMConfig(encoder=encoder, width=8), image_size=SIZE, channels=1)
+    strides = model.net.encoder.strides
+    assert sorted(strides[i] for i in model.config.cam_layers) == [8, 16]
+    explicit = CAMConfig(encoder=encoder, cam_layers=(-1,))
+    assert explicit.cam_layers == (-1,)
+
+
 def check_learned(model: CAMSegmenter, losses: list[float], ratio: float) -> None:
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
     images, labels, masks = blobs(16, seed=1, size=LOCALISE)
