@@ -5,6 +5,8 @@ every run writes its split to ``split.json``): the K training defects per type c
 the remaining defect images are the held-out test set. Rows:
 
 * ``unet`` — masks (fully supervised; the upper bound);
+* ``unet-lite0`` — the same on the frozen ImageNet Lite0 encoder (the upper bound for the
+  models that use Lite0 features: ``cam-lite0-*`` and the ``memory`` GCNs);
 * ``cam`` — image labels only (class activation maps);
 * ``cam-peak`` — the same classifier's maps thresholded by CAM's own rule (20% of each map's
   peak, ``peak_fraction=0.2``) instead of a quantile of normal pixels;
@@ -76,6 +78,7 @@ AREA_CALIBRATION = "calibration.method=area"
 #: benchmark row name → (registered model, extra ``--set`` options, the labels it learns from)
 MODELS: dict[str, tuple[str, list[str], str]] = {
     "unet": ("unet", [], "masks"),
+    "unet-lite0": ("unet", ["model.encoder=lite0"], "masks (Lite0 encoder)"),
     "cam": ("cam", [], "image labels"),
     "cam-peak": ("cam", PEAK_RULE, "image labels (mask: 20% of each map's peak)"),
     "cam-lite0-peak": (
@@ -443,9 +446,9 @@ SUMMARY_COLUMNS = (
 )
 
 
-def summarise(seeds: list[str]) -> None:
+def summarise(seeds: list[str], reference: str = "unet") -> None:
     """Mean ± std over split seeds of each magnetic-tile row, and each row's Dice per seed
-    (calibrated and at its own rule) as a share of the same seed's U-Net Dice. Each item of
+    (calibrated and at its own rule) as a share of the same seed's ``reference`` Dice. Each item of
     ``seeds`` is one seed's ``--out`` folders, comma-separated (a later folder's row replaces
     an earlier one's)."""
     per_seed: list[dict[str, dict[str, Any]]] = []
@@ -472,26 +475,29 @@ def summarise(seeds: list[str]) -> None:
         print(f"{name:<28} {len(group):>5} {' '.join(cells)}")
         for column in ("dice", "dice_model_rule"):
             if any(rows.get(name, {}).get(column) is not None for rows in per_seed):
-                print(f"    {column} per seed: {per_seed_shares(per_seed, name, column)}")
+                shares = per_seed_shares(per_seed, name, column, reference)
+                print(f"    {column} per seed: {shares}")
     print(
         "mean ± std over split seeds; dice: calibrated threshold; dice_model_rule: the model's "
         "own threshold; normal_flagged_share(_model_rule): share of the held-out normal images' "
-        "pixels flagged at that threshold; per seed: the Dice (its share of the same seed's "
-        "U-Net Dice)."
+        f"pixels flagged at that threshold; per seed: the Dice (its share of the same seed's "
+        f"{reference} Dice)."
     )
 
 
-def per_seed_shares(per_seed: list[dict[str, dict[str, Any]]], name: str, column: str) -> str:
-    """``0.237 (108%) 0.244 (80%) -``: a row's Dice per seed and its share of the U-Net's
-    calibrated Dice on that seed."""
+def per_seed_shares(
+    per_seed: list[dict[str, dict[str, Any]]], name: str, column: str, reference: str
+) -> str:
+    """``0.237 (108%) 0.244 (80%) -``: a row's Dice per seed and its share of the
+    ``reference`` row's calibrated Dice on that seed."""
     cells = []
     for rows in per_seed:
         value = rows.get(name, {}).get(column)
-        reference = rows.get("unet", {}).get("dice")
+        upper = rows.get(reference, {}).get("dice")
         if value is None:
             cells.append("-")
-        elif reference:
-            cells.append(f"{value:.3f} ({value / reference:.0%})")
+        elif upper:
+            cells.append(f"{value:.3f} ({value / upper:.0%})")
         else:
             cells.append(f"{value:.3f}")
     return " ".join(cells)
@@ -524,9 +530,15 @@ def main() -> None:
         metavar="OUT[,OUT...]",
         help="only print mean ± std over split seeds; one argument per seed, its --out folders",
     )
+    parser.add_argument(
+        "--reference",
+        default="unet",
+        choices=list(MODELS),
+        help="--summarise: the row whose calibrated Dice the shares are of",
+    )
     args = parser.parse_args()
     if args.summarise:
-        summarise(args.summarise)
+        summarise(args.summarise, args.reference)
         return
     if args.k < 1:
         parser.error("--k must be at least 1: the weak models learn from defect images")
