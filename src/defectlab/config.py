@@ -84,9 +84,9 @@ class CalibrationConfig:
       Dice, when masks exist) on labelled validation images: the normal validation share
       plus ``data.val_defects_per_class`` held-out defects.
     * ``"area"``: for models taught by area ratios (``arearatio-gcn``, where it must be asked
-      for: its default is ``"model"``): the image threshold
-      as for ``"quantile"``, the pixel threshold such that the maps of the training images
-      flag as much area in total as their area-ratio labels say
+      for: its default is ``"model"``): the image threshold as for ``"quantile"``, the pixel
+      threshold such that the maps of the training images flag as much area in total as
+      their area-ratio labels say
       (:func:`defectlab.evaluate.metrics.area_matched_threshold`). Normal images say nothing
       about how much of a defective image to flag; the ratios do.
     * ``"model"``: the thresholds the model fixes itself (``decision_thresholds``: CAM with

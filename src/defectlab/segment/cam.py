@@ -77,9 +77,9 @@ NORMALIZATIONS = ("probability", "minmax")
 REFINEMENTS = ("none", "guided")
 CAM_METHODS = ("gradcam", "layercam")
 #: both encoders have five stages; cam_layers index them
+N_STAGES = 5
 #: default cam_layers per encoder: its stride-16 and stride-8 stages
 DEFAULT_CAM_LAYERS = {"plain": (-1, -2), "lite0": (-2, -3)}
-N_STAGES = 5
 
 
 @dataclass
