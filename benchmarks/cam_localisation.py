@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from weak_supervision import held_out
+from weak_supervision import held_out, segmentation_metrics
 
 COLUMNS = ("dice", "dice_oracle", "pixel_auroc", "defect_flagged", "normal_flagged")
 
@@ -46,19 +46,19 @@ def parse_layers(text: str) -> tuple[int, ...]:
 
 
 def score_setting(run: Any, defects: Any, normals: Any, peak_fraction: float) -> dict[str, float]:
-    """Metrics of the run's model as currently configured."""
+    """Metrics of the run's model as currently configured (the weak benchmark's own
+    :func:`segmentation_metrics`, at the peak rule)."""
     from defectlab import api
-    from defectlab.evaluate.metrics import best_dice_threshold, dice_iou, pixel_auroc
 
     _, defect_maps = api.predict_arrays(run.model, defects.images)
     _, normal_maps = api.predict_arrays(run.model, normals.images)
-    predicted = defect_maps >= peak_fraction
-    oracle, _ = best_dice_threshold(defects.masks, defect_maps)
+    types = [s.defect_type for s in defects.samples]
+    metrics = segmentation_metrics(defects.masks, defect_maps, peak_fraction, types)
     return {
-        "dice": dice_iou(defects.masks, predicted)[0],
-        "dice_oracle": oracle,
-        "pixel_auroc": pixel_auroc(defects.masks, defect_maps),
-        "defect_flagged": float(predicted.mean()),
+        "dice": metrics["dice"],
+        "dice_oracle": metrics["dice_oracle"],
+        "pixel_auroc": metrics["pixel_auroc_defect"],
+        "defect_flagged": float((defect_maps >= peak_fraction).mean()),
         "normal_flagged": float((normal_maps >= peak_fraction).mean()),
     }
 
