@@ -107,6 +107,16 @@ MODELS: dict[str, tuple[str, list[str], str]] = {
         [AREA_CALIBRATION, "model.novelty=memory", "model.ratio_noise=0.3"],
         "area ratios ±30%",
     ),
+    "arearatio-gcn-lite0": (
+        "arearatio-gcn",
+        [AREA_CALIBRATION, "model.novelty=memory", "model.encoder=lite0"],
+        "area ratios (FCN on the Lite0 encoder)",
+    ),
+    "arearatio-gcn-lite0-noisy": (
+        "arearatio-gcn",
+        [AREA_CALIBRATION, "model.novelty=memory", "model.encoder=lite0", "model.ratio_noise=0.3"],
+        "area ratios ±30% (FCN on the Lite0 encoder)",
+    ),
 }
 BASELINES = ("whole-image", "centre-disc", "centre-box")
 DEFAULT_DATA = "../shared/data/magnetic-tile"

@@ -359,6 +359,45 @@ def test_ratio_outside_unit_interval_is_refused() -> None:
         model.training_step({"image": torch.rand(2, 1, SIZE, SIZE)})
 
 
+def test_lite0_fcn_learns_only_its_decoder_and_finds_the_blobs(tmp_path: Path) -> None:
+    images, masks = _blobs(32, seed=0)
+    labels = masks.reshape(32, -1).any(axis=1).astype(np.int64)
+    model = _model(epochs=6, encoder="lite0", novelty="memory")
+    backbone = {k: v.clone() for k, v in model.fcn.encoder.state_dict().items()}
+    decoder = model.fcn.decoder.stages[0][0].weight.detach().clone()
+    fit(
+        model,
+        images,
+        masks=masks,
+        labels=labels,
+        run_dir=tmp_path / "run",
+        batch_size=8,
+        progress=False,
+    )
+    for key, value in model.fcn.encoder.state_dict().items():
+        assert torch.equal(value, backbone[key]), key
+    assert not torch.equal(decoder, model.fcn.decoder.stages[0][0].weight)
+    assert model.fcn.refine[0].in_channels == model.fcn.decoder.out_channels + 2
+
+    test_images, test_masks = _blobs(12, seed=1)
+    out = model.predict(to_nchw(test_images))
+    assert pixel_auroc(test_masks > 0, out.maps.numpy()) > 0.8
+
+    state = model.state_dict()
+    assert not any(key.startswith("encoder.") for key in state["fcn"]["net"])
+    assert state["fcn"]["backbone"] == model.fcn.encoder.identity()
+    clone = _model(epochs=6, encoder="lite0", novelty="memory")
+    clone.load_state_dict(state)
+    assert torch.equal(clone.predict(to_nchw(test_images)).maps, out.maps)
+    foreign = state | {"fcn": state["fcn"] | {"backbone": {"sha256": "0" * 64}}}
+    with pytest.raises(ValueError, match="EfficientNet-Lite0 weights"):
+        clone.load_state_dict(foreign)
+    with pytest.raises(ValueError, match="do not fit this configuration"):
+        clone.load_state_dict(_model(novelty="memory").state_dict())
+    with pytest.raises(ValueError, match="multiple of 32"):
+        AreaRatioGCN(AreaRatioConfig(**(SMALL | {"encoder": "lite0"})), image_size=48)
+
+
 def test_state_round_trip_and_exact_resume_of_the_optimiser() -> None:
     images, masks = _blobs(8, seed=2)
     model = _model(ratio_noise=0.2)
@@ -461,6 +500,7 @@ def test_score_modes_and_image_size_checks() -> None:
         ({"novelty": "memory", "epochs": 1}, "at least 2 epochs"),
         ({"memory_share": 0.0}, "memory_share must be in"),
         ({"prior_steps": -1}, "prior_steps"),
+        ({"encoder": "resnet"}, "encoder must be one of"),
     ],
 )
 def test_bad_configs_are_refused(overrides: dict, message: str) -> None:

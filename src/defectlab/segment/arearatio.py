@@ -4,8 +4,11 @@ Each training image carries only the *fraction of its area* the target covers (o
 an absolute error margin), not a mask. The model turns that weak label into per-vertex
 pseudo-labels on a superpixel graph:
 
-1. a small fully convolutional encoder-decoder (:class:`PixelFeatureNet`, stride 4 inside,
-   full resolution out) gives a ``feature_dim`` feature per pixel;
+1. a fully convolutional network gives a ``feature_dim`` feature per pixel: a small
+   encoder-decoder trained from scratch (:class:`PixelFeatureNet`, stride 4 inside, full
+   resolution out; ``encoder="plain"``), or a U-Net decoder over the frozen ImageNet
+   EfficientNet-Lite0 (:class:`Lite0PixelFeatureNet`, ``encoder="lite0"``: on magnetic tile
+   it doubles the Dice of the plain FCN; the README has the numbers);
 2. :func:`superpixels` clusters the pixels on (standardised feature, position) — a batched,
    vectorised SLIC: grid-seeded centres, each pixel compares only the 3 × 3 grid cells
    around its own, a fixed number of iterations, so the result is deterministic. Superpixels
@@ -90,6 +93,15 @@ from defectlab.errors import DataError, TrainingError
 from defectlab.ops import top_fraction_mean
 from defectlab.registry import register
 from defectlab.segment.base import Segmenter
+from defectlab.segment.networks import (
+    ENCODERS,
+    Lite0Encoder,
+    TrainableState,
+    UNetDecoder,
+    check_encoder_input,
+    load_network_state,
+    network_state,
+)
 
 PSEUDO_LABEL_RULES = ("area", "count")
 NOVELTY = ("colour", "memory")
@@ -416,11 +428,47 @@ class PixelFeatureNet(nn.Module):
         return self.head(d1)
 
 
+class Lite0PixelFeatureNet(TrainableState):
+    """Per-pixel features on the frozen ImageNet EfficientNet-Lite0 (``encoder="lite0"``):
+    a U-Net decoder (GroupNorm stages, widths mirroring Lite0's) over its stride-2 to
+    stride-32 stages — the network of the ``unet-lite0`` upper bound — then, at full
+    resolution, the up-sampled decoder output concatenated with the raw input channels
+    (the image, and the memory distance when there is one) through one ``_block`` of
+    ``width`` and a 1×1 head to ``feature_dim``. Only the decoder and head learn (about
+    0.65 M parameters); the first ``image_channels`` input channels go to Lite0."""
+
+    def __init__(
+        self,
+        image_channels: int,
+        extra_channels: int,
+        width: int,
+        feature_dim: int,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__()
+        self.image_channels = image_channels
+        self.encoder = Lite0Encoder(freeze=True, device=device)
+        self.decoder = UNetDecoder(self.encoder.channels, block=_block)
+        self.refine = _block(self.decoder.out_channels + image_channels + extra_channels, width)
+        self.head = nn.Conv2d(width, feature_dim, 1)
+        self.to(device)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        decoded = self.decoder(self.encoder(inputs[:, : self.image_channels]))
+        decoded = F.interpolate(
+            decoded, size=inputs.shape[-2:], mode="bilinear", align_corners=False
+        )
+        return self.head(self.refine(torch.cat([decoded, inputs], dim=1)))
+
+
 # --- model ---------------------------------------------------------------------------------
 @dataclass
 class AreaRatioConfig(ModelConfig):
     epochs: int = 30
-    #: FCN width w (stages w, 2w, 4w)
+    #: the FCN: "plain" (:class:`PixelFeatureNet`, trained from scratch) or "lite0"
+    #: (:class:`Lite0PixelFeatureNet`, a decoder over the frozen ImageNet Lite0)
+    encoder: str = "plain"
+    #: FCN width: w of the plain FCN's stages w, 2w, 4w; the full-resolution stage of lite0's
     width: int = 24
     #: per-pixel feature dimension (FCN output, GCN input)
     feature_dim: int = 16
@@ -474,6 +522,8 @@ class AreaRatioConfig(ModelConfig):
         for name in ("epochs", "width", "feature_dim", "gcn_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.n_segments < 2:
             raise ValueError(f"n_segments must be >= 2, got {self.n_segments}")
         if self.gcn_layers not in (2, 3):
@@ -557,9 +607,16 @@ class AreaRatioGCN(Segmenter):
                 device=self.device,
             )
         extra = 1 if self.memory_bank is not None else 0
-        self.fcn = PixelFeatureNet(self.channels + extra, cfg.width, cfg.feature_dim).to(
-            self.device
-        )
+        self.fcn: PixelFeatureNet | Lite0PixelFeatureNet
+        if cfg.encoder == "lite0":
+            check_encoder_input(self.name, cfg.encoder, self.image_size, self.channels)
+            self.fcn = Lite0PixelFeatureNet(
+                self.channels, extra, cfg.width, cfg.feature_dim, self.device
+            )
+        else:
+            self.fcn = PixelFeatureNet(self.channels + extra, cfg.width, cfg.feature_dim).to(
+                self.device
+            )
         self.gcn = GraphConvNet(cfg.feature_dim, cfg.gcn_hidden, cfg.gcn_layers).to(self.device)
         self.optimizer: torch.optim.Optimizer | None = None
         self._steps_done = 0
@@ -617,8 +674,9 @@ class AreaRatioGCN(Segmenter):
         if self.memory_bank is not None:
             count = round(self.config.memory_share * n_train)
             self.memory_fold = seeded_fold(n_train, count, self.config.noise_seed)
+        trainable = [p for p in (*self.fcn.parameters(), *self.gcn.parameters()) if p.requires_grad]
         self.optimizer = torch.optim.Adam(
-            [*self.fcn.parameters(), *self.gcn.parameters()],
+            trainable,
             lr=self.config.lr,
             weight_decay=self.config.weight_decay,
         )
@@ -791,7 +849,14 @@ class AreaRatioGCN(Segmenter):
 
     # --- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state = {"fcn": dict(self.fcn.state_dict()), "gcn": dict(self.gcn.state_dict())}
+        """The FCN and GCN weights; a Lite0 FCN without its frozen backbone, whose identity
+        (package versions, weight-file hash) is stored instead and checked on reload."""
+        fcn = (
+            network_state(self.fcn)
+            if isinstance(self.fcn, Lite0PixelFeatureNet)
+            else dict(self.fcn.state_dict())
+        )
+        state = {"fcn": fcn, "gcn": dict(self.gcn.state_dict())}
         if self.memory_bank is not None:
             state["memory_bank"] = self.memory_bank.state_dict()
             state["distance_scale"] = self.distance_scale
@@ -800,7 +865,12 @@ class AreaRatioGCN(Segmenter):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, module in (("fcn", self.fcn), ("gcn", self.gcn)):
             try:
-                module.load_state_dict(state[key])
+                if isinstance(module, Lite0PixelFeatureNet):
+                    if "backbone" not in state[key]:
+                        raise RuntimeError("the checkpoint's FCN is not on the Lite0 encoder")
+                    load_network_state(self.name, module, dict(state[key]))
+                else:
+                    module.load_state_dict(state[key])
             except (KeyError, RuntimeError) as exc:
                 raise ValueError(
                     f"{self.name}: {key} weights do not fit this configuration: {exc}"

@@ -35,6 +35,7 @@ Decoders (``architecture=``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -150,15 +151,20 @@ class UNetDecoder(nn.Module):
     """Classic U-Net decoder: up-sample, concatenate the same-scale encoder features, 2 convs.
 
     Decoder widths mirror the encoder (the width of the scale each stage ends at), so the
-    output has ``encoder_channels[0]`` channels at the shallowest encoder scale.
+    output has ``encoder_channels[0]`` channels at the shallowest encoder scale. ``block``
+    builds each stage from (in, out) channels: :func:`conv_block` (batch norm) by default.
     """
 
-    def __init__(self, encoder_channels: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        encoder_channels: tuple[int, ...],
+        block: Callable[[int, int], nn.Module] = conv_block,
+    ) -> None:
         super().__init__()
         deep = encoder_channels[-1]
         stages = []
         for skip in reversed(encoder_channels[:-1]):
-            stages.append(conv_block(deep + skip, skip))
+            stages.append(block(deep + skip, skip))
             deep = skip
         self.stages = nn.ModuleList(stages)
         self.out_channels = encoder_channels[0]
