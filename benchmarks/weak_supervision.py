@@ -6,7 +6,7 @@ the remaining defect images are the held-out test set. Rows:
 
 * ``unet`` — masks (fully supervised; the upper bound);
 * ``unet-lite0`` — the same on the frozen ImageNet Lite0 encoder (the upper bound for the
-  models that use Lite0 features: ``cam-lite0-*`` and the ``memory`` GCNs);
+  models that use Lite0 features: ``cam-lite0-*``, the ``memory`` and ``lite0`` GCNs);
 * ``cam`` — image labels only (class activation maps);
 * ``cam-peak`` — the same classifier's maps thresholded by CAM's own rule (20% of each map's
   peak, ``peak_fraction=0.2``) instead of a quantile of normal pixels;
@@ -17,7 +17,7 @@ the remaining defect images are the held-out test set. Rows:
 * ``cam-lite0-fine`` — the same classifier with maps from its stride-16 and stride-8 stages
   (``cam_layers=-2,-3``, now the Lite0 default); chosen with ``cam_localisation.py`` on split
   seeds 0 and 1;
-* ``arearatio-gcn`` — the exact area ratio of each training mask (all four ``arearatio-gcn``
+* ``arearatio-gcn`` — the exact area ratio of each training mask (all ``arearatio-gcn``
   rows are calibrated with ``calibration.method=area``; their own 0.5 rule is the
   ``dice_model_rule`` column);
 * ``arearatio-gcn-noisy`` — the same ratios, each × its own U(0.7, 1.3) factor drawn once
@@ -25,6 +25,8 @@ the remaining defect images are the held-out test set. Rows:
 * ``arearatio-gcn-memory``, ``arearatio-gcn-memory-noisy`` — the same two with
   ``novelty=memory``: the distance of each patch to a memory of normal training patches
   ranks the vertices for the pseudo-labels and is an input channel of the FCN;
+* ``arearatio-gcn-lite0``, ``arearatio-gcn-lite0-noisy`` — the ``memory`` two with the FCN on
+  the frozen ImageNet Lite0 encoder (``encoder=lite0``: a U-Net decoder over its stages);
 * ``whole-image``, ``centre-disc``, ``centre-box`` — trivial masks computed directly: the
   whole image, and a centred disc / box. Their "maps" rank pixels by closeness to the centre,
   so the calibrated threshold gives the disc (box) whose area is the mean defect share of the
@@ -41,9 +43,9 @@ training maps flag the labelled total area, ``calibration.method=area``), at the
 decision threshold when it fixes one (``dice_model_rule``: ``arearatio-gcn``'s vertex
 probability 0.5, its default calibration) and at the oracle best-Dice threshold
 (:func:`~defectlab.evaluate.metrics.best_dice_threshold`, which peeks at the test masks: a
-reference only), and pixel AUROC over those images. Trained models
-are also run through :func:`defectlab.api.evaluate` (normal + defect test images), which adds
-image AUROC, the usual pixel AUROC and ``eval/report.html``.
+reference only), and pixel AUROC over those images. A trained model's test images are
+predicted once, by :func:`defectlab.api.evaluate` (normal + defect test images), which also
+gives image AUROC, the usual pixel AUROC and ``eval/report.html``.
 
 ELPV part (``--elpv``, on by default): a CAM row (``--elpv-row``, default ``cam``) on ELPV
 from image labels, with K defect cells held out for training (ELPV has one defect type and no
@@ -242,8 +244,10 @@ def train_or_reuse(
 
 
 def run_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
-    """Train (or reuse) one model, then score the held-out defect images of its split."""
+    """Train (or reuse) one model, then score the held-out images of its split (predicted
+    once, inside ``api.evaluate``)."""
     from defectlab import api
+    from defectlab.data.layouts import DEFECT, NORMAL
     from defectlab.data.splits import Split
 
     model, extra, supervision = MODELS[name]
@@ -253,10 +257,19 @@ def run_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
     )
     run = api.load_run(run_dir, args.device)
     split = Split.load(run_dir / "split.json")
-    test = held_out(split, run.config)
-    _, maps = api.predict_arrays(run.model, test.images)
-    _, normal_maps = api.predict_arrays(run.model, held_out(split, run.config, False).images)
-    metrics = api.evaluate(run_dir, args.data, run_dir / "eval", device=args.device)
+    predicted: dict[str, Any] = {}
+    metrics = api.evaluate(
+        run_dir,
+        args.data,
+        run_dir / "eval",
+        device=args.device,
+        on_predictions=lambda loaded, _, maps: predicted.update(loaded=loaded, maps=maps),
+    )
+    loaded, all_maps = predicted["loaded"], predicted["maps"]
+    defect = np.array([s.label == DEFECT and s.mask_path is not None for s in loaded.samples])
+    test_samples = [s for s, keep in zip(loaded.samples, defect, strict=True) if keep]
+    masks, maps = loaded.masks[defect], all_maps[defect]
+    normal_maps = all_maps[loaded.labels == NORMAL]
     own = getattr(run.model, "decision_thresholds", None)
     flagged = {"normal_flagged_share": float((normal_maps >= run.pixel_threshold).mean())}
     if own is not None:
@@ -267,14 +280,14 @@ def run_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
         "split": split.name,
         "supervision": supervision,
         "n_train_defect": len(split["train_defect"]),
-        "n_test_defect": len(test.samples),
+        "n_test_defect": len(test_samples),
         "train_seconds": train_seconds,
         "peak_rss_mb": peak_rss_mb(),
         **segmentation_metrics(
-            test.masks,
+            masks,
             maps,
             run.pixel_threshold,
-            [s.defect_type for s in test.samples],
+            [s.defect_type for s in test_samples],
             None if own is None else own[1],
         ),
         **flagged,

@@ -109,6 +109,29 @@ def test_folder_layout_names_from_settings(tmp_path: Path) -> None:
     assert metrics["n_defect"] == 2 and metrics["pixel_auroc"] is not None
 
 
+def test_evaluate_hands_its_predictions_to_the_caller_once(
+    folder_root: Path, tmp_path: Path
+) -> None:
+    run = dl.train("pixelstats", folder_root, tmp_path / "run", image_size=32, progress=False)
+    calls: list[tuple] = []
+    metrics = dl.evaluate(
+        run.run_dir,
+        folder_root,
+        tmp_path / "eval",
+        progress=False,
+        on_predictions=lambda loaded, scores, maps: calls.append((loaded, scores, maps)),
+    )
+    assert len(calls) == 1
+    loaded, scores, maps = calls[0]
+    assert len(loaded.samples) == metrics["n_normal"] + metrics["n_defect"]
+    assert maps.shape == (len(scores), 32, 32) and loaded.masks.shape == maps.shape
+    again, again_maps = dl.predict_arrays(run.model, loaded.images)
+    np.testing.assert_allclose(scores, again, rtol=1e-6)
+    np.testing.assert_allclose(maps, again_maps, rtol=1e-6)
+    written = (tmp_path / "eval" / "scores.csv").read_text().splitlines()[1:]
+    assert [line.split(",")[0] for line in written] == [str(s.path) for s in loaded.samples]
+
+
 def test_elpv_uncertain_cells_only_when_asked(tmp_path: Path) -> None:
     """ELPV 1/3 and 2/3 cells are kept out of metrics unless --include-uncertain."""
     run = dl.train("pixelstats", "elpv", tmp_path / "run", image_size=32, progress=False)

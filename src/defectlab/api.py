@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -637,9 +637,14 @@ def evaluate(
     include_uncertain: bool = False,
     progress: bool = True,
     galleries: list[tuple[str, list[np.ndarray]]] | None = None,
+    on_predictions: Callable[[LoadedImages, np.ndarray, np.ndarray], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate on the test split of ``data`` (never on images the run trained or calibrated
-    on); write ``metrics.json``, ``scores.csv`` and ``report.html`` into ``out``."""
+    on); write ``metrics.json``, ``scores.csv`` and ``report.html`` into ``out``.
+
+    ``on_predictions(loaded, scores, maps)`` is called once with the loaded test images and
+    their predictions, so a caller that needs more metrics (benchmarks) need not predict
+    the same images again."""
     run = load_run(run_dir, device)
     require_scorer(run)
     out = Path(out)
@@ -667,6 +672,8 @@ def evaluate(
     predict_started = time.perf_counter()
     scores, maps = predict_arrays(run.model, loaded.images, progress=progress)
     predict_seconds = time.perf_counter() - predict_started
+    if on_predictions is not None:
+        on_predictions(loaded, scores, maps)
     labels = loaded.labels
     has_mask = np.array([s.mask_path is not None or s.label == NORMAL for s in loaded.samples])
     any_masks = bool(has_mask[labels == DEFECT].any())

@@ -188,6 +188,28 @@ def test_gcn_propagation_is_the_normalised_adjacency_product() -> None:
     assert torch.allclose(gcn_propagate(x, edge_index, weights), expected, atol=1e-6)
 
 
+def test_gcn_gradients_are_bit_identical_on_several_threads() -> None:
+    """Same seed, same numbers: the propagation's backward must not depend on the order in
+    which threads sum duplicate indices (tensor indexing's backward did, on 2 threads)."""
+    generator = torch.Generator().manual_seed(0)
+    n, edges = 512, 6000
+    edge_index = torch.randint(0, n, (2, edges), generator=generator)
+    weights = torch.rand(edges, generator=generator)
+    x = torch.randn(n, 32, generator=generator, requires_grad=True)
+    upstream = torch.randn(n, 32, generator=generator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(10):
+            x.grad = None
+            (gcn_propagate(x, edge_index, weights) * upstream).sum().backward()
+            grads.append(x.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
 def test_gcn_overfits_a_tiny_fixed_graph() -> None:
     torch.manual_seed(0)
     # a chain of 8 vertices, alternating blocks of labels
