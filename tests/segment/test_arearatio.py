@@ -270,21 +270,21 @@ def test_training_lowers_loss_and_the_map_finds_the_blobs(tmp_path: Path) -> Non
     assert out.maps[inside].mean() > 2 * out.maps[~inside].mean()
 
 
+def _fit_on_labelled_blobs(model: AreaRatioGCN, run_dir: Path) -> tuple[list[dict], np.ndarray]:
+    """Train on 32 blob images with image labels (1 = has a disc); the history and labels."""
+    images, masks = _blobs(32, seed=0)
+    labels = masks.reshape(32, -1).any(axis=1).astype(np.int64)
+    history = fit(
+        model, images, masks=masks, labels=labels, run_dir=run_dir, batch_size=8, progress=False
+    )
+    return history, labels
+
+
 def test_memory_novelty_uses_only_normal_memory_fold_images_and_finds_the_blobs(
     tmp_path: Path,
 ) -> None:
-    images, masks = _blobs(32, seed=0)
-    labels = masks.reshape(32, -1).any(axis=1).astype(np.int64)
     model = _model(epochs=14, novelty="memory")
-    history = fit(
-        model,
-        images,
-        masks=masks,
-        labels=labels,
-        run_dir=tmp_path / "run",
-        batch_size=8,
-        progress=False,
-    )
+    history, labels = _fit_on_labelled_blobs(model, tmp_path / "run")
     in_memory = (labels == 0) & model.memory_fold.numpy()
     assert 0 < in_memory.sum() < (labels == 0).sum()
     assert model.memory_bank.patches_seen == in_memory.sum() * (SIZE // 8) ** 2
@@ -382,20 +382,10 @@ def test_ratio_outside_unit_interval_is_refused() -> None:
 
 
 def test_lite0_fcn_learns_only_its_decoder_and_finds_the_blobs(tmp_path: Path) -> None:
-    images, masks = _blobs(32, seed=0)
-    labels = masks.reshape(32, -1).any(axis=1).astype(np.int64)
     model = _model(epochs=6, encoder="lite0", novelty="memory")
     backbone = {k: v.clone() for k, v in model.fcn.encoder.state_dict().items()}
     decoder = model.fcn.decoder.stages[0][0].weight.detach().clone()
-    fit(
-        model,
-        images,
-        masks=masks,
-        labels=labels,
-        run_dir=tmp_path / "run",
-        batch_size=8,
-        progress=False,
-    )
+    _fit_on_labelled_blobs(model, tmp_path / "run")
     for key, value in model.fcn.encoder.state_dict().items():
         assert torch.equal(value, backbone[key]), key
     assert not torch.equal(decoder, model.fcn.decoder.stages[0][0].weight)
