@@ -78,12 +78,23 @@ def machine() -> str:
 
 
 def render_section(
-    key: str, title: str, body: str, *, command: str | None = None, notes: str = ""
+    key: str,
+    title: str,
+    body: str,
+    *,
+    command: str | None = None,
+    notes: str = "",
+    date: str | None = None,
+    machine_text: str | None = None,
 ) -> str:
-    """The Markdown text of one section: title, the table or text, its command, date, machine."""
+    """The Markdown text of one section: title, the table or text, its command, date, machine.
+
+    ``date`` and ``machine_text`` default to today (UTC) and this machine; they are given
+    only when a section records a measurement made earlier or elsewhere (a GPU run).
+    """
     if not _KEY.match(key):
         raise ValueError(f"section key {key!r} must match {_KEY.pattern}")
-    date = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d")
+    date = date or _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d")
     parts = [
         _BEGIN.format(key=key),
         f"### {title}",
@@ -94,7 +105,7 @@ def render_section(
     if notes:
         parts += [notes.strip(), ""]
     parts += [
-        f"Measured {date} on {machine()} with:",
+        f"Measured {date} on {machine_text or machine()} with:",
         "",
         "```bash",
         command or invocation(),
@@ -113,6 +124,8 @@ def write_section(
     command: str | None = None,
     notes: str = "",
     page_title: str | None = None,
+    date: str | None = None,
+    machine_text: str | None = None,
 ) -> Path:
     """Replace section ``key`` of results page ``page`` (created when absent), atomically.
 
@@ -121,7 +134,9 @@ def write_section(
     path = Path(page)
     if path.suffix != ".md":
         path = RESULTS_DIR / f"{page}.md"
-    section = render_section(key, title, body, command=command, notes=notes)
+    section = render_section(
+        key, title, body, command=command, notes=notes, date=date, machine_text=machine_text
+    )
     if path.exists():
         text = path.read_text(encoding="utf-8")
     else:
