@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark scripts: results pages under ``docs/results/``.
+"""Shared helpers of the benchmark scripts: results pages under ``docs/results/``, child jobs.
 
 A results page is written by the benchmarks themselves, never by hand. Each benchmark
 invocation owns one *section* of a page, delimited by HTML comments that carry its key; a
@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import os
 import platform
 import re
+import resource
 import shlex
+import subprocess
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -57,6 +60,17 @@ def markdown_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[Column])
     for row in rows:
         lines.append("| " + " | ".join(fmt(row.get(key)) for key, _, fmt in columns) + " |")
     return "\n".join(lines)
+
+
+def docs_key(*parts: object) -> str:
+    """A section key from ``parts``: empty parts dropped, each lower-cased, every run of other
+    characters than letters, digits and ``_.+`` turned into one ``-``.
+
+    >>> docs_key("inference", 128, 256, "int8", None, "model.encoder=lite0")
+    'inference-128-256-int8-model.encoder-lite0'
+    """
+    words = [re.sub(r"[^a-z0-9_.+]+", "-", str(p).lower()).strip("-") for p in parts if p != ""]
+    return "-".join(w for w in words if w and w != "none")
 
 
 def invocation() -> str:
@@ -170,3 +184,21 @@ def add_write_docs(parser: argparse.ArgumentParser, default_page: str) -> None:
         metavar="PAGE",
         help=f"write the results table into docs/results/ (default page: {default_page})",
     )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def job_rows(command: list[str], label: str) -> list[dict[str, Any]] | None:
+    """Run one child job; its JSON rows (echoed as they come), or ``None`` when it failed
+    (reported on stderr with ``label``)."""
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    if done.returncode != 0:
+        print(f"FAILED: {label} (exit {done.returncode})", file=sys.stderr)
+        return None
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows

@@ -49,12 +49,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import job_rows, peak_rss_mb
 from weak_supervision import (
     DEFAULT_DATA,
     fmt,
-    held_out_defects,
-    job_rows,
-    peak_rss_mb,
+    held_out,
     segmentation_metrics,
     train_or_reuse,
 )
@@ -172,7 +171,7 @@ def run_job(args: argparse.Namespace, row: str, k: int, seed: int) -> dict[str, 
     train_seconds = train_or_reuse(seed_args, "unet", args.data, run_dir, unet_options)
     run = api.load_run(run_dir, args.device)
     trained_split = Split.load(run_dir / "split.json")
-    test = held_out_defects(trained_split, run.config)
+    test = held_out(trained_split, run.config)
     _, maps = api.predict_arrays(run.model, test.images)
     types = [s.defect_type for s in test.samples]
     metrics = json.loads((run_dir / "metrics.json").read_text())

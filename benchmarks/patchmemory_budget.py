@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from weak_supervision import job_rows, peak_rss_mb
+from _common import job_rows, peak_rss_mb
 
 
 def run_one(n: int, size: int, budget_mb: float) -> dict:

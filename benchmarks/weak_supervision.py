@@ -63,14 +63,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import job_rows, peak_rss_mb
 
 #: CAM's own mask rule (Zhou et al. 2016): 20% of each map's peak
 PEAK_RULE = ["model.normalize=minmax", "model.peak_fraction=0.2"]
@@ -135,10 +134,6 @@ COLUMNS = (
     "pixel_auroc_defect",
     "image_auroc",
 )
-
-
-def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def overlap_metrics(masks: np.ndarray, maps: np.ndarray, threshold: float) -> dict[str, float]:
@@ -423,19 +418,6 @@ def child_command(args: argparse.Namespace, job: str) -> list[str]:
     for option in args.set:
         command += ["--set", option]
     return command
-
-
-def job_rows(command: list[str], label: str) -> list[dict[str, Any]] | None:
-    """Run one child job; its JSON rows (echoed as they come), or ``None`` when it failed
-    (reported on stderr with ``label``)."""
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
-    if done.returncode != 0:
-        print(f"FAILED: {label} (exit {done.returncode})", file=sys.stderr)
-        return None
-    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    for row in rows:
-        print(json.dumps(row), flush=True)
-    return rows
 
 
 def fmt(value: Any, width: int, digits: int = 4) -> str:
