@@ -26,8 +26,15 @@ def test_unknown_key_lists_valid_ones() -> None:
 def test_bad_value_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match=r"data\.image_size: cannot read 'big' as int"):
         apply_overrides(DataConfig(), {"image_size": "big"}, "data.")
-    with pytest.raises(ConfigError, match="channels must be 1 or 3"):
-        apply_overrides(DataConfig(), {"channels": "2"}, "data.")
+    for bad in ("2", "rgb"):
+        with pytest.raises(ConfigError, match=r"data\.channels must be one of auto, 1, 3"):
+            apply_overrides(DataConfig(), {"channels": bad}, "data.")
+
+
+def test_channels_default_to_auto_and_take_1_or_3() -> None:
+    assert DataConfig().channels == "auto"
+    assert apply_overrides(DataConfig(), {"channels": "3"}, "data.").channels == 3
+    assert apply_overrides(DataConfig(channels=3), {"channels": "auto"}, "data.").channels == "auto"
     with pytest.raises(ConfigError, match="min_std must be positive"):
         apply_overrides(PixelStatsConfig(), {"min_std": "0"})
 

@@ -51,6 +51,7 @@ from defectlab.data.layouts import (
 )
 from defectlab.data.loading import (
     LoadedImages,
+    choose_channels,
     list_input_images,
     load_samples,
     report_failures,
@@ -159,6 +160,11 @@ def require_scorer(run: TrainedRun) -> None:
 
 def _make_model(config: RunConfig, device: torch.device) -> Model:
     cls = _trainable_class(config.model)
+    if config.data.channels not in (1, 3):
+        raise ConfigError(
+            f"data.channels={config.data.channels!r} is decided from the training images when "
+            "a run is trained; a model needs 1 or 3"
+        )
     try:
         return cls(
             cls.Config(**restore_tuples(config.model_config)),
@@ -168,6 +174,21 @@ def _make_model(config: RunConfig, device: torch.device) -> Model:
         )
     except (TypeError, ValueError) as exc:  # e.g. an image size the network cannot take
         raise ConfigError(f"{config.model}: invalid settings: {exc}") from exc
+
+
+def resolve_auto_settings(config: RunConfig, split: Split) -> RunConfig:
+    """``config`` with its ``"auto"`` data settings decided from the split's training images,
+    each recorded in ``config.resolved`` with the reason (``data.channels``: RGB when the
+    images are colour, see :func:`~defectlab.data.loading.choose_channels`)."""
+    if config.data.channels != "auto":
+        return config
+    choice = choose_channels([s.path for s in split["train"]], workers=config.data.workers)
+    return replace(
+        config,
+        data=replace(config.data, channels=choice.channels),
+        resolved=config.resolved
+        | {"data.channels": {"value": choice.channels, "reason": choice.reason}},
+    )
 
 
 def _layout_options(data: DataConfig) -> LayoutOptions:
@@ -477,7 +498,9 @@ def _train_into(
     if resume:  # the stored split is the one the run started with, whatever changed since
         split = Split.load(run_dir / "split.json")
     else:
-        config = _with_defect_classes(config, split)
+        config = resolve_auto_settings(_with_defect_classes(config, split), split)
+        for key, choice in config.resolved.items():
+            log.info("%s=auto → %s: %s", key, choice["value"], choice["reason"])
         if main:
             write_json(run_dir / "config.json", config.to_dict())
             split.save(run_dir / "split.json")

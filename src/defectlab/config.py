@@ -16,6 +16,9 @@ from typing import Any
 
 from defectlab.errors import ConfigError
 
+#: values of ``data.channels``
+CHANNELS: tuple[int | str, ...] = ("auto", 1, 3)
+
 
 @dataclass
 class DataConfig:
@@ -23,7 +26,9 @@ class DataConfig:
     layout: str = "auto"
     category: str | None = None
     image_size: int = 128
-    channels: int = 1
+    #: 1 (grey), 3 (RGB) or "auto": decided from the training images at train time (RGB
+    #: when they are colour), and stored resolved in the run's config with the reason
+    channels: int | str = "auto"
     split_seed: int = 0
     train_fraction: float = 0.7
     val_fraction: float = 0.15
@@ -47,8 +52,13 @@ class DataConfig:
     workers: int = 2
 
     def __post_init__(self) -> None:
-        if self.channels not in (1, 3):
-            raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
+        if isinstance(self.channels, str) and self.channels.strip().isdigit():
+            self.channels = int(self.channels)
+        if self.channels not in CHANNELS:
+            raise ConfigError(
+                f"data.channels must be one of {', '.join(map(str, CHANNELS))}; "
+                f"got {self.channels!r}"
+            )
         if self.image_size < 16:
             raise ConfigError(f"data.image_size must be at least 16, got {self.image_size}")
         if not 0 <= self.mask_threshold < 255:
@@ -120,6 +130,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     model_config: dict[str, Any] = field(default_factory=dict)
+    #: settings decided from the data at train time (``"auto"`` values): dotted key →
+    #: {"value": the resolved value, "reason": why}; the resolved values are in the sections
+    resolved: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.calibration.method == "f1" and self.data.val_defects_per_class < 1:
@@ -140,6 +153,7 @@ class RunConfig:
                 train=TrainConfig(**d.get("train", {})),
                 calibration=CalibrationConfig(**d.get("calibration", {})),
                 model_config=dict(d.get("model_config", {})),
+                resolved=dict(d.get("resolved", {})),
             )
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"not a defectlab run config: {exc}") from exc

@@ -59,6 +59,64 @@ def _load_one(
     return resize_image(image, size), mask, original
 
 
+#: mean spread between an image's colour channels (max − min per pixel, averaged) at which
+#: it counts as colour: a grey picture stored as RGB decodes to equal channels (spread 0)
+COLOUR_SPREAD = 1.0 / 255
+#: training images inspected by :func:`choose_channels` (spread evenly over the list)
+CHANNEL_PROBE_IMAGES = 64
+
+
+@dataclass(frozen=True)
+class ChannelChoice:
+    """The channel count chosen for ``data.channels=auto`` and why."""
+
+    channels: int
+    reason: str
+
+
+def colour_spread(image: np.ndarray) -> float:
+    """Mean over pixels of the spread between the colour channels of an (H, W, C) image in
+    [0, 1]; 0 for a single-channel image or one whose channels are equal."""
+    if image.ndim != 3 or image.shape[2] < 3:
+        return 0.0
+    rgb = image[:, :, :3]
+    return float((rgb.max(axis=2) - rgb.min(axis=2)).mean())
+
+
+def choose_channels(
+    paths: Sequence[Path | str], max_images: int = CHANNEL_PROBE_IMAGES, workers: int = 2
+) -> ChannelChoice:
+    """``data.channels=auto``: 3 (RGB) when at least half of up to ``max_images`` of
+    ``paths`` (spread evenly) are colour (:data:`COLOUR_SPREAD`), else 1 (grey).
+
+    Colour carries information a grey conversion throws away, and grey images gain nothing
+    from three equal channels but cost three times the input; unreadable files are left out
+    (loading reports them)."""
+    paths = list(paths)
+    step = max(1, len(paths) // max(1, max_images))
+    probe = paths[::step][:max_images]
+
+    def spread(path: Path | str) -> float | None:
+        try:
+            return colour_spread(read_image(path, 3))
+        except ImageReadError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        spreads = [v for v in pool.map(spread, probe) if v is not None]
+    if not spreads:
+        return ChannelChoice(1, "no training image could be read to tell colour from grey: grey")
+    colour = sum(v >= COLOUR_SPREAD for v in spreads)
+    rule = f"mean channel spread >= {COLOUR_SPREAD * 255:g}/255"
+    if 2 * colour >= len(spreads):
+        return ChannelChoice(
+            3, f"{colour} of {len(spreads)} training images checked are colour ({rule}): RGB"
+        )
+    return ChannelChoice(
+        1, f"{colour} of {len(spreads)} training images checked are colour ({rule}): grey"
+    )
+
+
 def report_failures(failures: Sequence[tuple[str, str]], total: int) -> None:
     """Print skipped files and a one-line summary to stderr."""
     for path, reason in failures[:20]:
@@ -72,22 +130,30 @@ def report_failures(failures: Sequence[tuple[str, str]], total: int) -> None:
 def load_samples(
     samples: Sequence[Sample],
     size: int,
-    channels: int = 1,
+    channels: int | str = 1,
     mask_threshold: int = 127,
     workers: int = 2,
     desc: str = "loading",
     progress: bool = True,
 ) -> LoadedImages:
     """Read, resize and stack samples. Unreadable images are skipped and reported; a mask that
-    does not fit its image is an error (it means the labels are wrong, not the file)."""
+    does not fit its image is an error (it means the labels are wrong, not the file).
+
+    ``channels="auto"`` decides from these samples (:func:`choose_channels`); a run decides
+    once, from its training images, and loads every split with the resolved count."""
     if not samples:
         raise DataError(f"{desc}: no images to load")
+    if channels == "auto":
+        channels = choose_channels([s.path for s in samples], workers=workers).channels
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 'auto', 1 or 3, got {channels!r}")
+    depth = int(channels)
     results: list = [None] * len(samples)
     failures: list[tuple[str, str]] = []
 
     def task(i: int) -> None:
         try:
-            results[i] = _load_one(samples[i], size, channels, mask_threshold)
+            results[i] = _load_one(samples[i], size, depth, mask_threshold)
         except ImageReadError as exc:
             if samples[i].mask_path is not None and exc.path == str(samples[i].mask_path):
                 raise
