@@ -3,6 +3,13 @@
 Images are decoded with OpenCV (PNG, JPEG, BMP, TIFF; 8- and 16-bit; grey, RGB, RGBA) and
 returned as float32 in [0, 1] with channels last. 16-bit data keeps its full precision: the
 only conversion is the division by 65535 into float32, whose 24-bit mantissa holds it exactly.
+
+Before anything is decoded, the header is read (:func:`read_header`) and the image is refused
+when it declares more pixels than the budget (:class:`ImageLimits`, ``data.max_pixels``): a
+small file can declare a huge image (a decompression bomb), and decoding it would take
+memory in proportion to what it declares, not to its size on disk. Files whose format is not
+one of the four supported ones are refused the same way, so no decoder runs on an image
+whose size was not checked first.
 """
 
 from __future__ import annotations
@@ -10,16 +17,18 @@ from __future__ import annotations
 import csv
 import io
 import os
+import struct
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import cv2
 import numpy as np
 
-from defectlab.errors import DataError
+from defectlab.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -36,24 +45,254 @@ class ImageReadError(DataError):
         super().__init__(f"{path}: {reason}")
 
 
-def _decode(path: str | Path) -> np.ndarray:
-    """Decode a file with its bit depth and channel count untouched."""
+#: the default pixel budget (``data.max_pixels``): larger images are refused before decoding
+DEFAULT_MAX_PIXELS = 100_000_000
+#: training and evaluation refuse images whose shorter side is below this rather than
+#: up-scale them (``data.min_side``); single inspections (predict, serve) take any size
+DEFAULT_MIN_SIDE = 8
+
+
+class ImageTooLargeError(ImageReadError):
+    """The header declares more pixels than the budget; nothing was decoded."""
+
+
+class ImageTooSmallError(ImageReadError):
+    """The image's shorter side is below the minimum: up-scaled, it would carry no detail."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Bounds every decoded image must respect: at most ``max_pixels`` pixels (checked on
+    the header, before decoding) and a shorter side of at least ``min_side`` pixels."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_pixels < 1:
+            raise ConfigError(f"max_pixels must be at least 1, got {self.max_pixels}")
+        if self.min_side < 1:
+            raise ConfigError(f"min_side must be at least 1, got {self.min_side}")
+
+
+_limits = ImageLimits()
+
+
+def current_limits() -> ImageLimits:
+    """The limits :func:`read_image` and :func:`decode_image` apply when given none."""
+    return _limits
+
+
+@contextmanager
+def image_limits(
+    max_pixels: int | None = None, min_side: int | None = None
+) -> Iterator[ImageLimits]:
+    """Apply other limits to every image read inside the block (all threads), then restore
+    the previous ones: how a run's ``data.max_pixels`` reaches the loaders."""
+    global _limits
+    previous = _limits
+    _limits = ImageLimits(
+        previous.max_pixels if max_pixels is None else max_pixels,
+        previous.min_side if min_side is None else min_side,
+    )
+    try:
+        yield _limits
+    finally:
+        _limits = previous
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What a file declares about its first image, read without decoding any pixel."""
+
+    format: str
+    width: int
+    height: int
+    #: images in the file (TIFF pages); only the first is ever decoded
+    frames: int = 1
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_FORMATS = "PNG, JPEG, BMP or TIFF"
+#: header segments (JPEG) or directory entries (TIFF) read at most before giving up
+_MAX_SEGMENTS = 65_536
+
+
+def _read_exact(stream: BinaryIO, n: int) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise ValueError("truncated header")
+    return data
+
+
+def _png_header(stream: BinaryIO) -> ImageHeader:
+    chunk = _read_exact(stream, 24)
+    if chunk[12:16] != b"IHDR":
+        raise ValueError("PNG without an IHDR chunk")
+    width, height = struct.unpack(">II", chunk[16:24])
+    return ImageHeader("PNG", width, height)
+
+
+def _jpeg_header(stream: BinaryIO) -> ImageHeader:
+    stream.seek(2)
+    for _ in range(_MAX_SEGMENTS):
+        marker = _read_exact(stream, 2)
+        if marker[0] != 0xFF:
+            raise ValueError("JPEG marker expected")
+        for _ in range(_MAX_SEGMENTS):  # fill bytes before a marker
+            if marker[1] != 0xFF:
+                break
+            marker = marker[1:] + _read_exact(stream, 1)
+        if marker[1] in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            continue
+        if marker[1] in (0xD9, 0xDA):
+            raise ValueError("JPEG without a frame header")
+        (length,) = struct.unpack(">H", _read_exact(stream, 2))
+        if length < 2:
+            raise ValueError("JPEG segment of negative length")
+        if marker[1] in _JPEG_SOF:
+            segment = _read_exact(stream, 5)
+            height, width = struct.unpack(">HH", segment[1:5])
+            return ImageHeader("JPEG", width, height)
+        stream.seek(length - 2, os.SEEK_CUR)
+    raise ValueError("JPEG without a frame header in its first segments")
+
+
+def _bmp_header(stream: BinaryIO) -> ImageHeader:
+    head = _read_exact(stream, 26)
+    (size,) = struct.unpack("<I", head[14:18])
+    if size == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sides
+        width, height = struct.unpack("<HH", head[18:22])
+    else:
+        width, height = struct.unpack("<ii", head[18:26])
+    return ImageHeader("BMP", abs(width), abs(height))  # negative height: top-down rows
+
+
+def _tiff_header(stream: BinaryIO) -> ImageHeader:
+    head = _read_exact(stream, 16)
+    order = "<" if head[:2] == b"II" else ">"
+    (version,) = struct.unpack(order + "H", head[2:4])
+    big = version == 43
+    if big:
+        (offset,) = struct.unpack(order + "Q", head[8:16])
+        count_fmt, entry_size, value_at = "Q", 20, 12
+    else:
+        (offset,) = struct.unpack(order + "I", head[4:8])
+        count_fmt, entry_size, value_at = "H", 12, 8
+    sides: dict[int, int] = {}
+    frames, seen = 0, set()
+    while offset and offset not in seen and frames < _MAX_SEGMENTS:
+        seen.add(offset)
+        stream.seek(offset)
+        (count,) = struct.unpack(order + count_fmt, _read_exact(stream, struct.calcsize(count_fmt)))
+        if count > _MAX_SEGMENTS:
+            raise ValueError(f"TIFF directory of {count} entries")
+        if frames == 0:
+            entries = _read_exact(stream, count * entry_size)
+            for i in range(count):
+                entry = entries[i * entry_size : (i + 1) * entry_size]
+                tag, kind = struct.unpack(order + "HH", entry[:4])
+                if tag in (256, 257):  # ImageWidth, ImageLength: SHORT, LONG or LONG8
+                    fmt = {3: "H", 4: "I", 16: "Q"}.get(kind)
+                    if fmt is None:
+                        raise ValueError(f"TIFF tag {tag} of type {kind}")
+                    size = struct.calcsize(fmt)
+                    sides[tag] = struct.unpack(order + fmt, entry[value_at : value_at + size])[0]
+        else:
+            stream.seek(count * entry_size, os.SEEK_CUR)
+        frames += 1
+        next_fmt = "Q" if big else "I"
+        (offset,) = struct.unpack(order + next_fmt, _read_exact(stream, struct.calcsize(next_fmt)))
+    if 256 not in sides or 257 not in sides:
+        raise ValueError("TIFF without image width and length")
+    return ImageHeader("TIFF", sides[256], sides[257], frames)
+
+
+_SIGNATURES: tuple[tuple[bytes, Callable[[BinaryIO], ImageHeader]], ...] = (
+    (b"\x89PNG\r\n\x1a\n", _png_header),
+    (b"\xff\xd8", _jpeg_header),
+    (b"BM", _bmp_header),
+    (b"II*\x00", _tiff_header),
+    (b"MM\x00*", _tiff_header),
+    (b"II+\x00", _tiff_header),
+    (b"MM\x00+", _tiff_header),
+)
+
+
+def read_header(stream: BinaryIO, name: str | Path) -> ImageHeader:
+    """Format, width, height and frame count from the first bytes of an image, without
+    decoding it. Raises :class:`ImageReadError` for any other format or a broken header."""
+    start = stream.read(8)
+    stream.seek(0)
+    for signature, reader in _SIGNATURES:
+        if start.startswith(signature):
+            try:
+                return reader(stream)
+            except (ValueError, struct.error, OSError) as exc:
+                raise ImageReadError(name, f"not a decodable image ({exc})") from exc
+    raise ImageReadError(name, f"not a decodable image (not a {_FORMATS} file)")
+
+
+def _check_header(header: ImageHeader, name: str | Path, limits: ImageLimits) -> None:
+    if header.width == 0 or header.height == 0:
+        raise ImageReadError(
+            name, f"not a decodable image ({header.format} declares {header.width}x{header.height})"
+        )
+    if header.pixels > limits.max_pixels:
+        raise ImageTooLargeError(
+            name,
+            f"image too large: {header.format} declares {header.width}x{header.height} = "
+            f"{header.pixels} pixels, the limit is {limits.max_pixels} (data.max_pixels)",
+        )
+
+
+def _check_shape(array: np.ndarray, name: str | Path, limits: ImageLimits) -> None:
+    height, width = array.shape[:2]
+    if min(height, width) < limits.min_side:
+        raise ImageTooSmallError(
+            name,
+            f"image too small: {width}x{height} pixels, the shorter side must be at least "
+            f"{limits.min_side} (data.min_side)",
+        )
+    if array.ndim == 3 and array.shape[2] not in (1, 3, 4):
+        raise ImageReadError(name, f"{array.shape[2]} channels; grey, RGB or RGBA expected")
+
+
+def _decode(path: str | Path, limits: ImageLimits | None = None) -> np.ndarray:
+    """Decode a file with its bit depth and channel count untouched, after its header has
+    passed the pixel budget."""
     path = Path(path)
     if not path.exists():
-        raise ImageReadError(path, "file does not exist")
+        reason = "dangling symbolic link" if path.is_symlink() else "file does not exist"
+        raise ImageReadError(path, reason)
     if path.is_dir():
         raise ImageReadError(path, "is a directory, not an image file")
     try:
+        with path.open("rb") as handle:
+            if not handle.read(1):
+                raise ImageReadError(path, "empty file (0 bytes)")
+            handle.seek(0)
+            header = read_header(handle, path)
+        _check_header(header, path, limits or _limits)
         raw = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise ImageReadError(path, f"cannot read file ({exc.strerror or exc})") from exc
-    return _decode_buffer(raw, path)
+    return _decode_buffer(raw, path, checked=True)
 
 
-def _decode_buffer(raw: np.ndarray, name: str | Path) -> np.ndarray:
-    """Decode encoded bytes (a file's or an upload's) with bit depth and channels untouched."""
+def _decode_buffer(
+    raw: np.ndarray, name: str | Path, limits: ImageLimits | None = None, checked: bool = False
+) -> np.ndarray:
+    """Decode encoded bytes (a file's or an upload's) with bit depth and channels untouched;
+    the header is checked against ``limits`` first unless the caller already did."""
     if raw.size == 0:
         raise ImageReadError(name, "empty file (0 bytes)")
+    if not checked:
+        _check_header(read_header(io.BytesIO(raw.tobytes()), name), name, limits or _limits)
     try:
         array = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:  # e.g. a header claiming more pixels than OpenCV allows
@@ -77,22 +316,36 @@ def _to_unit_float(array: np.ndarray, path: str | Path) -> np.ndarray:
     raise ImageReadError(path, f"unsupported pixel type {array.dtype}")
 
 
-def read_image(path: str | Path, channels: int = 1) -> np.ndarray:
+def read_image(
+    path: str | Path, channels: int = 1, limits: ImageLimits | None = None
+) -> np.ndarray:
     """Read an image as float32 ``(H, W, channels)`` in [0, 1].
 
     ``channels=1`` converts colour to luminance; ``channels=3`` replicates grey. Alpha is
-    dropped. Raises :class:`ImageReadError` naming the file when it cannot be decoded.
+    dropped. Raises :class:`ImageReadError` naming the file when it cannot be decoded, and
+    its subclasses when it breaks ``limits`` (default :func:`current_limits`).
     """
     _check_channels(channels)
-    return _normalise(_decode(path), path, channels)
+    limits = limits or _limits
+    array = _decode(path, limits)
+    _check_shape(array, path, limits)
+    return _normalise(array, path, channels)
 
 
-def decode_image(data: bytes, name: str, channels: int = 1) -> np.ndarray:
+def decode_image(
+    data: bytes, name: str, channels: int = 1, limits: ImageLimits | None = None
+) -> np.ndarray:
     """Decode an image held in memory (an HTTP upload) exactly as :func:`read_image` decodes a
     file, so a served model sees the same pixels as ``predict`` on the same file. ``name``
     only labels errors: :class:`ImageReadError` says ``name: reason``."""
     _check_channels(channels)
-    return _normalise(_decode_buffer(np.frombuffer(data, dtype=np.uint8), name), name, channels)
+    limits = limits or _limits
+    if not data:
+        raise ImageReadError(name, "empty file (0 bytes)")
+    _check_header(read_header(io.BytesIO(data), name), name, limits)
+    array = _decode_buffer(np.frombuffer(data, dtype=np.uint8), name, checked=True)
+    _check_shape(array, name, limits)
+    return _normalise(array, name, channels)
 
 
 def _check_channels(channels: int) -> None:
@@ -135,9 +388,14 @@ def read_mask(path: str | Path, threshold: int = 127) -> np.ndarray:
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """Height and width of an image file (decodes it; OpenCV has no header-only read)."""
-    array = _decode(path)
-    return int(array.shape[0]), int(array.shape[1])
+    """Height and width of an image file, from its header (nothing is decoded)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            header = read_header(handle, path)
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot read file ({exc.strerror or exc})") from exc
+    return header.height, header.width
 
 
 def list_images(folder: str | Path) -> list[Path]:
