@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmark scripts: results pages under ``docs/results/``, child jobs.
+"""Shared helpers of the benchmark scripts: results pages under ``docs/results/``, child jobs,
+held-out images and the segmentation metrics several benchmarks report.
 
 A results page is written by the benchmarks themselves, never by hand. Each benchmark
 invocation owns one *section* of a page, delimited by HTML comments that carry its key; a
@@ -26,9 +27,15 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the magnetic-tile folder of the standard set-up (``../shared/data`` beside the repository)
+DEFAULT_DATA = "../shared/data/magnetic-tile"
 RESULTS_DIR = ROOT / "docs" / "results"
 _BEGIN = "<!-- section: {key} -->"
 _END = "<!-- end section: {key} -->"
@@ -202,3 +209,115 @@ def job_rows(command: list[str], label: str) -> list[dict[str, Any]] | None:
     for row in rows:
         print(json.dumps(row), flush=True)
     return rows
+
+
+def fmt_fixed(value: Any, width: int, digits: int = 4) -> str:
+    """``value`` right-aligned in ``width`` with ``digits`` decimals; ``n/a`` for ``None``."""
+    if value is None:
+        return f"{'n/a':>{width}}"
+    return f"{value:>{width}.{digits}f}"
+
+
+def overlap_metrics(masks: np.ndarray, maps: np.ndarray, threshold: float) -> dict[str, float]:
+    """Micro and per-image-mean Dice / IoU of ``maps >= threshold`` against ``masks``."""
+    import numpy as np
+
+    from defectlab.evaluate.metrics import dice_iou
+
+    predicted = maps >= threshold
+    dice, iou = dice_iou(masks, predicted)
+    per_image = np.array([dice_iou(m, p) for m, p in zip(masks, predicted, strict=True)])
+    return {
+        "dice": dice,
+        "iou": iou,
+        "dice_mean": float(per_image[:, 0].mean()),
+        "iou_mean": float(per_image[:, 1].mean()),
+    }
+
+
+def segmentation_metrics(
+    masks: np.ndarray,
+    maps: np.ndarray,
+    threshold: float,
+    types: list[str],
+    model_threshold: float | None = None,
+) -> dict[str, Any]:
+    """All overlap metrics of one model on the held-out defect images; ``model_threshold``:
+    the pixel threshold the model fixes itself, if any (``dice_model_rule``)."""
+    import numpy as np
+
+    from defectlab.evaluate.metrics import best_dice_threshold, dice_iou, pixel_auroc
+
+    result: dict[str, Any] = {"pixel_threshold": float(threshold)}
+    result |= overlap_metrics(masks, maps, threshold)
+    _, oracle = best_dice_threshold(masks, maps)
+    result["pixel_threshold_oracle"] = oracle
+    result |= {f"{k}_oracle": v for k, v in overlap_metrics(masks, maps, oracle).items()}
+    if model_threshold is not None:
+        result["pixel_threshold_model_rule"] = float(model_threshold)
+        result["dice_model_rule"] = dice_iou(masks, maps >= model_threshold)[0]
+    result["pixel_auroc_defect"] = pixel_auroc(masks, maps)
+    predicted = maps >= threshold
+    by_type: dict[str, list[float]] = {}
+    for kind, m, p in zip(types, masks, predicted, strict=True):
+        by_type.setdefault(kind, []).append(dice_iou(m, p)[0])
+    result["dice_mean_by_type"] = {k: round(float(np.mean(v)), 4) for k, v in by_type.items()}
+    return result
+
+
+def held_out(split: Any, run_config: Any, defects: bool = True) -> Any:
+    """The split's test defect images that have a mask (or its normal test images), loaded
+    like ``api.evaluate`` does."""
+    from defectlab.data.layouts import DEFECT, NORMAL
+    from defectlab.data.loading import load_samples
+
+    if defects:
+        samples = [s for s in split["test"] if s.label == DEFECT and s.mask_path is not None]
+    else:
+        samples = [s for s in split["test"] if s.label == NORMAL]
+    data = run_config.data
+    return load_samples(
+        samples,
+        data.image_size,
+        data.channels,
+        data.mask_threshold,
+        workers=data.workers,
+        desc="loading held-out images",
+        progress=False,
+    )
+
+
+def train_or_reuse(
+    args: argparse.Namespace, model: str, data: str, run_dir: Path, options: list[str]
+) -> float:
+    """Train into ``run_dir`` unless it holds a finished run; the training seconds."""
+    import time
+
+    from defectlab import api
+
+    if (run_dir / api.MODEL_FILE).exists():
+        print(f"reusing trained run {run_dir}", file=sys.stderr)
+        return float(json.loads((run_dir / "metrics.json").read_text())["train_seconds"])
+    started = time.perf_counter()
+    api.train(
+        model,
+        data,
+        run_dir,
+        image_size=args.image_size,
+        seed=args.seed,
+        device=args.device,
+        overrides=options,
+    )
+    return round(time.perf_counter() - started, 1)
+
+
+def content_statistics(images: np.ndarray) -> torch.Tensor:
+    """:func:`defectlab.detect.nuisance.image_statistics` (N, 5) of images (N, H, W, C) in
+    [0, 1], as loaded by :func:`defectlab.data.loading.load_samples`."""
+    import numpy as np
+    import torch
+
+    from defectlab.detect.nuisance import image_statistics
+
+    tensor = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    return torch.cat([image_statistics(chunk) for chunk in tensor.split(64)])

@@ -49,13 +49,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import job_rows, peak_rss_mb
-from weak_supervision import (
+from _common import (
     DEFAULT_DATA,
-    fmt,
+    add_write_docs,
+    docs_key,
+    fmt_fixed,
     held_out,
+    job_rows,
+    markdown_table,
+    peak_rss_mb,
     segmentation_metrics,
     train_or_reuse,
+    write_section,
 )
 
 ROWS = ("none", "procedural", "cyclegan", "crossgan", "maskgan")
@@ -244,7 +249,9 @@ def print_table(summary: list[dict[str, Any]]) -> None:
     print(f"{'row':<12} {'K':>3} {'seeds':>5} " + " ".join(f"{c:>17}" for c in COLUMNS))
     for s in summary:
         cells = " ".join(
-            f"{fmt(s[c], 8)} ±{fmt(s[f'{c}_std'], 7)}" if s[c] is not None else f"{'n/a':>17}"
+            f"{fmt_fixed(s[c], 8)} ±{fmt_fixed(s[f'{c}_std'], 7)}"
+            if s[c] is not None
+            else f"{'n/a':>17}"
             for c in COLUMNS
         )
         print(f"{s['row']:<12} {s['k']:>3} {s['n_seeds']:>5} {cells}")
@@ -255,6 +262,41 @@ def print_table(summary: list[dict[str, Any]]) -> None:
         "samples vs the held-out real defects (not Inception KID); mask_diversity: mean 1 − IoU "
         "between the synthetic masks (0 = one mask for all)."
     )
+
+
+def write_docs(args: argparse.Namespace, summary: list[dict[str, Any]]) -> None:
+    """``--write-docs``: the mean ± std table of ``--out`` as one section, keyed by its folder."""
+
+    def cell(column: str) -> Any:
+        def text(s: dict[str, Any]) -> str:
+            if s[column] is None:
+                return "—"
+            return f"{s[column]:.3f} ± {s[f'{column}_std']:.3f}"
+
+        return text
+
+    table = [
+        {"row": s["row"], "k": s["k"], "n_seeds": s["n_seeds"]} | {c: cell(c)(s) for c in COLUMNS}
+        for s in summary
+    ]
+    columns = [("row", "row", str), ("k", "K", str), ("n_seeds", "seeds", str)]
+    columns += [(c, c, str) for c in COLUMNS]
+    name = args.out.name
+    path = write_section(
+        args.write_docs,
+        docs_key(name if name.startswith("augmentation") else f"augmentation-{name}"),
+        f"Augmentation, K = {', '.join(map(str, sorted({s['k'] for s in summary})))}, "
+        f"{args.image_size} px: {name}",
+        markdown_table(table, columns),
+        notes=(
+            "Mean ± std over seeds; dice/iou: micro over held-out real defect images at the "
+            "calibrated pixel threshold; *_oracle: best-Dice threshold on the test masks "
+            "(reference only); kid: Lite0-KID of the generator's samples against the held-out "
+            "real defects (not Inception KID); mask_diversity: mean 1 − IoU between the "
+            "synthetic masks; dice_whole_image: Dice of the mask 'the whole image is defect'."
+        ),
+    )
+    print(f"results → {path}")
 
 
 def main() -> None:
@@ -285,6 +327,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("runs/augmentation"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    add_write_docs(parser, "augmentation")
     args = parser.parse_args()
     if min(args.k) < 1:
         parser.error("--k must be at least 1: the U-Net and generators learn from defects")
@@ -332,6 +375,8 @@ def main() -> None:
     atomic_write_text(args.out / "results.json", json.dumps(rows, indent=2))
     atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=2))
     print_table(summary)
+    if args.write_docs:
+        write_docs(args, summary)
     if failed:
         sys.exit(f"failed jobs: {', '.join(failed)}")
 

@@ -29,8 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from weak_supervision import held_out, segmentation_metrics
+from _common import held_out, segmentation_metrics
 
 COLUMNS = ("dice", "dice_oracle", "pixel_auroc", "defect_flagged", "normal_flagged")
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import add_write_docs, docs_key, markdown_table, write_section
 
 DEFAULT_MODELS = [
     "ae",
@@ -218,6 +219,69 @@ def serve_benchmark(args: argparse.Namespace) -> dict:
     return result
 
 
+def docs_section_key(args: argparse.Namespace) -> str:
+    """The results-page section of this invocation: its sizes, models, int8 and settings."""
+    if args.serve:
+        return docs_key("serve", args.serve, args.serve_backend, args.sizes[0])
+    models = [] if args.models == DEFAULT_MODELS else args.models
+    return docs_key("inference", *args.sizes, *models, "int8" if args.int8 else "", *args.set)
+
+
+def write_docs_speed(args: argparse.Namespace, results: list[dict], names: list[str]) -> None:
+    """``--write-docs``: images/s (p50 ms) per model, size, batch and backend."""
+    table = []
+    for row in results:
+        cells = {"model": f"`{row['model']}`", "size": row["size"], "batch": row["batch"]}
+        for name in names:
+            timing = row.get(name)
+            cells[name] = (
+                f"{timing['images_per_second']:.1f} ({timing['p50_ms']:.0f} ms)"
+                if timing
+                else "refused"
+            )
+        cells["speedup"] = ", ".join(f"{n} {v:.1f}×" for n, v in row["speedup"].items())
+        table.append(cells)
+    columns = [("model", "model", str), ("size", "px", str), ("batch", "batch", str)]
+    columns += [(n, f"{n} images/s (p50)", str) for n in names]
+    columns += [("speedup", "speed-up over torch", str)]
+    path = write_section(
+        args.write_docs,
+        docs_section_key(args),
+        f"Inference speed, {' and '.join(map(str, args.sizes))} px, {args.threads} threads",
+        markdown_table(table, columns),
+        notes=(
+            "Images/s of one `Inspector.score` call on real ELPV cells (decoded beforehand) and "
+            "its p50 latency; runs trained 1 epoch on a small share of the normal cells."
+        ),
+    )
+    print(f"results → {path}")
+
+
+def write_docs_serve(args: argparse.Namespace, result: dict) -> None:
+    """``--write-docs`` with ``--serve``: the load test's throughput, latency and RSS."""
+    row = result | {"statuses": ", ".join(f"{k}: {v}" for k, v in result["statuses"].items())}
+    columns = [
+        ("model", "model", str),
+        ("backend", "backend", str),
+        ("requests", "requests", str),
+        ("concurrency", "concurrency", str),
+        ("requests_per_second", "requests/s", lambda v: f"{v:.1f}"),
+        ("p50_ms", "p50 ms", lambda v: f"{v:.0f}"),
+        ("p99_ms", "p99 ms", lambda v: f"{v:.0f}"),
+        ("statuses", "statuses", str),
+        ("server_rss_mb_before", "server RSS before, MB", lambda v: f"{v:.0f}"),
+        ("server_rss_mb_after", "after, MB", lambda v: f"{v:.0f}"),
+    ]
+    path = write_section(
+        args.write_docs,
+        docs_section_key(args),
+        f"HTTP service under load: {args.serve}, {args.serve_backend} backend",
+        markdown_table([row], columns),
+        notes="`defectlab serve` in its own process; uploads of a 300×300 ELPV cell PNG.",
+    )
+    print(f"results → {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
@@ -241,6 +305,7 @@ def main() -> None:
     parser.add_argument("--serve-backend", choices=("torch", "onnx"), default="torch")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
+    add_write_docs(parser, "inference")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.serve:
@@ -248,6 +313,8 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         name = f"service-{args.serve}-{args.serve_backend}-{args.sizes[0]}.json"
         (args.out / name).write_text(json.dumps({"command": " ".join(sys.argv), **result}))
+        if args.write_docs:
+            write_docs_serve(args, result)
         return
     from defectlab.deploy.backends import torch_inspector
     from defectlab.deploy.onnx import export_onnx, onnx_inspector
@@ -311,6 +378,8 @@ def main() -> None:
         )
     )
     print(f"{len(results)} rows → {args.out / 'results.json'}")
+    if args.write_docs:
+        write_docs_speed(args, results, names)
 
 
 if __name__ == "__main__":

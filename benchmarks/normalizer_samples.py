@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from score_confounds import content_statistics
+from _common import add_write_docs, content_statistics, docs_key, markdown_table, write_section
 
 
 def main() -> None:
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    add_write_docs(parser, "diagnostics")
     args = parser.parse_args()
 
     from defectlab import api
@@ -56,12 +57,16 @@ def main() -> None:
         return auroc(labels, normalizer(test_scores, test_statistics).numpy())
 
     train_scores, train_statistics, _ = parts["train"]
+    raw = auroc(labels, test_scores.numpy())
+    on_train = test_auroc(train_scores, train_statistics)
+    on_val = test_auroc(*parts["val"][:2])
     print(
-        f"{args.run}: test image AUROC raw {auroc(labels, test_scores.numpy()):.3f}; "
+        f"{args.run}: test image AUROC raw {raw:.3f}; "
         f"normaliser fitted on all {len(train_scores)} training images "
-        f"{test_auroc(train_scores, train_statistics):.3f}, on the "
-        f"{len(parts['val'][0])} validation normals {test_auroc(*parts['val'][:2]):.3f}"
+        f"{on_train:.3f}, on the "
+        f"{len(parts['val'][0])} validation normals {on_val:.3f}"
     )
+    rows = [{"fit": "none (raw score)", "auroc": f"{raw:.3f}"}]
     generator = torch.Generator().manual_seed(args.seed)
     for size in args.sizes:
         if size >= len(train_scores):
@@ -74,6 +79,24 @@ def main() -> None:
             f"  {size:>4} random training images: AUROC {np.mean(values):.3f} ± "
             f"{np.std(values):.3f} (min {min(values):.3f}, {args.draws} draws)"
         )
+        rows.append(
+            {
+                "fit": f"{size} random training images ({args.draws} draws)",
+                "auroc": f"{np.mean(values):.3f} ± {np.std(values):.3f} (min {min(values):.3f})",
+            }
+        )
+    rows.append({"fit": f"all {len(train_scores)} training images", "auroc": f"{on_train:.3f}"})
+    rows.append({"fit": f"the {len(parts['val'][0])} validation normals", "auroc": f"{on_val:.3f}"})
+    if args.write_docs:
+        path = write_section(
+            args.write_docs,
+            docs_key("normalizer-samples", args.run.name),
+            f"Score normaliser: which normal images it is fitted on ({args.run.name})",
+            markdown_table(
+                rows, [("fit", "normal images in the fit", str), ("auroc", "test image AUROC", str)]
+            ),
+        )
+        print(f"results → {path}")
 
 
 if __name__ == "__main__":

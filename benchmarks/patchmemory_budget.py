@@ -20,7 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import job_rows, peak_rss_mb
+from _common import (
+    add_write_docs,
+    docs_key,
+    fmt_number,
+    job_rows,
+    markdown_table,
+    peak_rss_mb,
+    write_section,
+)
 
 
 def run_one(n: int, size: int, budget_mb: float) -> dict:
@@ -65,6 +73,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--budget-mb", type=float, default=256.0)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    add_write_docs(parser, "resources")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one, args.image_size, args.budget_mb)))
@@ -86,7 +95,24 @@ def main() -> None:
             f"{r['memory_bank_rows']:>10} {r['images_mb']:>11.1f} {r['peak_rss_mb']:>13.0f} "
             f"{r['train_seconds']:>8.1f}"
         )
-
-
-if __name__ == "__main__":
-    main()
+    if args.write_docs:
+        columns = [
+            ("images", "images", str),
+            ("patches_seen", "patches seen", str),
+            ("peak_pool_rows", "candidate pool peak rows", str),
+            ("peak_pool_mb", "pool peak MiB", fmt_number(1)),
+            ("budget_mb", "budget MiB", fmt_number(0)),
+            ("reductions", "reductions", str),
+            ("memory_bank_rows", "memory bank rows", str),
+            ("images_mb", "decoded images MiB", fmt_number(1)),
+            ("peak_rss_mb", "process peak RSS MiB", fmt_number(0)),
+            ("train_seconds", "train s", fmt_number(1)),
+        ]
+        path = write_section(
+            args.write_docs,
+            docs_key("patchmemory-budget", args.n, f"x{args.factor}", args.image_size),
+            f"`patchmemory` within its RAM budget: {args.n} and {args.n * args.factor} images",
+            markdown_table(rows, columns),
+            notes="Real ELPV normal cells; each run in its own process.",
+        )
+        print(f"results → {path}")

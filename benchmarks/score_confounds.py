@@ -34,20 +34,20 @@ import argparse
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from _common import (
+    add_write_docs,
+    content_statistics,
+    docs_key,
+    fmt_number,
+    markdown_table,
+    write_section,
+)
 
 SHAPE_STATISTICS = ("aspect ratio (w/h)", "original size")
-
-
-def content_statistics(images: np.ndarray) -> torch.Tensor:
-    """:func:`defectlab.detect.nuisance.image_statistics` (N, 5) of images (N, H, W, C) in
-    [0, 1], as loaded by :func:`defectlab.data.loading.load_samples`."""
-    from defectlab.detect.nuisance import image_statistics
-
-    tensor = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    return torch.cat([image_statistics(chunk) for chunk in tensor.split(64)])
 
 
 def nuisance_statistics(images: np.ndarray, original_sizes: list[tuple[int, int]]) -> np.ndarray:
@@ -106,7 +106,8 @@ def read_scores(run: Path) -> dict[str, tuple[float, str]]:
         }
 
 
-def report(run: Path) -> None:
+def report(run: Path) -> dict[str, Any]:
+    """Print the diagnosis of one run; its summary row for ``--write-docs``."""
     from defectlab.data.loading import load_samples
     from defectlab.data.splits import Split
     from defectlab.detect.nuisance import STATISTICS
@@ -153,12 +154,22 @@ def report(run: Path) -> None:
         f"  image statistics explain R² = {r2:.2f} of the score's spread among normal images "
         f"(5-fold); AUROC of the unexplained part {auroc(labels, residual):.3f}"
     )
+    row = {
+        "run": run.name,
+        "model": config["model"],
+        "image_auroc": auroc(labels, scores),
+        "r2": r2,
+        "unexplained_auroc": auroc(labels, residual),
+        "raw_auroc": None,
+    }
     raw = raw_scores(run, test.images[kept])
     if raw is not None:
+        row["raw_auroc"] = auroc(labels, raw)
         print(
             f"  the model's own score normaliser is fitted; without it the image AUROC is "
             f"{auroc(labels, raw):.3f}"
         )
+    return row
 
 
 def raw_scores(run: Path, images: np.ndarray) -> np.ndarray | None:
@@ -180,9 +191,30 @@ def raw_scores(run: Path, images: np.ndarray) -> np.ndarray | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+", help="finished detection run directories")
+    add_write_docs(parser, "diagnostics")
     args = parser.parse_args()
-    for run in args.runs:
-        report(run)
+    rows = [report(run) for run in args.runs]
+    if args.write_docs:
+        columns = [
+            ("run", "run", lambda v: f"`{v}`"),
+            ("image_auroc", "image AUROC", fmt_number(3)),
+            ("r2", "R² of the statistics among normal images", fmt_number(2)),
+            ("unexplained_auroc", "AUROC of the unexplained part", fmt_number(3)),
+            ("raw_auroc", "image AUROC without the run's score normaliser", fmt_number(3)),
+        ]
+        folders = sorted({run.resolve().parent.name for run in args.runs})
+        path = write_section(
+            args.write_docs,
+            docs_key("score-confounds", *folders),
+            f"What the image score measures: {', '.join(folders)}",
+            markdown_table(rows, columns),
+            notes=(
+                "R²: share of the score's spread among normal test images explained by "
+                "brightness, contrast, streak energy, row texture and fine detail (linear, "
+                "5-fold, fitted on the test normals: a diagnosis, not a detector)."
+            ),
+        )
+        print(f"results → {path}")
 
 
 if __name__ == "__main__":

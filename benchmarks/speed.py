@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import torch
+from _common import add_write_docs, docs_key, markdown_table, write_section
 
 from defectlab import registry
 from defectlab.synth.procedural import ProceduralSynthesizer
@@ -52,12 +53,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=["synth-unet", "synth-unet3plus"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 32])
+    add_write_docs(parser, "inference")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(
-        f"procedural synthesis, {args.size}x{args.size} grey: "
-        f"{synthesis_rate(args.size, 200):.1f} images/s"
-    )
+    synthesis = synthesis_rate(args.size, 200)
+    print(f"procedural synthesis, {args.size}x{args.size} grey: {synthesis:.1f} images/s")
+    rows = [{"what": f"procedural synthesis, {args.size}×{args.size} grey", "rate": synthesis}]
     for model in args.models:
         for batch in args.batch:
             rate = predict_rate(model, args.size, batch, repeats=max(1, 64 // batch))
@@ -65,6 +66,15 @@ def main() -> None:
                 f"{model} predict, {args.size} px, batch {batch}, {args.threads} threads: "
                 f"{rate:.1f} images/s"
             )
+            rows.append({"what": f"`{model}` predict, {args.size} px, batch {batch}", "rate": rate})
+    if args.write_docs:
+        path = write_section(
+            args.write_docs,
+            docs_key("speed", args.size),
+            f"Synthesis and PyTorch inference speed, {args.size} px, {args.threads} threads",
+            markdown_table(rows, [("what", "what", str), ("rate", "images/s", "{:.1f}".format)]),
+        )
+        print(f"results → {path}")
 
 
 if __name__ == "__main__":

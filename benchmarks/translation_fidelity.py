@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import add_write_docs, docs_key, fmt_number, markdown_table, write_section
 
 
 def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="a finished crossgan run folder")
     parser.add_argument("--autoencoder-steps", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    add_write_docs(parser, "synthesis")
     args = parser.parse_args()
     if args.autoencoder_steps < 0:
         parser.error("--autoencoder-steps must be 0 or more")
@@ -117,6 +119,24 @@ def main() -> None:
         row["autoencoder_steps"] = args.autoencoder_steps
         row["autoencoder_l1"] = train_autoencoder(model, images, args.autoencoder_steps, args.seed)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+    if args.write_docs:
+        columns = [
+            ("n_images", "normal training tiles", str),
+            ("self_recon_l1", "L1, rebuilt from its content code", fmt_number(3)),
+            ("mean_image_l1", "L1 of the mean tile", fmt_number(3)),
+            ("autoencoder_l1", "L1, plain autoencoder (same networks, same steps)", fmt_number(3)),
+            ("translated_l1", "L1 of the defect version", fmt_number(3)),
+            ("brightness_correlation", "brightness correlation", fmt_number(2)),
+            ("contrast_correlation", "contrast correlation", fmt_number(2)),
+        ]
+        path = write_section(
+            args.write_docs,
+            docs_key("translation-fidelity", args.run.name),
+            f"How well CrossGAN copies its source: {args.run.name}",
+            markdown_table([row], columns),
+            notes="Images in [-1, 1], eval mode; correlations between source and defect version.",
+        )
+        print(f"results → {path}")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import job_rows, peak_rss_mb
+from _common import (
+    DEFAULT_DATA,
+    add_write_docs,
+    docs_key,
+    fmt_fixed,
+    fmt_number,
+    held_out,
+    job_rows,
+    markdown_table,
+    peak_rss_mb,
+    segmentation_metrics,
+    train_or_reuse,
+    write_section,
+)
 
 #: CAM's own mask rule (Zhou et al. 2016): 20% of each map's peak
 PEAK_RULE = ["model.normalize=minmax", "model.peak_fraction=0.2"]
@@ -120,7 +133,6 @@ MODELS: dict[str, tuple[str, list[str], str]] = {
     ),
 }
 BASELINES = ("whole-image", "centre-disc", "centre-box")
-DEFAULT_DATA = "../shared/data/magnetic-tile"
 COLUMNS = (
     "dice",
     "iou",
@@ -136,71 +148,6 @@ COLUMNS = (
 )
 
 
-def overlap_metrics(masks: np.ndarray, maps: np.ndarray, threshold: float) -> dict[str, float]:
-    """Micro and per-image-mean Dice / IoU of ``maps >= threshold`` against ``masks``."""
-    from defectlab.evaluate.metrics import dice_iou
-
-    predicted = maps >= threshold
-    dice, iou = dice_iou(masks, predicted)
-    per_image = np.array([dice_iou(m, p) for m, p in zip(masks, predicted, strict=True)])
-    return {
-        "dice": dice,
-        "iou": iou,
-        "dice_mean": float(per_image[:, 0].mean()),
-        "iou_mean": float(per_image[:, 1].mean()),
-    }
-
-
-def segmentation_metrics(
-    masks: np.ndarray,
-    maps: np.ndarray,
-    threshold: float,
-    types: list[str],
-    model_threshold: float | None = None,
-) -> dict[str, Any]:
-    """All overlap metrics of one model on the held-out defect images; ``model_threshold``:
-    the pixel threshold the model fixes itself, if any (``dice_model_rule``)."""
-    from defectlab.evaluate.metrics import best_dice_threshold, dice_iou, pixel_auroc
-
-    result: dict[str, Any] = {"pixel_threshold": float(threshold)}
-    result |= overlap_metrics(masks, maps, threshold)
-    _, oracle = best_dice_threshold(masks, maps)
-    result["pixel_threshold_oracle"] = oracle
-    result |= {f"{k}_oracle": v for k, v in overlap_metrics(masks, maps, oracle).items()}
-    if model_threshold is not None:
-        result["pixel_threshold_model_rule"] = float(model_threshold)
-        result["dice_model_rule"] = dice_iou(masks, maps >= model_threshold)[0]
-    result["pixel_auroc_defect"] = pixel_auroc(masks, maps)
-    predicted = maps >= threshold
-    by_type: dict[str, list[float]] = {}
-    for kind, m, p in zip(types, masks, predicted, strict=True):
-        by_type.setdefault(kind, []).append(dice_iou(m, p)[0])
-    result["dice_mean_by_type"] = {k: round(float(np.mean(v)), 4) for k, v in by_type.items()}
-    return result
-
-
-def held_out(split: Any, run_config: Any, defects: bool = True) -> Any:
-    """The split's test defect images that have a mask (or its normal test images), loaded
-    like ``api.evaluate`` does."""
-    from defectlab.data.layouts import DEFECT, NORMAL
-    from defectlab.data.loading import load_samples
-
-    if defects:
-        samples = [s for s in split["test"] if s.label == DEFECT and s.mask_path is not None]
-    else:
-        samples = [s for s in split["test"] if s.label == NORMAL]
-    data = run_config.data
-    return load_samples(
-        samples,
-        data.image_size,
-        data.channels,
-        data.mask_threshold,
-        workers=data.workers,
-        desc="loading held-out images",
-        progress=False,
-    )
-
-
 def overrides(args: argparse.Namespace, model: str, extra: list[str], k: int) -> list[str]:
     """K-shot split by the written seed, and the model's default epochs × the scale."""
     from defectlab import registry
@@ -214,28 +161,6 @@ def overrides(args: argparse.Namespace, model: str, extra: list[str], k: int) ->
         *extra,
         *args.set,
     ]
-
-
-def train_or_reuse(
-    args: argparse.Namespace, model: str, data: str, run_dir: Path, options: list[str]
-) -> float:
-    """Train into ``run_dir`` unless it holds a finished run; the training seconds."""
-    from defectlab import api
-
-    if (run_dir / api.MODEL_FILE).exists():
-        print(f"reusing trained run {run_dir}", file=sys.stderr)
-        return float(json.loads((run_dir / "metrics.json").read_text())["train_seconds"])
-    started = time.perf_counter()
-    api.train(
-        model,
-        data,
-        run_dir,
-        image_size=args.image_size,
-        seed=args.seed,
-        device=args.device,
-        overrides=options,
-    )
-    return round(time.perf_counter() - started, 1)
 
 
 def run_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -420,18 +345,12 @@ def child_command(args: argparse.Namespace, job: str) -> list[str]:
     return command
 
 
-def fmt(value: Any, width: int, digits: int = 4) -> str:
-    if value is None:
-        return f"{'n/a':>{width}}"
-    return f"{value:>{width}.{digits}f}"
-
-
 def print_table(rows: list[dict[str, Any]]) -> None:
     header = f"{'model':<20} {'dataset':<14} {'split':<26} " + " ".join(f"{c:>12}" for c in COLUMNS)
     print(header + f" {'train_s':>9} {'peak_MB':>9}")
     for r in rows:
-        values = " ".join(fmt(r.get(c), 12) for c in COLUMNS)
-        extra = f"{fmt(r['train_seconds'], 9, 1)} {fmt(r['peak_rss_mb'], 9, 1)}"
+        values = " ".join(fmt_fixed(r.get(c), 12) for c in COLUMNS)
+        extra = f"{fmt_fixed(r['train_seconds'], 9, 1)} {fmt_fixed(r['peak_rss_mb'], 9, 1)}"
         print(f"{r['model']:<20} {r['dataset']:<14} {r['split']:<26} {values} {extra}")
     print(
         "dice/iou: micro over held-out defect images at the calibrated pixel threshold; "
@@ -451,12 +370,13 @@ SUMMARY_COLUMNS = (
 )
 
 
-def summarise(seeds: list[str], reference: str = "unet") -> None:
+def summarise(seeds: list[str], reference: str = "unet") -> list[dict[str, str]]:
     """Mean ± std over split seeds of each magnetic-tile row, and each row's Dice per seed
     (calibrated and at its own rule) as a share of the same seed's ``reference`` Dice. Each item of
     ``seeds`` is one seed's ``--out`` folders, comma-separated (a later folder's row replaces
-    an earlier one's)."""
+    an earlier one's). Returns the table's rows as text cells, for ``--write-docs``."""
     per_seed: list[dict[str, dict[str, Any]]] = []
+    table: list[dict[str, str]] = []
     for item in seeds:
         rows: dict[str, dict[str, Any]] = {}
         for folder in item.split(","):
@@ -478,16 +398,23 @@ def summarise(seeds: list[str], reference: str = "unet") -> None:
                 f"{np.mean(values):>12.3f} ± {np.std(values):.3f}" if values else f"{'n/a':>22}"
             )
         print(f"{name:<28} {len(group):>5} {' '.join(cells)}")
+        table_row = {"model": f"`{name}`", "seeds": str(len(group))}
+        table_row |= {
+            c: " ".join(cell.split()) for c, cell in zip(SUMMARY_COLUMNS, cells, strict=True)
+        }
         for column in ("dice", "dice_model_rule"):
             if any(rows.get(name, {}).get(column) is not None for rows in per_seed):
                 shares = per_seed_shares(per_seed, name, column, reference)
                 print(f"    {column} per seed: {shares}")
+                table_row[f"{column}_per_seed"] = shares
+        table.append(table_row)
     print(
         "mean ± std over split seeds; dice: calibrated threshold; dice_model_rule: the model's "
         "own threshold; normal_flagged_share(_model_rule): share of the held-out normal images' "
         f"pixels flagged at that threshold; per seed: the Dice (its share of the same seed's "
         f"{reference} Dice)."
     )
+    return table
 
 
 def per_seed_shares(
@@ -508,7 +435,50 @@ def per_seed_shares(
     return " ".join(cells)
 
 
-def main() -> None:
+def write_docs_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """``--write-docs``: the rows of ``--out``'s results.json as one section of the page."""
+    columns = [("model", "model", str), ("dataset", "dataset", str), ("split", "split", str)]
+    columns += [(c, c, fmt_number(3)) for c in COLUMNS]
+    columns += [("train_seconds", "train s", fmt_number(0))]
+    path = write_section(
+        args.write_docs,
+        docs_key("weak-supervision", args.out.name),
+        f"Weak supervision, one split seed: {args.out.name}",
+        markdown_table(rows, columns),
+        notes=(
+            "dice/iou: micro over held-out defect images at the calibrated pixel threshold; "
+            "*_mean: mean per image; *_oracle: best-Dice threshold on the test masks (reference "
+            "only); dice_model_rule: at the model's own threshold; pixel_auroc_defect: pixels of "
+            "held-out defect images."
+        ),
+    )
+    print(f"results → {path}")
+
+
+def write_docs_summary(args: argparse.Namespace, table: list[dict[str, str]]) -> None:
+    """``--write-docs`` with ``--summarise``: the mean ± std table as one section."""
+    columns = [("model", "model", str), ("seeds", "seeds", str)]
+    columns += [(c, c, lambda v: v or "n/a") for c in SUMMARY_COLUMNS]
+    columns += [
+        (f"{c}_per_seed", f"{c} per seed (share of `{args.reference}`)", lambda v: v or "")
+        for c in ("dice", "dice_model_rule")
+    ]
+    path = write_section(
+        args.write_docs,
+        docs_key("weak-supervision-summary", f"{len(args.summarise)}seeds", "ref", args.reference),
+        f"Weak supervision on magnetic tile over {len(args.summarise)} split seeds",
+        markdown_table(table, columns),
+        notes=(
+            "Mean ± std over split seeds; dice: calibrated threshold; dice_model_rule: the "
+            "model's own threshold; normal_flagged_share(_model_rule): share of the held-out "
+            "normal images' pixels flagged at that threshold; per seed: the Dice (its share of "
+            f"the same seed's `{args.reference}` Dice)."
+        ),
+    )
+    print(f"results → {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--data", default=DEFAULT_DATA, help="magnetic-tile folder")
@@ -541,9 +511,17 @@ def main() -> None:
         choices=list(MODELS),
         help="--summarise: the row whose calibrated Dice the shares are of",
     )
+    add_write_docs(parser, "weak_supervision")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.summarise:
-        summarise(args.summarise, args.reference)
+        table = summarise(args.summarise, args.reference)
+        if args.write_docs:
+            write_docs_summary(args, table)
         return
     if args.k < 1:
         parser.error("--k must be at least 1: the weak models learn from defect images")
@@ -579,6 +557,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "results.json", json.dumps(rows, indent=2))
     print_table(rows)
+    if args.write_docs:
+        write_docs_table(args, rows)
     if failed:
         sys.exit(f"failed jobs: {', '.join(failed)}")
 

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +37,7 @@ from defectlab.config import (
 )
 from defectlab.data.io import (
     ImageReadError,
+    image_limits,
     read_image,
     read_mask,
     to_uint8,
@@ -216,15 +219,17 @@ def _dataset_and_split(data: DataConfig) -> tuple[Dataset, Split]:
 
 
 def _load(samples: list, data: DataConfig, desc: str, progress: bool) -> LoadedImages:
-    return load_samples(
-        samples,
-        data.image_size,
-        data.channels,
-        data.mask_threshold,
-        workers=data.workers,
-        desc=desc,
-        progress=progress,
-    )
+    """Load with the run's pixel budget and minimum side: other images are skipped."""
+    with image_limits(max_pixels=data.max_pixels, min_side=data.min_side):
+        return load_samples(
+            samples,
+            data.image_size,
+            data.channels,
+            data.mask_threshold,
+            workers=data.workers,
+            desc=desc,
+            progress=progress,
+        )
 
 
 # --- prediction core -------------------------------------------------------------------------
@@ -819,9 +824,30 @@ def check_data(
             file=sys.stderr,
         ):
             problems += found
+    problems += broken_links(dataset.root)
     summary = dataset.summary()
     summary["problems"] = [f"{p}: {r}" for p, r in problems]
     return summary
+
+
+def broken_links(root: str | Path) -> list[tuple[str, str]]:
+    """Symbolic links under ``root`` that lead nowhere (dangling) or to themselves (a loop):
+    the layouts skip them, so they are reported here rather than lost without a word."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        for name in sorted(dirs + files):
+            link = Path(folder) / name
+            if not link.is_symlink():
+                continue
+            try:
+                link.resolve(strict=True)
+            except RuntimeError:  # Python < 3.13 reports a loop so
+                found.append((str(link), "symbolic link loops back on itself"))
+            except OSError as exc:
+                looping = exc.errno == errno.ELOOP
+                reason = "loops back on itself" if looping else "is dangling (target missing)"
+                found.append((str(link), f"symbolic link {reason}"))
+    return found
 
 
 # --- synthesize ------------------------------------------------------------------------------
