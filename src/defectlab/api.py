@@ -785,8 +785,12 @@ def check_data(
     mask_threshold: int = 127,
     workers: int = 2,
     progress: bool = True,
+    max_pixels: int = DataConfig.max_pixels,
+    min_side: int = DataConfig.min_side,
 ) -> dict[str, Any]:
-    """Detect the layout, count images and masks, and read every file to find bad ones."""
+    """Detect the layout, count images and masks, and read every file to find bad ones:
+    undecodable, over the pixel budget (never decoded), smaller than ``min_side`` (training
+    would skip them), masks that do not fit, and broken or looping symbolic links."""
     dataset = load_dataset(path, layout, LayoutOptions(category=category))
     problems: list[tuple[str, str]] = []
 
@@ -795,6 +799,14 @@ def check_data(
             shape = read_image(sample.path).shape[:2]
         except ImageReadError as exc:
             return [(exc.path, exc.reason)]
+        if min(shape) < min_side:
+            return [
+                (
+                    str(sample.path),
+                    f"image is {shape[1]}x{shape[0]}, below the minimum side of {min_side} "
+                    "pixels (data.min_side): training and evaluation skip it",
+                )
+            ]
         if sample.mask_path is None:
             return (
                 [] if sample.label != DEFECT else [(str(sample.path), "defect image has no mask")]
@@ -814,7 +826,10 @@ def check_data(
             return [(str(sample.mask_path), "mask is empty (no pixel above the threshold)")]
         return []
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with (
+        image_limits(max_pixels=max_pixels),
+        ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
+    ):
         for found in tqdm(
             pool.map(check, dataset.samples),
             total=len(dataset.samples),

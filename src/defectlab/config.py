@@ -50,8 +50,17 @@ class DataConfig:
     #: defects of mask-trained models (augmentation); never part of the split
     extra_pairs: tuple[str, ...] = ()
     workers: int = 2
+    #: pixel budget: an image whose header declares more pixels is skipped, never decoded
+    max_pixels: int = 100_000_000
+    #: images whose shorter side is below this are skipped rather than up-scaled
+    min_side: int = 8
 
     def __post_init__(self) -> None:
+        if self.max_pixels < 1 or self.min_side < 1:
+            raise ConfigError(
+                f"data.max_pixels and data.min_side must be at least 1, got "
+                f"{self.max_pixels} and {self.min_side}"
+            )
         if isinstance(self.channels, str) and self.channels.strip().isdigit():
             self.channels = int(self.channels)
         if self.channels not in CHANNELS:
