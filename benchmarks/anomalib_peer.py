@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import add_write_docs, docs_key, markdown_table, write_section
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -386,6 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--one", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", type=Path, help=argparse.SUPPRESS)
+    add_write_docs(parser, "detection")
     args = parser.parse_args(argv)
     args.split = args.split.resolve()
 
@@ -414,6 +417,35 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     print(table(rows), flush=True)
+    if args.write_docs:
+        write_docs(args, rows)
+
+
+def write_docs(args: argparse.Namespace, rows: list[dict]) -> None:
+    """``--write-docs``: this invocation's rows as one section, keyed by the run whose split
+    they used, the models and the epochs."""
+    columns = [
+        ("model", "model", str),
+        ("epochs", "epochs", str),
+        ("n_train", "training normals", str),
+        *((key, key, lambda v: fmt(v, True)) for key in KEYS),
+        ("train_seconds", "train s", lambda v: fmt(v, False)),
+        ("images_per_second", "img/s", lambda v: f"{v:.1f}" if v is not None else "-"),
+        ("peak_rss_mb", "peak RAM MB", lambda v: f"{v:.0f}" if v is not None else "-"),
+    ]
+    done = [row for row in rows if "error" not in row]
+    epochs = f"epochs-{args.epochs}" if args.epochs else ""
+    path = write_section(
+        args.write_docs,
+        docs_key("anomalib", args.split.parent.name, *args.models, epochs),
+        f"anomalib peers on the split of {args.split.parent.name}",
+        markdown_table(done, columns),
+        notes=(
+            "Trained with anomalib's Engine on the run's normal training images, scored with "
+            "defectlab's metrics at the same normal-quantile thresholds."
+        ),
+    )
+    print(f"results → {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

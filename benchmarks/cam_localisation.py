@@ -29,7 +29,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from _common import held_out, segmentation_metrics
+from _common import (
+    add_write_docs,
+    docs_key,
+    fmt_number,
+    held_out,
+    markdown_table,
+    segmentation_metrics,
+    write_section,
+)
 
 COLUMNS = ("dice", "dice_oracle", "pixel_auroc", "defect_flagged", "normal_flagged")
 
@@ -69,6 +77,7 @@ def main() -> None:
     parser.add_argument("--refine", nargs="+", default=["none"], choices=["none", "guided"])
     parser.add_argument("--peak-fraction", type=float, default=None)
     parser.add_argument("--device", default="auto")
+    add_write_docs(parser, "weak_supervision")
     args = parser.parse_args()
     if args.peak_fraction is not None and not 0 < args.peak_fraction < 1:
         parser.error("--peak-fraction must be in (0, 1)")
@@ -112,7 +121,21 @@ def main() -> None:
         values = " ".join(f"{r[c]:>14.4f}" for c in COLUMNS)
         layers = ",".join(str(i) for i in r["cam_layers"])
         print(f"{Path(r['run']).name:<48} {layers:<12} {r['refine']:<7} {values}")
-
-
-if __name__ == "__main__":
-    main()
+    if args.write_docs:
+        table = [
+            r | {"run": Path(r["run"]).name, "cam_layers": ", ".join(map(str, r["cam_layers"]))}
+            for r in rows
+        ]
+        columns = [("run", "run", str), ("cam_layers", "stages", str), ("refine", "refine", str)]
+        columns += [(c, c, fmt_number(3)) for c in COLUMNS]
+        path = write_section(
+            args.write_docs,
+            docs_key("cam-localisation", *(run.name for run in args.runs)),
+            "CAM runs rescored under inference-only settings",
+            markdown_table(table, columns),
+            notes=(
+                "Reads the test masks for every setting: a diagnosis, not a way to pick "
+                "settings; a setting chosen here must be confirmed on other split seeds."
+            ),
+        )
+        print(f"results → {path}")
