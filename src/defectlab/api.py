@@ -60,14 +60,18 @@ from defectlab.data.loading import (
     report_failures,
 )
 from defectlab.data.splits import Split, make_split
-from defectlab.data.transforms import resize_image
+from defectlab.data.transforms import resize_image, resize_map
 from defectlab.errors import CheckpointError, ConfigError, DataError
 from defectlab.evaluate.metrics import (
+    EVAL_MAX_SIDE,
+    PixelMetricAccumulator,
     area_matched_threshold,
     best_dice_threshold,
     best_threshold,
     calibrate_threshold,
     compute_metrics,
+    evaluation_mask,
+    evaluation_size,
 )
 from defectlab.evaluate.report import ReportImage, write_report
 from defectlab.evaluate.visualize import mask_outline
@@ -654,6 +658,37 @@ def predict(
 
 # --- evaluate --------------------------------------------------------------------------------
 
+#: how ``evaluate`` computes its pixel metrics (written to metrics.json)
+PIXEL_METRICS_RULE = (
+    f"each mask's native grid, long side capped at {EVAL_MAX_SIDE} px (area down-scaling, "
+    "a pixel is defect when most of it was); maps resized bilinearly to that grid; the same "
+    "pixels for every model and image size"
+)
+
+
+def native_pixel_metrics(
+    loaded: LoadedImages,
+    maps: np.ndarray,
+    has_mask: np.ndarray,
+    pixel_threshold: float | None,
+    mask_threshold: int = 127,
+) -> dict[str, float | None]:
+    """Pixel AUROC, AUPRO and Dice of model-resolution ``maps`` against the masks at their
+    native resolution (:func:`~defectlab.evaluate.metrics.evaluation_size`), one image at a
+    time: each mask is read again from its file and each map resized bilinearly to it, so
+    only one full-resolution image is held at once. Normal images count as all normal,
+    defect images without a mask are left out."""
+    accumulator = PixelMetricAccumulator.for_maps(maps, pixel_threshold)
+    for i, sample in enumerate(loaded.samples):
+        if sample.label == DEFECT and not has_mask[i]:
+            continue
+        if sample.label == DEFECT:
+            mask = evaluation_mask(read_mask(sample.mask_path, mask_threshold))
+        else:
+            mask = np.zeros(evaluation_size(loaded.original_sizes[i]), bool)
+        accumulator.add(mask, resize_map(maps[i], mask.shape))
+    return accumulator.result()
+
 
 def evaluate(
     run_dir: str | Path,
@@ -714,7 +749,14 @@ def evaluate(
         pixel_threshold=run.pixel_threshold,
         has_mask=has_mask,
     )
+    if any_masks:
+        model_grid = {f"{k}_model_resolution": metrics[k] for k in ("pixel_auroc", "aupro", "dice")}
+        metrics |= native_pixel_metrics(
+            loaded, maps, has_mask, run.pixel_threshold, data_cfg.mask_threshold
+        )
+        metrics |= model_grid
     metrics |= {
+        "pixel_metrics_resolution": PIXEL_METRICS_RULE if any_masks else None,
         "split": split.name,
         "data": str(data_cfg.path),
         "model": run.config.model,

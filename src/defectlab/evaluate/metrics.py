@@ -19,7 +19,9 @@ import cv2
 import numpy as np
 
 __all__ = [
+    "EVAL_MAX_SIDE",
     "METRIC_KEYS",
+    "PixelMetricAccumulator",
     "area_matched_threshold",
     "aupro",
     "auroc",
@@ -29,6 +31,8 @@ __all__ = [
     "calibrate_threshold",
     "compute_metrics",
     "dice_iou",
+    "evaluation_mask",
+    "evaluation_size",
     "f1_score",
     "pixel_auroc",
     "pr_curve",
@@ -352,6 +356,173 @@ def area_matched_threshold(maps: Any, area_ratios: Any) -> float:
     if wanted == 0:
         return float(np.nextafter(flat.max(), np.inf))
     return float(np.partition(flat, flat.size - wanted)[flat.size - wanted])
+
+
+# --- pixel metrics on a grid independent of the model ---------------------------------------
+
+#: pixel metrics are computed on each mask's native grid, its long side capped at this many
+#: pixels: the same pixels for every run on a dataset, whatever the model's input size
+EVAL_MAX_SIDE = 512
+#: quantile bins of map values in :class:`PixelMetricAccumulator` (plus as many evenly spaced)
+ACCUMULATOR_BINS = 1 << 16
+
+
+def evaluation_size(native: tuple[int, int], max_side: int = EVAL_MAX_SIDE) -> tuple[int, int]:
+    """(height, width) on which an image with mask of ``native`` (height, width) is scored:
+    the native size, scaled down (aspect kept) when its long side exceeds ``max_side``."""
+    h, w = int(native[0]), int(native[1])
+    if h < 1 or w < 1:
+        raise ValueError(f"image size must be positive, got {h}x{w}")
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return h, w
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def evaluation_mask(mask: Any, max_side: int = EVAL_MAX_SIDE) -> np.ndarray:
+    """A native-resolution mask on its :func:`evaluation_size` grid: unchanged when small
+    enough, else area-averaged and a pixel is defect when most of it was."""
+    m = np.asarray(mask) != 0
+    h, w = evaluation_size(m.shape[:2], max_side)
+    if (h, w) == m.shape:
+        return m
+    area = cv2.resize(m.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+    return area > 0.5
+
+
+class PixelMetricAccumulator:
+    """Pixel AUROC, AUPRO and Dice over images of any sizes, added one image at a time, so
+    that full-resolution maps are never held together.
+
+    Each image adds its pixels to histograms over fixed bins of map values: normal pixels,
+    defect pixels, and defect pixels weighted by 1 / (size of their 8-connected region)
+    (AUPRO's per-region overlap). The bins are centred on ``centres``: every value is
+    counted in the bin of its nearest centre and thresholds lie half-way between centres.
+    The curves are then exact at those thresholds, and AUROC counts a defect and a normal
+    pixel in the same bin as a tie; with one centre per distinct value (few values) every
+    metric equals the exact one. :meth:`for_maps` puts the centres at quantiles of the maps
+    the values come from (resampled maps stay within their range). Dice and IoU at
+    ``pixel_threshold`` are counted exactly, pixel by pixel.
+    """
+
+    def __init__(
+        self, centres: Any, pixel_threshold: float | None = None, fpr_limit: float = 0.3
+    ) -> None:
+        c = np.unique(_finite_scores(centres, "bin centres").ravel())
+        if c.size == 0:
+            raise ValueError("PixelMetricAccumulator needs at least one bin centre")
+        if not 0.0 < fpr_limit <= 1.0:
+            raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+        self.centres = c
+        self._bounds = (c[1:] + c[:-1]) / 2.0  # bin b holds values in [bounds[b-1], bounds[b])
+        self.fpr_limit = fpr_limit
+        self.pixel_threshold = pixel_threshold
+        self.negatives = np.zeros(c.size, np.int64)
+        self.positives = np.zeros(c.size, np.int64)
+        self.region_weight = np.zeros(c.size)  # Σ 1/|r| over defect pixels
+        self.regions = 0
+        self.images = 0
+        self._tp = self._predicted = 0
+
+    @classmethod
+    def for_maps(
+        cls,
+        maps: Any,
+        pixel_threshold: float | None = None,
+        n_bins: int = ACCUMULATOR_BINS,
+        sample: int = 1 << 22,
+    ) -> PixelMetricAccumulator:
+        """Bins for maps resampled from ``maps``: ``n_bins`` quantiles of their values (read
+        from an evenly strided sample of at most ``sample`` values) and ``n_bins`` evenly
+        spaced values from their minimum to their maximum, so that sparse tails keep fine
+        bins too."""
+        values = _finite_scores(maps, "maps").ravel()
+        if values.size == 0:
+            raise ValueError("PixelMetricAccumulator.for_maps needs at least one map value")
+        low, high = float(values.min()), float(values.max())
+        sampled = np.sort(values[:: max(1, values.size // sample)])
+        picks = np.linspace(0, sampled.size - 1, n_bins).round().astype(np.int64)
+        centres = np.r_[sampled[picks], np.linspace(low, high, n_bins), low, high]
+        return cls(centres, pixel_threshold)
+
+    def add(self, mask: Any, heat: Any) -> None:
+        """One image: its (H, W) mask (non-zero = defect) and map on the same grid."""
+        m = np.asarray(mask) != 0
+        a = _finite_scores(heat, "map")
+        if m.ndim != 2 or m.shape != a.shape:
+            raise ValueError(f"mask {m.shape} and map {a.shape} must both be (H, W)")
+        bins = np.searchsorted(self._bounds, a.ravel(), side="right")
+        flat = m.ravel()
+        n = self.centres.size
+        self.negatives += np.bincount(bins[~flat], minlength=n)
+        if flat.any():
+            self.positives += np.bincount(bins[flat], minlength=n)
+            count, labels = cv2.connectedComponents(
+                m.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S
+            )
+            sizes = np.bincount(labels.ravel(), minlength=count).astype(np.float64)
+            region = labels.ravel()[flat]
+            self.region_weight += np.bincount(bins[flat], weights=1.0 / sizes[region], minlength=n)
+            self.regions += count - 1
+        if self.pixel_threshold is not None:
+            predicted = a >= self.pixel_threshold
+            self._tp += int(np.count_nonzero(predicted & m))
+            self._predicted += int(np.count_nonzero(predicted))
+        self.images += 1
+
+    def auroc(self) -> float | None:
+        n_pos, n_neg = int(self.positives.sum()), int(self.negatives.sum())
+        if n_pos == 0 or n_neg == 0:
+            return None
+        below = np.cumsum(self.negatives) - self.negatives  # normal pixels in lower bins
+        pairs = self.positives @ (below + 0.5 * self.negatives)
+        return float(pairs / (float(n_pos) * n_neg))
+
+    def aupro(self) -> float | None:
+        n_neg = int(self.negatives.sum())
+        if self.regions == 0 or n_neg == 0:
+            return None
+        # thresholds from the highest bin down: curve points after each bin
+        fpr = np.r_[0.0, np.cumsum(self.negatives[::-1]) / n_neg]
+        pro = np.r_[0.0, np.cumsum(self.region_weight[::-1]) / self.regions]
+        limit = self.fpr_limit
+        last = int(np.searchsorted(fpr, limit, side="right"))
+        x, y = fpr[:last], pro[:last]
+        if last < fpr.size:
+            x0, x1, y0, y1 = fpr[last - 1], fpr[last], pro[last - 1], pro[last]
+            x, y = np.r_[x, limit], np.r_[y, y0 + (y1 - y0) * (limit - x0) / (x1 - x0)]
+        return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1])) / 2.0) / limit
+
+    def best_dice(self) -> tuple[float | None, float | None]:
+        """The best micro Dice over the bin thresholds, and that threshold (an oracle)."""
+        n_pos = int(self.positives.sum())
+        if n_pos == 0:
+            return None, None
+        tp = np.cumsum(self.positives[::-1])[::-1]  # defect pixels at or above each bin
+        predicted = tp + np.cumsum(self.negatives[::-1])[::-1]
+        dice = 2.0 * tp / (predicted + n_pos)
+        best = int(np.argmax(dice))
+        threshold = self.centres[0] if best == 0 else self._bounds[best - 1]
+        return float(dice[best]), float(threshold)
+
+    def result(self) -> dict[str, float | None]:
+        """``pixel_auroc``, ``aupro``, ``dice``, ``iou``, ``dice_best`` and
+        ``pixel_threshold_best_dice`` over every image added."""
+        n_pos = int(self.positives.sum())
+        dice = iou = None
+        if self.pixel_threshold is not None and self.images:
+            total = n_pos + self._predicted
+            dice = 2.0 * self._tp / total if total else 1.0
+            iou = self._tp / (total - self._tp) if total else 1.0
+        dice_best, threshold_best = self.best_dice()
+        return {
+            "pixel_auroc": self.auroc(),
+            "aupro": self.aupro(),
+            "dice": dice,
+            "iou": iou,
+            "dice_best": dice_best,
+            "pixel_threshold_best_dice": threshold_best,
+        }
 
 
 # --- everything at once ----------------------------------------------------------------------
