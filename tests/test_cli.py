@@ -43,7 +43,7 @@ def test_data_check_counts_and_reports_bad_files(capsys, folder_root: Path) -> N
     (folder_root / "normal" / "n05.png").write_bytes(b"")
     write_image(folder_root / "masks" / "d01.png", np.zeros((5, 5), np.uint8))
     code, out, _ = run_cli(capsys, "data", "check", folder_root)
-    assert code == 0
+    assert code == 1  # problems found: a pipeline can gate on it
     assert "normal:   20" in out and "defect:   6 (6 with masks)" in out
     assert "n05.png: empty file" in out
     assert "d01.png: mask is 5x5, image is 48x48" in out
@@ -64,7 +64,8 @@ def test_data_check_errors_are_one_line(capsys, tmp_path: Path, path: str) -> No
 @requires_magnetic_tile
 def test_data_check_magnetic_tile(capsys) -> None:
     code, out, _ = run_cli(capsys, "data", "check", MAGNETIC_TILE)
-    assert code == 0
+    assert code == 1  # four MT_Uneven masks are empty: problems, so exit status 1
+    assert out.count("mask is empty") == 4
     assert "magnetic-tile: 952 normal, 392 defect images (392 with masks)" in out.splitlines()[-1]
 
 

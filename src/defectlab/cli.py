@@ -1,17 +1,87 @@
 """``defectlab`` command line. Every command ends with one summary line saying where its
-outputs went; errors are one line naming the file and the problem (exit code 2)."""
+outputs went; errors are one line naming the file and the problem.
+
+Exit status: 0 done; 1 ``data check`` found problems (listed); 2 the command could not run
+(bad arguments or paths, unreadable data, an occupied port, no permission, a full disk, or
+an unexpected failure, whose traceback is written to a log file the message names); 130
+interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import errno
+import os
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from defectlab import __version__, api, registry
-from defectlab.errors import DefectlabError
+from defectlab.data.io import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, image_limits
+from defectlab.errors import DefectlabError, OutputError
 from defectlab.evaluate import synthesis_cli
+
+#: exit status of ``data check`` when it found problems
+EXIT_PROBLEMS = 1
+#: exit status of a command that could not run
+EXIT_ERROR = 2
+
+_OS_REASONS = {
+    errno.EEXIST: "exists and is not a folder",
+    errno.ENOTDIR: "part of this path is a file, not a folder",
+    errno.EISDIR: "is a folder, not a file",
+    errno.ENOENT: "does not exist",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EADDRINUSE: "address already in use",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.ELOOP: "too many levels of symbolic links",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a failed file or socket operation: the path, then what went wrong."""
+    reason = _OS_REASONS.get(exc.errno or -1, exc.strerror or str(exc))
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {reason}" if names else reason
+
+
+def check_output_folder(path: str | Path, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that names a file or lies under one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path}: {flag} names an existing file; give a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{path}: {parent} is a file, so {flag} cannot be created")
+            if not os.access(parent, os.W_OK | os.X_OK) and not path.exists():
+                raise OutputError(f"{path}: permission denied to create it in {parent}")
+            break
+    return path
+
+
+def _log_traceback(command: str, exc: BaseException) -> Path | None:
+    """Write the traceback of an unexpected failure to a file; ``None`` if even that fails."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = Path(os.environ.get("DEFECTLAB_LOG_DIR") or tempfile.gettempdir())
+    path = folder / f"defectlab-{command}-{stamp}-{os.getpid()}.log"
+    try:
+        path.write_text(
+            f"defectlab {__version__} {command}: {sys.argv}\n"
+            + "".join(traceback.format_exception(exc)),
+            encoding="utf-8",
+        )
+    except OSError:
+        return None
+    return path
 
 
 def _fmt(value: object) -> str:
@@ -26,13 +96,15 @@ def cmd_models(args: argparse.Namespace) -> str:
     return f"{len(entries)} models registered"
 
 
-def cmd_data_check(args: argparse.Namespace) -> str:
+def cmd_data_check(args: argparse.Namespace) -> tuple[str, int]:
     summary = api.check_data(
         args.path,
         layout=args.layout,
         category=args.category,
         mask_threshold=args.mask_threshold,
         workers=args.workers,
+        max_pixels=args.max_pixels,
+        min_side=args.min_side,
     )
     print(
         f"layout:   {summary['layout']}"
@@ -47,13 +119,15 @@ def cmd_data_check(args: argparse.Namespace) -> str:
         print(f"  {kind}: {count}")
     for problem in summary["problems"]:
         print(f"problem: {problem}")
-    return (
+    line = (
         f"{summary['layout']}: {summary['n_normal']} normal, {summary['n_defect']} defect "
         f"images ({summary['n_defect_with_mask']} with masks), {len(summary['problems'])} problems"
     )
+    return line, EXIT_PROBLEMS if summary["problems"] else 0
 
 
 def cmd_train(args: argparse.Namespace) -> str:
+    check_output_folder(args.out)
     run = api.train(
         args.model,
         args.data,
@@ -80,17 +154,19 @@ def cmd_train(args: argparse.Namespace) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> str:
-    result = api.predict(
-        args.run,
-        args.input,
-        args.out,
-        device=args.device,
-        backend=args.backend,
-        tile=args.tile,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        overlays=not args.no_overlays,
-    )
+    check_output_folder(args.out)
+    with image_limits(max_pixels=args.max_pixels):
+        result = api.predict(
+            args.run,
+            args.input,
+            args.out,
+            device=args.device,
+            backend=args.backend,
+            tile=args.tile,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            overlays=not args.no_overlays,
+        )
     resumed = f" (+{result['n_resumed']} done before)" if result["n_resumed"] else ""
     return (
         f"{result['n_images']} images inspected{resumed} with {result['backend']} "
@@ -103,6 +179,8 @@ def cmd_predict(args: argparse.Namespace) -> str:
 def cmd_export(args: argparse.Namespace) -> str:
     from defectlab.deploy.onnx import export_onnx
 
+    if args.out is not None:
+        check_output_folder(args.out)
     meta = export_onnx(args.run, args.out, quantize=args.quantize)
     check, int8 = meta["check"], meta["quantization"]
     if int8:
@@ -119,6 +197,7 @@ def cmd_export(args: argparse.Namespace) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> str:
+    check_output_folder(args.out)
     metrics = api.evaluate(
         args.run,
         args.data,
@@ -136,6 +215,7 @@ def cmd_evaluate(args: argparse.Namespace) -> str:
 
 
 def cmd_synth(args: argparse.Namespace) -> str:
+    check_output_folder(args.out)
     result = api.synthesize(
         args.method,
         args.normal,
@@ -154,6 +234,7 @@ def cmd_synth(args: argparse.Namespace) -> str:
 def cmd_demo(args: argparse.Namespace) -> str:
     from defectlab.demo import run_demo
 
+    check_output_folder(args.out)
     result = run_demo(Path(args.out), device=args.device)
     speed = (
         f"{result['inspect_images_per_second']:.0f} img/s"
@@ -172,8 +253,12 @@ def cmd_demo(args: argparse.Namespace) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> str:
-    from defectlab.deploy.serve import serve
+    from defectlab.deploy.serve import API_KEY_ENV, read_api_keys, serve
 
+    keys = list(args.api_key or [])
+    if args.api_key_file:
+        keys += read_api_keys(args.api_key_file)
+    keys += [k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
     serve(
         args.run,
         backend=args.backend,
@@ -184,8 +269,31 @@ def cmd_serve(args: argparse.Namespace) -> str:
         max_upload_bytes=round(args.max_upload_mb * 2**20),
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
+        max_pixels=args.max_pixels,
+        api_keys=keys,
+        insecure=args.insecure,
     )
     return f"stopped serving {args.run} on http://{args.host}:{args.port}"
+
+
+def _add_max_pixels(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-pixels",
+        type=_pixels,
+        default=DEFAULT_MAX_PIXELS,
+        help="images declaring more pixels are refused before decoding (default "
+        f"{DEFAULT_MAX_PIXELS:.0e}; e.g. 2e8)",
+    )
+
+
+def _pixels(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of pixels: {text!r}") from None
+    if not 1 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return int(value)
 
 
 def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
@@ -220,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="mask pixels above this (8-bit scale) are defect",
     )
     p.add_argument("--workers", type=int, default=2)
+    _add_max_pixels(p)
+    p.add_argument(
+        "--min-side",
+        type=int,
+        default=DEFAULT_MIN_SIDE,
+        help="report images whose shorter side is below this (training skips them)",
+    )
     p.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser("train", help="train a detector or segmenter into a run directory")
@@ -267,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="onnx: run the export in --run (or --run/export) with ONNX Runtime",
     )
     p.add_argument("--no-overlays", action="store_true", help="write masks and scores only")
+    _add_max_pixels(p)
     _add_common(p)
     p.set_defaults(func=cmd_predict)
 
@@ -328,6 +444,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-queue", type=int, default=64, help="requests waiting beyond those get 503"
     )
+    _add_max_pixels(p)
+    p.add_argument(
+        "--api-key",
+        action="append",
+        metavar="KEY",
+        help="require this key (Authorization: Bearer KEY or X-API-Key: KEY) on every request "
+        "but /health; repeat for several. Prefer DEFECTLAB_API_KEY (comma-separated) or "
+        "--api-key-file: arguments are visible to other users in the process list",
+    )
+    p.add_argument("--api-key-file", help="a file with one accepted key per line")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without an API key (anyone who reaches it can use it)",
+    )
     _add_common(p)
     p.set_defaults(func=cmd_serve)
 
@@ -340,21 +471,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every failure becomes one line on stderr and exit status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], str] = args.func
+    func: Callable[[argparse.Namespace], str | tuple[str, int]] = args.func
     started = time.perf_counter()
     try:
-        summary = func(args)
-    except DefectlabError as exc:
-        if args.traceback:
-            raise
-        print(f"defectlab {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        outcome = func(args)
     except KeyboardInterrupt:
         hint = " (resume training with --resume)" if args.command == "train" else ""
         print(f"defectlab {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.traceback:
+            raise
+        print(f"defectlab {args.command}: {_one_line(args.command, exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    summary, code = outcome if isinstance(outcome, tuple) else (outcome, 0)
     if summary:  # empty for the non-main processes of a distributed run
         print(f"{summary} [{time.perf_counter() - started:.1f} s]")
-    return 0
+    return code
+
+
+def _one_line(command: str, exc: Exception) -> str:
+    """Expected failures say what and where; anything else names the log of its traceback."""
+    if isinstance(exc, DefectlabError):
+        return f"error: {exc}"
+    if isinstance(exc, OSError):
+        return f"error: {describe_os_error(exc)}"
+    if isinstance(exc, MemoryError):
+        return "error: out of memory (lower --batch-size or --workers, or data.max_pixels)"
+    log = _log_traceback(command, exc)
+    where = f"traceback in {log}" if log else "rerun with --traceback to see where"
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"unexpected error: {type(exc).__name__}: {first} ({where}; please report it)"

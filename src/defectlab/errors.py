@@ -24,3 +24,8 @@ class ConfigError(DefectlabError):
 class InputShapeError(ConfigError, ValueError):
     """The image size or channel count does not suit a network: a ValueError (as a model's
     own validation raises) that the command line, catching ConfigError, prints as one line."""
+
+
+class OutputError(DefectlabError):
+    """An output path cannot be written (a file where a folder is needed, no permission, a
+    full disk, an occupied port); the message names the path and the problem."""

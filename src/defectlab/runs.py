@@ -21,9 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import platform
 import random
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -123,11 +126,27 @@ def load_checkpoint(path: Path, expected_model: str | None = None) -> dict[str, 
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or unsafe files
+        with warnings.catch_warnings():  # torch's own advice is not ours to pass on
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # junk that is not a pickle at all
+            raise CheckpointError(
+                f"{path}: not a readable defectlab checkpoint (corrupt or truncated)"
+            ) from exc
+        # what the weights-only unpickler refuses: a class or function to import
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
         raise CheckpointError(
-            f"{path}: not a readable defectlab checkpoint (corrupt, truncated, or containing "
-            f"objects that are refused for safety): {str(exc).splitlines()[0]}"
+            f"{path}: refused: the file holds Python objects{what} besides tensors and plain "
+            "values, which defectlab never loads because unpickling them can run code; "
+            "checkpoints written by defectlab never hold any, so this one was made elsewhere "
+            "or altered"
+        ) from exc
+    except Exception as exc:  # torch raises many types for corrupt or truncated files
+        raise CheckpointError(
+            f"{path}: not a readable defectlab checkpoint (corrupt or truncated: "
+            f"{type(exc).__name__})"
         ) from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a defectlab checkpoint")

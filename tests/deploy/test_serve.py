@@ -101,6 +101,7 @@ def test_health_and_model(client: TestClient, inspector: Inspector) -> None:
     assert info["map_range"] == pytest.approx(list(inspector.map_range))
     assert info["limits"] == {
         "max_upload_bytes": 20 * 2**20,
+        "max_pixels": 100_000_000,
         "max_concurrency": 2,
         "max_queue": 64,
         "max_batch": 8,

@@ -4,6 +4,14 @@ The model is loaded once (an :class:`~defectlab.deploy.backends.Inspector`) and 
 every request. The limits exist so that overload and hostile input cost the service little
 and never take it down:
 
+* **Authentication.** With API keys (``api_keys``), every request but ``GET /health`` must
+  carry one (``Authorization: Bearer KEY`` or ``X-API-Key: KEY``), compared in constant
+  time; others get 401 before anything else happens. :func:`serve` refuses a non-loopback
+  host without a key unless told ``insecure``. Keys travel in clear over plain HTTP: beyond
+  one machine, put the service behind a TLS reverse proxy.
+* **Pixel budget.** An upload whose header declares more than ``max_pixels`` pixels gets
+  413 without being decoded (a small file can declare a huge image); other formats than
+  PNG, JPEG, BMP and TIFF get 415, as undecodable images do.
 * **Upload size.** ``/inspect`` bodies larger than ``max_upload_bytes`` get 413: at once when
   the ``Content-Length`` header says so (nothing is read), and otherwise the moment the
   counted body passes the limit (chunked uploads, lying headers); the connection is then
@@ -24,20 +32,24 @@ and never take it down:
   latency); a busy one makes fewer, larger model calls. When a batch fails, its images are
   scored again one by one, so one image that breaks the model fails only its own request.
 
-Errors are JSON ``{"detail": message}``: 400 empty upload, 413 too large, 415 not a decodable
-image, 422 malformed request (FastAPI's validation), 503 busy, 500 model failure (logged with
-its traceback; the worker goes on serving).
+Errors are JSON ``{"detail": message}``: 400 empty upload, 401 no or wrong API key, 413 upload
+or image too large, 415 not a decodable image, 422 malformed request (FastAPI's validation),
+503 busy, 500 model failure (logged with its traceback; the worker goes on serving).
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import errno
+import hmac
+import ipaddress
 import logging
 import math
+import socket
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -50,9 +62,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from defectlab import __version__
-from defectlab.data.io import ImageReadError, decode_image, to_uint8
+from defectlab.data.io import (
+    DEFAULT_MAX_PIXELS,
+    ImageLimits,
+    ImageReadError,
+    ImageTooLargeError,
+    decode_image,
+    to_uint8,
+)
 from defectlab.deploy.backends import Inspector, open_inspector, score_images
-from defectlab.errors import ConfigError, DataError
+from defectlab.errors import ConfigError, DataError, OutputError
 from defectlab.evaluate.visualize import heatmap_overlay, mask_outline, png_base64
 
 logger = logging.getLogger(__name__)
@@ -63,6 +82,10 @@ RETRY_AFTER_S = 1
 _DATA_URI = "data:image/png;base64,"
 #: on 413 the connection is closed rather than drained of the rest of an oversized body
 _CLOSE = {"Connection": "close"}
+#: environment variable holding the accepted API keys (comma-separated)
+API_KEY_ENV = "DEFECTLAB_API_KEY"
+#: paths answered without an API key
+OPEN_PATHS = frozenset({"/health"})
 
 
 class InspectResult(BaseModel):
@@ -100,6 +123,7 @@ class Health(BaseModel):
 
 class Limits(BaseModel):
     max_upload_bytes: int
+    max_pixels: int
     max_concurrency: int
     max_queue: int
     max_batch: int
@@ -216,6 +240,7 @@ class _Service:
 
     def __post_init__(self) -> None:
         self.batcher = _Batcher(self._inspect, self.limits.max_concurrency, self.limits.max_batch)
+        self.image_limits = ImageLimits(max_pixels=self.limits.max_pixels)
 
     @property
     def capacity(self) -> int:
@@ -228,7 +253,9 @@ class _Service:
         decoded: dict[int, np.ndarray] = {}
         for index, job in enumerate(jobs):
             try:
-                decoded[index] = decode_image(job.data, job.filename, self.inspector.channels)
+                decoded[index] = decode_image(
+                    job.data, job.filename, self.inspector.channels, self.image_limits
+                )
                 outcomes.append({})
             except Exception as exc:  # ImageReadError, or a decoder bug: this upload's alone
                 outcomes.append(exc)
@@ -345,6 +372,88 @@ class _Gate:
                 counts.served += 1
 
 
+class _Auth:
+    """ASGI middleware: with keys, every request but :data:`OPEN_PATHS` needs one of them;
+    401 otherwise, before the body is read or a place in the service is taken."""
+
+    def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
+        self.app = app
+        self.keys = [key.encode() for key in keys]
+
+    def accepts(self, scope: Scope) -> bool:
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"x-api-key":
+                given = value.strip()
+            elif name == b"authorization" and value[:7].lower() == b"bearer ":
+                given = value[7:].strip()
+        matched = False
+        for key in self.keys:  # every key is compared, whichever matches
+            matched |= hmac.compare_digest(given, key)
+        return matched
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self.accepts(scope):
+            await self.app(scope, receive, send)
+            return
+        await _refuse(
+            scope,
+            receive,
+            send,
+            401,
+            "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY",
+            {"WWW-Authenticate": "Bearer", **_CLOSE},
+        )
+
+
+def read_api_keys(path: str | Path) -> list[str]:
+    """The keys in a file, one a line; blank lines and ``#`` comments are ignored."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the API key file ({exc.strerror})") from exc
+    keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not keys:
+        raise ConfigError(f"{path}: the API key file holds no key")
+    return keys
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so an occupied port or a bad host is one clear error
+    (uvicorn would log its own lines and exit 3)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise OutputError(f"{host}: cannot listen on this host ({exc.strerror})") from exc
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = {
+            errno.EADDRINUSE: "is already in use (is another service running? choose --port)",
+            errno.EACCES: "needs privileges (ports below 1024); choose --port 1024 or above",
+            errno.EADDRNOTAVAIL: "is not an address of this machine",
+        }.get(exc.errno or -1, exc.strerror or str(exc))
+        raise OutputError(f"{host}:{port} {reason}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
 def _content_length(scope: Scope) -> int | None:
     for name, value in scope["headers"]:
         if name == b"content-length":
@@ -392,7 +501,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorDetail, "description": description}
     for status, description in {
         400: "empty upload",
-        413: "upload larger than max_upload_bytes",
+        401: "missing or wrong API key (only when the service has keys)",
+        413: "upload larger than max_upload_bytes, or image over max_pixels",
         415: "not a decodable image",
         500: "the model failed on this image",
         503: "busy: too many requests inside the service; see Retry-After",
@@ -408,11 +518,17 @@ def create_app(
     max_queue: int = 64,
     tile: bool = False,
     max_batch: int = 8,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    api_keys: Sequence[str] = (),
 ) -> FastAPI:
     """The inspection service around an already loaded model (see the module docstring for
-    what the limits guard against). ``max_batch=1`` turns micro-batching off."""
+    what the limits guard against). ``max_batch=1`` turns micro-batching off; with
+    ``api_keys`` every request but ``/health`` needs one of them."""
+    if any(not key or key != key.strip() for key in api_keys):
+        raise ConfigError("API keys must be non-empty and without surrounding spaces")
     for name, value, least in (
         ("max_upload_bytes", max_upload_bytes, 1),
+        ("max_pixels", max_pixels, 1),
         ("max_concurrency", max_concurrency, 1),
         ("max_queue", max_queue, 0),
         ("max_batch", max_batch, 1),
@@ -421,6 +537,7 @@ def create_app(
             raise ConfigError(f"{name} must be >= {least}, got {value}")
     limits = Limits(
         max_upload_bytes=max_upload_bytes,
+        max_pixels=max_pixels,
         max_concurrency=max_concurrency,
         max_queue=max_queue,
         max_batch=max_batch,
@@ -433,6 +550,8 @@ def create_app(
     )
     app.state.service = service
     app.add_middleware(_Gate, service=service)
+    if api_keys:  # added last, so it runs first: no key, no admission
+        app.add_middleware(_Auth, keys=list(api_keys))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -475,6 +594,8 @@ def create_app(
         job = _Job(data, name, heatmap, overlay, asyncio.get_running_loop().create_future())
         try:
             result = await service.batcher.run(job)
+        except ImageTooLargeError as exc:
+            raise HTTPException(413, str(exc), headers=_CLOSE) from exc
         except ImageReadError as exc:
             raise HTTPException(415, str(exc)) from exc
         except Exception as exc:
@@ -498,20 +619,44 @@ def serve(
     max_concurrency: int = 2,
     max_queue: int = 64,
     max_batch: int = 8,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    api_keys: Sequence[str] = (),
+    insecure: bool = False,
 ) -> None:
     """Load the model at ``path`` once and serve it with uvicorn (one process; concurrency
-    comes from worker threads, so the model is in memory once) until interrupted."""
+    comes from worker threads, so the model is in memory once) until interrupted.
+
+    A host other than loopback needs ``api_keys`` or ``insecure=True``; the port is bound
+    before the model is loaded, so an occupied one fails at once."""
     import uvicorn
 
-    inspector = open_inspector(path, backend, device)
-    app = create_app(
-        inspector,
-        max_upload_bytes=max_upload_bytes,
-        max_concurrency=max_concurrency,
-        max_queue=max_queue,
-        tile=tile,
-        max_batch=max_batch,
-    )
+    if not api_keys and not is_loopback(host):
+        if not insecure:
+            raise ConfigError(
+                f"refusing to serve on {host} without an API key: anyone who can reach it "
+                f"could use it. Give --api-key or {API_KEY_ENV} (and put a TLS reverse proxy "
+                "in front), or --insecure to serve openly anyway"
+            )
+        logger.warning(
+            "serving on %s WITHOUT an API key (--insecure): anyone who can reach it can use it",
+            host,
+        )
+    sock = bind_socket(host, port)
+    try:
+        inspector = open_inspector(path, backend, device)
+        app = create_app(
+            inspector,
+            max_upload_bytes=max_upload_bytes,
+            max_concurrency=max_concurrency,
+            max_queue=max_queue,
+            tile=tile,
+            max_batch=max_batch,
+            max_pixels=max_pixels,
+            api_keys=api_keys,
+        )
+    except BaseException:
+        sock.close()
+        raise
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["defectlab"] = {"handlers": ["default"], "level": "INFO"}
     config = uvicorn.Config(app, host=host, port=port, workers=1, log_config=log_config)
@@ -523,7 +668,7 @@ def serve(
         host,
         port,
     )
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])
 
 
-__all__ = ["InspectResult", "ModelInfo", "create_app", "serve"]
+__all__ = ["API_KEY_ENV", "InspectResult", "ModelInfo", "create_app", "read_api_keys", "serve"]
