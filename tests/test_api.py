@@ -58,7 +58,7 @@ def test_same_seed_same_numbers(tmp_path: Path) -> None:
 
 def test_resume_of_a_finished_run_reproduces_it(flat_run: Path) -> None:
     before = json.loads((flat_run / "calibration.json").read_text())
-    again = dl.train("pixelstats", "ignored", flat_run, resume=True, progress=False)
+    again = dl.train("pixelstats", flat_run.parent / "data", flat_run, resume=True, progress=False)
     assert again.calibration == before
 
 

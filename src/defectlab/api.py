@@ -453,6 +453,10 @@ def train(
         config = RunConfig.from_dict(read_json(run_dir / "config.json"))
         if config.model != model:
             raise ConfigError(f"{run_dir} trains {config.model!r}; cannot resume it as {model!r}")
+        asked = build_config(
+            model, data, category=category, image_size=image_size, seed=seed, overrides=overrides
+        )
+        _check_resume_arguments(run_dir, config, asked, category, image_size, seed, overrides)
     else:
         config = build_config(
             model,
@@ -476,6 +480,44 @@ def train(
         )
     finally:
         dist.shutdown(context)
+
+
+def _check_resume_arguments(
+    run_dir: Path,
+    stored: RunConfig,
+    asked: RunConfig,
+    category: str | None,
+    image_size: int | None,
+    seed: int | None,
+    overrides: Sequence[str],
+) -> None:
+    """``--resume`` continues a run as it was started: refuse, naming them, the arguments
+    given that contradict its stored config (rather than ignore them and exit 0)."""
+    compared = [("data", "data.path")]
+    compared += [("data", "data.category")] if category is not None else []
+    compared += [("image size", "data.image_size")] if image_size is not None else []
+    compared += [("seed", "train.seed")] if seed is not None else []
+    for section, values in parse_set_options(list(overrides)).items():
+        compared += [(f"--set {section}.{key}", f"{section}.{key}") for key in values]
+    differing = []
+    for label, key in compared:
+        section, name = key.split(".", 1)
+        if section == "model":
+            was, now = stored.model_config.get(name), asked.model_config.get(name)
+        else:
+            was, now = (getattr(getattr(c, section), name) for c in (stored, asked))
+        was, now = (list(v) if isinstance(v, tuple) else v for v in (was, now))  # as in JSON
+        if key == "data.path":
+            same = was == now or Path(str(was)).resolve() == Path(str(now)).resolve()
+        else:
+            same = was == now
+        if not same:
+            differing.append(f"{label} {now} (the run has {was})")
+    if differing:
+        raise ConfigError(
+            f"{run_dir}: --resume continues the run as it was started, but "
+            f"{'; '.join(differing)}; drop these arguments, or train a new run with another --out"
+        )
 
 
 def _quiet_logger() -> logging.Logger:
