@@ -5,10 +5,21 @@ the normal validation share, evaluates on the held-out test share and prints one
 (model, dataset) with the split name, training wall time, inference images/s (model time at
 the run's image size, data already decoded) and the peak resident memory of the process
 that trained and evaluated it. Each pair runs in its own process so that peak RAM is that
-model's own. Results also go to ``OUT/results.json``; a finished run folder is reused.
+model's own. Results also go to ``OUT/results.json``, merged with the rows of earlier
+invocations; a finished run folder is reused.
 
     .venv/bin/python benchmarks/detection.py --models pixelstats ae flow \
         --datasets elpv ../shared/data/magnetic-tile --out runs/bench
+
+``--set KEY=VALUE`` overrides go to every model of the invocation and name its run folders
+(``MODEL-DATASET-SIZE-sSEED-SETTINGS``), so a model's variants do not reuse each other's runs:
+
+    .venv/bin/python benchmarks/detection.py --models deepsvdd --set features=pixels \
+        --set epochs=8 --datasets ../shared/data/magnetic-tile --out runs/bench --write-docs
+
+``--write-docs [PAGE]`` writes each dataset's table into ``docs/results/PAGE.md`` (default
+``detection``) as the section ``detection-DATASET-SIZE[-sSEED][-SETTINGS]``, with the command
+and the date; a rerun with the same dataset and settings replaces its section.
 
 ``--peers draem ganomaly`` also trains those anomalib models in the same run, on exactly the
 split of the first model's run for each dataset, with ``benchmarks/anomalib_peer.py`` in the
@@ -24,11 +35,45 @@ import sys
 import time
 from pathlib import Path
 
-from weak_supervision import job_rows, peak_rss_mb
+from _common import (
+    add_write_docs,
+    docs_key,
+    fmt_number,
+    job_rows,
+    markdown_table,
+    peak_rss_mb,
+    write_section,
+)
 
 PEER_PYTHON = Path(__file__).with_name("anomalib") / ".venv" / "bin" / "python"
 PEER_SETUP = "benchmarks/anomalib/setup.sh"
 KEYS = ("image_auroc", "image_ap", "pixel_auroc", "aupro", "dice", "f1")
+#: columns of the results page: metrics with 3 decimals, costs with 1
+DOC_COLUMNS = (
+    ("model", "model", str),
+    ("split", "split", str),
+    ("image_auroc", "image AUROC", fmt_number(3)),
+    ("image_ap", "image AP", fmt_number(3)),
+    ("pixel_auroc", "pixel AUROC", fmt_number(3)),
+    ("aupro", "AUPRO", fmt_number(3)),
+    ("dice", "Dice", fmt_number(3)),
+    ("train_seconds", "train s", fmt_number(1)),
+    ("images_per_second", "img/s", fmt_number(1)),
+    ("peak_rss_mb", "peak RAM MB", fmt_number(0)),
+)
+
+
+def settings_suffix(overrides: list[str]) -> str:
+    """A short name of the ``--set`` overrides for run folders and section keys ("" for
+    none): ``["features=pixels", "epochs=8"]`` → ``features-pixels-epochs-8``."""
+    return docs_key(*(item.replace("=", "-") for item in overrides))
+
+
+def run_name(model: str, dataset: str, args: argparse.Namespace) -> str:
+    """The run folder of ``model`` on ``dataset`` under ``args.out``."""
+    name = f"{model}-{Path(dataset).name}-{args.image_size}-s{args.seed}"
+    suffix = settings_suffix(args.set)
+    return f"{name}-{suffix}" if suffix else name
 
 
 def run_one(args: argparse.Namespace) -> dict:
@@ -37,7 +82,7 @@ def run_one(args: argparse.Namespace) -> dict:
 
     name = Path(args.datasets[0]).name
     model = args.models[0]
-    run_dir = args.out / f"{model}-{name}-{args.image_size}-s{args.seed}"
+    run_dir = args.out / run_name(model, args.datasets[0], args)
     started = time.perf_counter()
     if (run_dir / api.MODEL_FILE).exists():
         print(f"reusing trained run {run_dir}", file=sys.stderr)
@@ -72,7 +117,7 @@ def run_one(args: argparse.Namespace) -> dict:
 def peer_rows(args: argparse.Namespace, dataset: str) -> list[dict]:
     """The anomalib peers' rows on the split of the first model's run on ``dataset``."""
     name = Path(dataset).name
-    split = args.out / f"{args.models[0]}-{name}-{args.image_size}-s{args.seed}" / "split.json"
+    split = args.out / run_name(args.models[0], dataset, args) / "split.json"
     if not split.exists():
         print(f"FAILED: anomalib peers on {dataset}: no split file {split}", file=sys.stderr)
         return []
@@ -99,6 +144,7 @@ def main() -> None:
     parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
     parser.add_argument("--peer-epochs", type=int, help="anomalib_peer.py --epochs")
     parser.add_argument("--peer-max-train", type=int, help="anomalib_peer.py --max-train")
+    add_write_docs(parser, "detection")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peers and not args.peer_python.exists():
@@ -119,8 +165,9 @@ def main() -> None:
             rows += job_rows(command, f"{model} on {dataset}") or []
         if args.peers:
             rows += peer_rows(args, dataset)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    for row in rows:
+        row["settings"] = list(args.set)
+    merged = merge_results(args.out / "results.json", rows)
     header = f"{'model':<16} {'dataset':<15} {'split':<28} " + " ".join(f"{k:>11}" for k in KEYS)
     print(header + f" {'train_s':>8} {'img/s':>8} {'peak_MB':>8}")
     for r in rows:
@@ -129,6 +176,55 @@ def main() -> None:
             f"{r[k]:>8.1f}" for k in ("train_seconds", "images_per_second", "peak_rss_mb")
         )
         print(f"{r['model']:<16} {r['dataset']:<15} {r['split']:<28} {values} {extra}")
+    if args.write_docs:
+        write_docs(args, merged)
+
+
+def _identity(row: dict) -> tuple:
+    return (
+        row["model"],
+        row["dataset"],
+        row["image_size"],
+        row["seed"],
+        tuple(row.get("settings", [])),
+    )
+
+
+def merge_results(path: Path, rows: list[dict]) -> list[dict]:
+    """Add ``rows`` to the results file ``path``, replacing earlier rows of the same model,
+    dataset, size, seed and settings; returns (and writes) the merged list. Rows of earlier
+    invocations stay, so a results page can gather models benchmarked one at a time."""
+    old = json.loads(path.read_text()) if path.exists() else []
+    new = {_identity(r) for r in rows}
+    merged = [r for r in old if _identity(r) not in new] + rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(merged, indent=2))
+    return merged
+
+
+def write_docs(args: argparse.Namespace, rows: list[dict]) -> None:
+    """One section per dataset of this invocation in the results page ``args.write_docs``:
+    every row of ``rows`` with that dataset and this invocation's size, seed and settings."""
+    for dataset in args.datasets:
+        name = Path(dataset).name
+        wanted = (name, args.image_size, args.seed, tuple(args.set))
+        table_rows = [r for r in rows if _identity(r)[1:] == wanted]
+        if not table_rows:
+            continue
+        seed = f"s{args.seed}" if args.seed != 0 else ""
+        key = docs_key("detection", name, args.image_size, seed, settings_suffix(args.set))
+        settings = ", ".join(f"`{item}`" for item in args.set) or "each model's defaults"
+        title = f"{name}, {args.image_size} px, seed {args.seed}: {settings}"
+        notes = (
+            f"Split {table_rows[0]['split']}; {table_rows[0]['n_normal']} normal and "
+            f"{table_rows[0]['n_defect']} defective test images. Trained on normal training "
+            "images only, thresholds from the normal validation images. Timing columns are "
+            "measured on whatever else the machine was running: compare them only within a row."
+        )
+        path = write_section(
+            args.write_docs, key, title, markdown_table(table_rows, DOC_COLUMNS), notes=notes
+        )
+        print(f"wrote section {key} of {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Deep SVDD: bias-free network, fixed centre, both objectives, maps, state and resume."""
+"""Deep SVDD: the seed's bias-free CNN (features=pixels) and the version on frozen Lite0
+patch features (the default): fixed centre, both objectives, collapse guard, maps, score
+normaliser, state, resume and ONNX export."""
 
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ import torch
 from torch import nn
 
 from defectlab.detect.deepsvdd import DeepSVDD, DeepSVDDConfig
+from defectlab.detect.nuisance import image_statistics
+from defectlab.runs import load_checkpoint, restore_model, save_checkpoint
 from defectlab.training import fit
-from tests.conftest import to_nchw, with_square
+from tests.conftest import striped_normals, textured, to_nchw, with_defect, with_square, write_image
 
 SIZE = 32
-SMALL = {"width": 8, "depth": 2, "rep_dim": 16, "kernel_size": 3}
+SMALL = {"features": "pixels", "width": 8, "depth": 2, "rep_dim": 16, "kernel_size": 3}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -176,7 +180,7 @@ def test_predict_before_fit_and_bad_image_sizes() -> None:
     with pytest.raises(RuntimeError, match="before fit"):
         _model().predict(torch.rand(1, 1, SIZE, SIZE))
     with pytest.raises(ValueError, match="divisible by the network's stride 8"):
-        DeepSVDD(DeepSVDDConfig(depth=3), image_size=36)
+        DeepSVDD(DeepSVDDConfig(features="pixels", depth=3), image_size=36)
     model = _model(epochs=2)
     model.center = torch.ones(16)
     with pytest.raises(ValueError, match="not divisible"):
@@ -189,7 +193,7 @@ def test_predict_before_fit_and_bad_image_sizes() -> None:
         ({"objective": "hard"}, "objective must be one of"),
         ({"nu": 0.0}, "nu must be in"),
         ({"nu": 1.5}, "nu must be in"),
-        ({"epochs": 3, "pretrain_epochs": 2}, "at least pretrain_epochs \\+ 2 = 4"),
+        ({"features": "pixels", "epochs": 3, "pretrain_epochs": 2}, "pretrain_epochs \\+ 2 = 4"),
         ({"epochs": 1}, "at least pretrain_epochs"),
         ({"pretrain_epochs": -1}, "pretrain_epochs must be"),
         ({"kernel_size": 4}, "odd"),
@@ -198,6 +202,15 @@ def test_predict_before_fit_and_bad_image_sizes() -> None:
         ({"weight_decay": -1.0}, "weight_decay"),
         ({"score_top_fraction": 0.0}, "score_top_fraction"),
         ({"depth": 0}, "depth must be"),
+        ({"features": "resnet50"}, "features must be one of lite0, pixels"),
+        ({"pretrain_epochs": 1, "epochs": 4}, "applies to features=pixels only"),
+        ({"variance_weight": 1.0}, "variance_weight must be above 1"),
+        ({"variance_floor": 1.0}, "variance_floor must be in"),
+        ({"center": "median"}, "center must be one of auto, global, position"),
+        ({"patch_size": 2}, "patch_size must be a positive odd"),
+        ({"feature_blocks": (10, 4)}, "strictly increasing"),
+        ({"score_normalization": "zscore"}, "score_normalization must be one of"),
+        ({"normalization_samples": 2}, "normalization_samples must be at least"),
     ],
 )
 def test_bad_configs_are_refused(overrides: dict, message: str) -> None:
@@ -249,3 +262,195 @@ def test_resume_after_interruption_reproduces_the_run(
         assert torch.equal(resumed.state_dict()["encoder"][key], value), key
     x = to_nchw(_normals(4, seed=9))
     assert torch.equal(resumed.predict(x).scores, reference.predict(x).scores)
+
+
+# --- the version on frozen pretrained features ------------------------------------------------
+FSIZE = 64
+FEAT = {"rep_dim": 16, "head_width": 32, "lr": 3e-3}
+SQUARE = (36, 16, 12)  # top, left, side of the synthetic defect
+
+
+def _feature_model(**overrides) -> DeepSVDD:
+    torch.manual_seed(0)
+    return DeepSVDD(DeepSVDDConfig(**(FEAT | {"epochs": 8} | overrides)), image_size=FSIZE)
+
+
+def _feature_fit(model: DeepSVDD, run_dir: Path, **kwargs) -> list[dict]:
+    return fit(model, striped_normals(32), run_dir=run_dir, batch_size=8, progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def feature_run(tmp_path_factory) -> tuple[DeepSVDD, list[dict]]:
+    model = _feature_model(epochs=10)
+    return model, _feature_fit(model, tmp_path_factory.mktemp("dsvdd-lite0"))
+
+
+def _initial_std(model: DeepSVDD) -> torch.Tensor:
+    """Each head output dimension's standard deviation at the centre pass."""
+    mean = model._center_sum / model._center_count
+    variance = (model._center_sq / model._center_count - mean.pow(2)).clamp_min(0)
+    return variance.mean(dim=(1, 2)).sqrt().float()
+
+
+def test_the_default_is_the_frozen_backbone_with_a_bias_free_head() -> None:
+    model = DeepSVDD(DeepSVDDConfig(**FEAT), image_size=FSIZE)
+    assert model.config.features == "lite0" and model.config.per_position
+    assert model.backbone is not None
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    names = [n for n, _ in model.encoder.named_parameters()]
+    assert names and not any("bias" in n for n in names)
+    batch_norms = [m for m in model.encoder.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert batch_norms and not any(m.affine for m in batch_norms)
+    # stride 8: a 64-pixel image gives an 8×8 grid; one centre per grid location
+    assert model.embed(torch.rand(2, 1, FSIZE, FSIZE)).shape == (2, 16, 8, 8)
+    assert model.center_shape == (16, 8, 8)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        DeepSVDD(DeepSVDDConfig(**FEAT), image_size=48)
+
+
+def test_features_centre_is_the_per_location_mean_of_the_initial_head(tmp_path: Path) -> None:
+    model = _feature_model(epochs=2, eps=0.0)
+    initial = _feature_model(epochs=2, eps=0.0)  # the same seeded initial head
+    images = striped_normals(32)
+    fit(model, images, run_dir=tmp_path / "run", batch_size=32, progress=False)
+    initial.encoder.train()
+    with torch.no_grad():
+        expected = initial.embed(to_nchw(images)).mean(dim=0)
+    assert model.center.shape == (16, 8, 8)
+    assert torch.allclose(model.center, expected, atol=1e-5)
+    # the floor is the chosen share of the initial within-location spread
+    assert torch.allclose(model.std_floor, 0.5 * _initial_std(model), rtol=1e-5)
+
+
+def test_features_separate_an_obvious_anomaly_and_localise_it(feature_run) -> None:
+    model, _ = feature_run
+    normals = striped_normals(8, seed=5)
+    defects = with_square(normals, *SQUARE)
+    out_normal, out_defect = model.predict(to_nchw(normals)), model.predict(to_nchw(defects))
+    assert out_defect.maps.shape == (8, FSIZE, FSIZE) and out_defect.scores.shape == (8,)
+    assert out_defect.scores.min() > out_normal.scores.max()
+    top, left, side = SQUARE
+    for heat in out_defect.maps:
+        row, col = np.unravel_index(heat.argmax().item(), (FSIZE, FSIZE))
+        assert top - 8 <= row < top + side + 8 and left - 8 <= col < left + side + 8
+
+
+def test_variance_floor_keeps_the_head_from_collapsing(feature_run, tmp_path: Path) -> None:
+    """With the guard, every output dimension keeps at least (about) the floor's share of its
+    initial spread on unseen normal images; without it, the same training shrinks them."""
+    model, history = feature_run
+    images = to_nchw(striped_normals(16, seed=5))
+    guarded = (model.head_output_std(images) / _initial_std(model)).min()
+    assert guarded >= 0.9 * model.config.variance_floor, guarded
+    assert all(row["std_ratio"] > 0.5 for row in history if "std_ratio" in row)
+
+    free = _feature_model(epochs=10, variance_floor=0.0)
+    _feature_fit(free, tmp_path / "free")
+    assert free.std_floor is None
+    collapsed = (free.head_output_std(images) / _initial_std(free)).min()
+    assert collapsed < 0.7 * model.config.variance_floor < guarded, (collapsed, guarded)
+
+
+def test_features_state_round_trip_and_foreign_backbone(feature_run, tmp_path: Path) -> None:
+    model, _ = feature_run
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model)
+    clone = _feature_model(epochs=10)
+    restore_model(load_checkpoint(path, "deepsvdd"), clone, path)
+    x = to_nchw(with_square(striped_normals(4, seed=2), *SQUARE))
+    a, b = model.predict(x), clone.predict(x)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
+    assert torch.equal(clone.std_floor, model.std_floor)
+    state = model.state_dict()
+    assert not any(key.startswith("backbone.") for key in state["encoder"])  # weights not copied
+    foreign = state | {"backbone": state["backbone"] | {"sha256": "0" * 64}}
+    with pytest.raises(ValueError, match="EfficientNet-Lite0 weights"):
+        _feature_model(epochs=10).load_state_dict(foreign)
+    with pytest.raises(ValueError, match="features=pixels"):
+        _feature_model(epochs=10).load_state_dict(_model().state_dict())
+    with pytest.raises(ValueError, match="differs from the model's 64"):
+        model.predict(torch.rand(1, 1, 96, 96))
+
+
+def test_image_statistics_normaliser_removes_brightness(tmp_path: Path) -> None:
+    model = _feature_model(epochs=4, score_normalization="image_statistics")
+    _feature_fit(model, tmp_path / "run")
+    assert model.score_normalizer.fitted
+    x = to_nchw(striped_normals(6, seed=4))
+    raw, _ = model._raw(x)
+    expected = model.score_normalizer(raw, image_statistics(x))
+    assert torch.allclose(model.predict(x).scores, expected)
+    assert not torch.allclose(model.predict(x).scores, raw)
+
+
+# steps 1-4: centre pass, 5-8: first SVDD epoch ... dying in step k leaves the checkpoint of
+# step k - 1 rounded down to even: mid centre pass, mid SVDD.
+@pytest.mark.parametrize("die_at", [3, 7])
+def test_features_resume_after_interruption_reproduces_the_run(
+    tmp_path: Path, monkeypatch, die_at: int
+) -> None:
+    def run(run_dir: Path, **kwargs) -> tuple[DeepSVDD, list[dict]]:
+        model = _feature_model(epochs=3, objective="soft-boundary")
+        history = fit(
+            model,
+            striped_normals(32),
+            run_dir=run_dir,
+            batch_size=8,
+            checkpoint_every=2,
+            progress=False,
+            **kwargs,
+        )
+        return model, history
+
+    reference, ref_history = run(tmp_path / "ref")
+    calls = {"n": 0}
+    original = DeepSVDD.training_step
+
+    def interrupted(self, batch):
+        calls["n"] += 1
+        if calls["n"] == die_at:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(DeepSVDD, "training_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run")
+    monkeypatch.setattr(DeepSVDD, "training_step", original)
+    resumed, history = run(tmp_path / "run", resume=True)
+    assert history == ref_history
+    assert resumed.radius == reference.radius > 0
+    assert torch.equal(resumed.center, reference.center)
+    assert torch.equal(resumed.std_floor, reference.std_floor)
+    x = to_nchw(striped_normals(4, seed=9))
+    assert torch.equal(resumed.predict(x).scores, reference.predict(x).scores)
+
+
+def test_features_version_trains_evaluates_predicts_and_exports(tmp_path: Path) -> None:
+    """End to end through the API on a folder of images, the ONNX graph included (with the
+    score normaliser in it)."""
+    import defectlab.api as dl
+    from defectlab.deploy.onnx import export_onnx
+
+    rng = np.random.default_rng(3)
+    root = tmp_path / "data"
+    for i in range(24):
+        write_image(root / "normal" / f"n{i:02d}.png", textured(rng, FSIZE))
+    for i in range(6):
+        image, mask = with_defect(textured(rng, FSIZE), rng)
+        write_image(root / "defect" / f"d{i:02d}.png", image)
+        write_image(root / "masks" / f"d{i:02d}.png", mask)
+    settings = ["model.epochs=3", "model.rep_dim=16", "model.head_width=32"]
+    settings += ["model.score_normalization=image_statistics", "model.normalization_samples=8"]
+    run = dl.train(
+        "deepsvdd",
+        root,
+        tmp_path / "run",
+        image_size=FSIZE,
+        device="cpu",
+        overrides=settings,
+        progress=False,
+    )
+    metrics = dl.evaluate(run.run_dir, root, tmp_path / "eval", device="cpu")
+    assert 0.0 <= metrics["image_auroc"] <= 1.0
+    meta = export_onnx(run.run_dir, tmp_path / "export")
+    assert meta["check"]["score_within_tolerance"] and meta["check"]["anomaly_map_within_tolerance"]

@@ -1,5 +1,34 @@
 """Deep SVDD (Ruff et al., ICML 2018): map normal data into a small hypersphere.
 
+Two versions share the objectives, the centre pass, the map and the score:
+
+* ``features="lite0"`` (the default; any backbone name of :mod:`defectlab.detect.features`
+  works): the PANDA-style variant (Reiss et al., CVPR 2021) on *pretrained* patch
+  features. The frozen ImageNet backbone gives the stride-8 and stride-16 maps
+  (``feature_blocks``), each averaged over a ``patch_size`` neighbourhood, the coarser one
+  up-sampled, concatenated (as in ``patchmemory``); a bias-free projection head φ (non-affine
+  BatchNorm of the frozen features, 1×1 convolution, non-affine BatchNorm, LeakyReLU, 1×1
+  convolution to ``rep_dim``) is the only trained part. Guard against collapse, in three
+  parts: the backbone is frozen (it cannot learn to map everything to one point); the head
+  has no bias and its input is standardised, so a constant output would have to be built
+  from the features' variation; and a *variance floor*: each output dimension's standard
+  deviation over the batch's locations must stay at least ``variance_floor`` times its value
+  at the centre pass, enforced by ``variance_weight`` × Σₖ max(0, floorₖ² − varₖ) in the
+  loss. Any weight above 1 makes dropping below the floor cost more distance than it saves,
+  so the head cannot shrink the normal features to c and instead learns to emphasise the
+  directions in which normal patches vary least (where Mahalanobis-type detectors find
+  their discriminative power, Kamoi & Kobayashi 2020). The logged ``std_ratio`` is the
+  smallest ratio of an output dimension's current to initial standard deviation.
+* ``features="pixels"``: the seed's exact version below, a CNN learnt from the pixels.
+
+Both versions: the centre is fixed from the initial features (the centre pass below), the
+anomaly map is the squared distance of each location's feature to c, up-sampled, and the
+score is as described next. ``score_normalization="image_statistics"`` then subtracts what
+brightness and texture predict of the score (:mod:`defectlab.detect.nuisance`, fitted on
+``normalization_samples`` training images at the end of training).
+
+The seed version (``features="pixels"``):
+
 A bias-free fully convolutional encoder φ maps every image to a grid of feature vectors (one
 per spatial location, stride ``2 ** depth``). Training pulls the features of normal images
 towards a fixed centre ``c``; at test time the squared distance ``‖φ(x)_ij − c‖²`` of each
@@ -48,12 +77,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectlab.base import ModelConfig, Prediction
+from defectlab.config import check_choice
 from defectlab.detect.base import Detector
+from defectlab.detect.features import (
+    BLOCK_LAYOUT,
+    Lite0Features,
+    check_identity,
+    check_image_size,
+    validate_blocks,
+)
+from defectlab.detect.nuisance import ScoreNormalizer, image_statistics
 from defectlab.ops import gaussian_blur, top_fraction_mean
 from defectlab.registry import register
 
 OBJECTIVES = ("one-class", "soft-boundary")
 SCORES = ("topk", "global")
+#: pretrained backbones of :mod:`defectlab.detect.features` usable as ``features``
+BACKBONES = ("lite0",)
+#: ``features`` values: a pretrained backbone, or "pixels" (the seed's CNN on the image)
+FEATURES = (*BACKBONES, "pixels")
+SCORE_NORMALIZATIONS = ("none", "image_statistics")
+#: "global": one centre; "position": one centre per grid location; "auto": position for
+#: pretrained features, global for pixels (the seed)
+CENTERS = ("auto", "global", "position")
+#: a linear fit of the five image statistics needs a few more images than unknowns
+MIN_NORMALIZATION_SAMPLES = 8
 LEAKY_SLOPE = 0.01
 # log10 range and resolution of the distance histogram used for the soft-boundary quantile
 _HIST_LOG_MIN, _HIST_LOG_MAX, _HIST_BINS = -12.0, 6.0, 4096
@@ -63,26 +111,44 @@ _HIST_LOG_MIN, _HIST_LOG_MAX, _HIST_BINS = -12.0, 6.0, 4096
 class DeepSVDDConfig(ModelConfig):
     #: total trainer epochs: pretrain_epochs AE epochs + 1 centre pass + SVDD epochs
     epochs: int = 12
+    #: "lite0": frozen pretrained patch features + trained bias-free head (see the module
+    #: docstring); "pixels": the seed's CNN trained from the image
+    features: str = "lite0"
     #: "one-class" (mean distance) or "soft-boundary" (radius R with outlier share ν)
     objective: str = "one-class"
     #: soft boundary: share of training distances allowed outside the sphere, in (0, 1]
     nu: float = 0.1
-    #: leading epochs of autoencoder pre-training (0 = none)
+    #: leading epochs of autoencoder pre-training (0 = none; features=pixels only)
     pretrain_epochs: int = 0
-    #: channels of the first convolution; doubled at each of the ``depth`` stages
+    #: pixels: channels of the first convolution; doubled at each of the ``depth`` stages
     width: int = 16
-    #: number of conv + 2×2 max-pool stages; the feature stride is 2 ** depth
+    #: pixels: number of conv + 2×2 max-pool stages; the feature stride is 2 ** depth
     depth: int = 3
     #: feature dimension of each location (the final 1×1 convolution)
     rep_dim: int = 64
-    #: side of the square convolution kernels (odd)
+    #: pixels: side of the square convolution kernels (odd)
     kernel_size: int = 5
+    #: features: backbone blocks whose outputs form the patch feature (stride 8 and 16)
+    feature_blocks: tuple[int, ...] = (4, 10)
+    #: features: side of the local average-pooling neighbourhood of each map (odd; 1 = none)
+    patch_size: int = 3
+    #: features: hidden channels of the projection head
+    head_width: int = 256
+    #: features: collapse guard, each output dimension's standard deviation may not fall
+    #: below this share of its value at the centre pass (0 = no floor)
+    variance_floor: float = 0.5
+    #: features: weight of the floor's hinge penalty; above 1 the floor holds
+    variance_weight: float = 10.0
     #: Adam learning rate (both phases)
     lr: float = 1e-3
     #: Adam weight decay (L2 on the weights, the paper's regulariser), both phases
     weight_decay: float = 1e-6
     #: centre coordinates with |c_k| < eps are pushed to ±eps (collapse guard)
     eps: float = 0.1
+    #: "global" (one centre c, the seed), "position" (one centre per location of the feature
+    #: grid, for images whose layout is fixed: borders, busbars) or "auto" (position for
+    #: pretrained features, global for pixels)
+    center: str = "auto"
     #: image score: "topk" (mean of the top share of the map) or "global" (distance of the
     #: global-average-pooled feature)
     score: str = "topk"
@@ -90,26 +156,48 @@ class DeepSVDDConfig(ModelConfig):
     score_top_fraction: float = 0.01
     #: Gaussian smoothing of the up-sampled map, in pixels (0 = none)
     map_sigma: float = 0.0
+    #: "image_statistics": subtract the score that brightness and texture predict (a linear
+    #: fit over normalization_samples training images kept from the first batches)
+    score_normalization: str = "none"
+    normalization_samples: int = 256
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        check_choice("features", self.features, FEATURES)
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("score", self.score, SCORES)
+        check_choice("score_normalization", self.score_normalization, SCORE_NORMALIZATIONS)
+        check_choice("center", self.center, CENTERS)
         if not 0 < self.nu <= 1:
             raise ValueError(f"nu must be in (0, 1], got {self.nu}")
         if self.pretrain_epochs < 0:
             raise ValueError(f"pretrain_epochs must be >= 0, got {self.pretrain_epochs}")
+        if self.pretrain_epochs > 0 and self.features != "pixels":
+            raise ValueError(
+                "pretrain_epochs (autoencoder pre-training of the CNN) applies to "
+                f"features=pixels only; with features={self.features} the backbone is "
+                "pretrained already: set pretrain_epochs=0"
+            )
         if self.epochs < self.pretrain_epochs + 2:
             raise ValueError(
                 f"epochs must be at least pretrain_epochs + 2 = {self.pretrain_epochs + 2} "
                 f"(pre-training epochs, one centre pass, then SVDD epochs), got {self.epochs}"
             )
-        for name in ("width", "depth", "rep_dim"):
+        for name in ("width", "depth", "rep_dim", "head_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+        self.feature_blocks = tuple(int(b) for b in self.feature_blocks)
+        validate_blocks(self.feature_blocks)
+        if self.patch_size < 1 or self.patch_size % 2 == 0:
+            raise ValueError(f"patch_size must be a positive odd number, got {self.patch_size}")
+        if not 0 <= self.variance_floor < 1:
+            raise ValueError(f"variance_floor must be in [0, 1), got {self.variance_floor}")
+        if self.variance_floor > 0 and not self.variance_weight > 1:
+            raise ValueError(
+                f"variance_weight must be above 1 for the variance floor to hold, got "
+                f"{self.variance_weight} (or set variance_floor=0 to turn the guard off)"
+            )
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.weight_decay < 0:
@@ -120,6 +208,23 @@ class DeepSVDDConfig(ModelConfig):
             raise ValueError(f"score_top_fraction must be in (0, 1], got {self.score_top_fraction}")
         if self.map_sigma < 0:
             raise ValueError(f"map_sigma must be >= 0, got {self.map_sigma}")
+        if self.normalization_samples < MIN_NORMALIZATION_SAMPLES:
+            raise ValueError(
+                f"normalization_samples must be at least {MIN_NORMALIZATION_SAMPLES}, got "
+                f"{self.normalization_samples}"
+            )
+
+    @property
+    def per_position(self) -> bool:
+        """Whether each grid location has its own centre (``center``, resolved)."""
+        if self.center == "auto":
+            return self.features != "pixels"
+        return self.center == "position"
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels of the concatenated backbone patch feature (features mode)."""
+        return sum(BLOCK_LAYOUT[b][1] for b in self.feature_blocks)
 
 
 def _stage(c_in: int, c_out: int, kernel: int) -> list[nn.Module]:
@@ -143,6 +248,16 @@ def build_encoder(channels: int, cfg: DeepSVDDConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def build_head(in_channels: int, cfg: DeepSVDDConfig) -> nn.Sequential:
+    """Bias-free projection head over frozen patch features: non-affine BN (standardises the
+    features), 1×1 conv, non-affine BN, LeakyReLU, 1×1 conv to ``rep_dim``."""
+    return nn.Sequential(
+        nn.BatchNorm2d(in_channels, eps=1e-4, affine=False),
+        *_stage(in_channels, cfg.head_width, 1),
+        nn.Conv2d(cfg.head_width, cfg.rep_dim, 1, bias=False),
+    )
+
+
 def build_decoder(channels: int, cfg: DeepSVDDConfig) -> nn.Sequential:
     """The encoder mirrored, bias-free: 1×1 conv back from ``rep_dim``, then ``depth`` ×
     (nearest 2× up-sampling, conv, non-affine BN, LeakyReLU) and a final conv to the image
@@ -163,6 +278,22 @@ def build_decoder(channels: int, cfg: DeepSVDDConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def patch_features(maps: list[torch.Tensor], patch_size: int) -> torch.Tensor:
+    """Backbone maps, each averaged over a ``patch_size`` neighbourhood, up-sampled to the
+    finest grid and concatenated: (B, Σ C_i, h, w)."""
+    pooled = [
+        F.avg_pool2d(m, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False)
+        if patch_size > 1
+        else m
+        for m in maps
+    ]
+    size = pooled[0].shape[-2:]
+    pooled = [
+        m if m.shape[-2:] == size else F.interpolate(m, size, mode="bilinear") for m in pooled
+    ]
+    return torch.cat(pooled, dim=1)
+
+
 def _hist_quantile(hist: torch.Tensor, q: float) -> float:
     """The ``q`` quantile of values histogrammed in log10-spaced bins (linear in log within a
     bin)."""
@@ -178,39 +309,80 @@ def _hist_quantile(hist: torch.Tensor, q: float) -> float:
     return 10.0 ** (_HIST_LOG_MIN + (index + min(max(frac, 0.0), 1.0)) * width)
 
 
+def output_std(features: torch.Tensor, per_position: bool = False) -> torch.Tensor:
+    """Standard deviation of each output dimension over a batch: (B, D, h, w) → (D,). Over
+    all its locations, or (``per_position``) the root mean of each location's variance over
+    the images, so that differences between locations do not count as spread."""
+    if per_position:
+        return features.var(dim=0, unbiased=False).mean(dim=(1, 2)).clamp_min(0).sqrt()
+    rows = features.transpose(0, 1).flatten(1)
+    return rows.var(dim=1, unbiased=False).clamp_min(0).sqrt()
+
+
 @register
 class DeepSVDD(Detector):
+    """See the module docstring: the pretrained-feature version and the seed's CNN."""
+
     name: ClassVar[str] = "deepsvdd"
     description: ClassVar[str] = (
-        "Deep SVDD: bias-free CNN pulls patch features to a centre; map = patch distance to c"
+        "Deep SVDD on frozen Lite0 patch features: bias-free head pulled to a centre, variance "
+        "floor against collapse; map = patch distance to c (seed CNN: --set features=pixels)"
     )
     Config = DeepSVDDConfig
     config: DeepSVDDConfig
+    #: 2: the pretrained-feature version, the score normaliser
+    state_version: ClassVar[int] = 2
 
     def __init__(self, config: DeepSVDDConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
-        self.stride = 2**self.config.depth
-        if self.image_size % self.stride != 0:
-            raise ValueError(
-                f"deepsvdd: image size {self.image_size} must be divisible by the network's "
-                f"stride {self.stride} (2 ** depth, depth={self.config.depth}); use e.g. "
-                f"{max(self.stride, round(self.image_size / self.stride) * self.stride)}"
-            )
-        self.encoder = build_encoder(self.channels, self.config).to(self.device)
+        cfg = self.config
+        self.backbone: Lite0Features | None = None
+        if cfg.features == "pixels":
+            self.stride = 2**cfg.depth
+            if self.image_size % self.stride != 0:
+                raise ValueError(
+                    f"deepsvdd: image size {self.image_size} must be divisible by the "
+                    f"network's stride {self.stride} (2 ** depth, depth={cfg.depth}); use e.g. "
+                    f"{max(self.stride, round(self.image_size / self.stride) * self.stride)}"
+                )
+            self.encoder = build_encoder(self.channels, cfg).to(self.device)
+        else:
+            check_image_size(self.name, self.image_size)
+            if self.channels not in (1, 3):
+                raise ValueError(f"deepsvdd: images must have 1 or 3 channels, got {self.channels}")
+            self.backbone = _build_backbone(cfg.features, cfg.feature_blocks, self.device)
+            self.stride = BLOCK_LAYOUT[cfg.feature_blocks[0]][0]
+            self.encoder = build_head(cfg.feature_dim, cfg).to(self.device)
         self.decoder = (
-            build_decoder(self.channels, self.config).to(self.device)
-            if self.config.pretrain_epochs > 0
-            else None
+            build_decoder(self.channels, cfg).to(self.device) if cfg.pretrain_epochs > 0 else None
         )
         self.center: torch.Tensor | None = None
         self.radius = 0.0
+        #: features: per-dimension lower bound of the head output's standard deviation
+        self.std_floor: torch.Tensor | None = None
+        self.score_normalizer = ScoreNormalizer()
         # training progress (resume state)
         self._epochs_done = 0
-        self._center_sum = torch.zeros(self.config.rep_dim, dtype=torch.float64)
+        #: shape of the centre: (rep_dim,) or (rep_dim, h, w) with one per grid location
+        side = self.image_size // self.stride
+        self.center_shape = (cfg.rep_dim, side, side) if cfg.per_position else (cfg.rep_dim,)
+        self._center_sum = torch.zeros(self.center_shape, dtype=torch.float64)
+        self._center_sq = torch.zeros(self.center_shape, dtype=torch.float64)
         self._center_count = 0
         self._hist = torch.zeros(_HIST_BINS, dtype=torch.float64)
+        self._kept: torch.Tensor | None = None
         self._svdd_opt: torch.optim.Optimizer | None = None
         self._ae_opt: torch.optim.Optimizer | None = None
+
+    # --- features ------------------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """φ(x): one feature vector per location, (B, rep_dim, H / stride, W / stride). The
+        caller sets the train/eval mode of the trained part (``encoder``)."""
+        if self.backbone is None:
+            return self.encoder(images)
+        with torch.no_grad():
+            frozen = patch_features(self.backbone(images), self.config.patch_size)
+        return self.encoder(frozen)
 
     # --- training ------------------------------------------------------------------------------
     @property
@@ -233,13 +405,26 @@ class DeepSVDD(Detector):
     def _distances(self, features: torch.Tensor) -> torch.Tensor:
         """Squared distance of each location's feature to c: (B, D, h, w) → (B, h, w)."""
         assert self.center is not None
-        return ((features - self.center.view(1, -1, 1, 1)) ** 2).sum(dim=1)
+        center = self.center if self.center.ndim == 3 else self.center.view(-1, 1, 1)
+        return ((features - center[None]) ** 2).sum(dim=1)
+
+    def _keep(self, images: torch.Tensor) -> None:
+        """Keep the first training images for the score normaliser (CPU)."""
+        cfg = self.config
+        held = 0 if self._kept is None else len(self._kept)
+        wanted = cfg.normalization_samples - held
+        if cfg.score_normalization == "none" or wanted <= 0:
+            return
+        new = images[:wanted].detach().float().cpu()
+        self._kept = new if self._kept is None else torch.cat([self._kept, new])
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         if self._svdd_opt is None:
             self.setup_training(0)
         images = batch["image"].to(self.device)
         self._check_size(images)
+        if self._epochs_done == 0:
+            self._keep(images)
         self.encoder.train()
         phase = self.phase
         if phase == "pretrain":
@@ -253,11 +438,17 @@ class DeepSVDD(Detector):
             return {"recon_loss": loss.item()}
         if phase == "center":
             with torch.no_grad():
-                features = self.encoder(images)
-            self._center_sum += features.double().sum(dim=(0, 2, 3)).cpu()
-            self._center_count += features.shape[0] * features.shape[2] * features.shape[3]
+                features = self.embed(images).double()
+            if self.config.per_position:
+                self._center_sum += features.sum(dim=0).cpu()
+                self._center_sq += features.pow(2).sum(dim=0).cpu()
+                self._center_count += features.shape[0]
+            else:
+                self._center_sum += features.sum(dim=(0, 2, 3)).cpu()
+                self._center_sq += features.pow(2).sum(dim=(0, 2, 3)).cpu()
+                self._center_count += features.shape[0] * features.shape[2] * features.shape[3]
             return {}
-        features = self.encoder(images)
+        features = self.embed(images)
         dist = self._distances(features)
         if self.config.objective == "one-class":
             loss = dist.mean()
@@ -265,11 +456,18 @@ class DeepSVDD(Detector):
             r2 = self.radius**2
             loss = r2 + F.relu(dist - r2).mean() / self.config.nu
             self._accumulate(dist.detach())
+        logs: dict[str, float] = {}
+        if self.std_floor is not None:
+            std = output_std(features, self.config.per_position)
+            floor = self.std_floor.to(std.device)
+            guard = F.relu(floor.pow(2) - std.pow(2)).sum()
+            loss = loss + self.config.variance_weight * guard
+            logs = {"guard": guard.item(), "std_ratio": (std / floor).min().item()}
         assert self._svdd_opt is not None
         self._svdd_opt.zero_grad(set_to_none=True)
         loss.backward()
         self._svdd_opt.step()
-        return {"loss": loss.item(), "mean_dist": dist.mean().item()}
+        return {"loss": loss.item(), "mean_dist": dist.mean().item()} | logs
 
     def _accumulate(self, dist: torch.Tensor) -> None:
         log = dist.double().clamp_min(1e-300).log10().cpu().flatten()
@@ -290,11 +488,17 @@ class DeepSVDD(Detector):
     def _fix_center(self) -> None:
         if self._center_count == 0:
             raise RuntimeError("deepsvdd: the centre pass saw no training data")
-        c = (self._center_sum / self._center_count).float()
+        mean = self._center_sum / self._center_count
+        c = mean.float()
         eps = self.config.eps
         c[(c.abs() < eps) & (c < 0)] = -eps
         c[(c.abs() < eps) & (c >= 0)] = eps
         self.center = c.to(self.device)
+        if self.backbone is not None and self.config.variance_floor > 0:
+            variance = (self._center_sq / self._center_count - mean.pow(2)).clamp_min(0)
+            if variance.ndim == 3:  # per position: the mean over locations of each variance
+                variance = variance.mean(dim=(1, 2))
+            self.std_floor = (self.config.variance_floor * variance.sqrt()).float().to(self.device)
 
     def finish_training(self) -> None:
         if self.center is None:
@@ -302,24 +506,41 @@ class DeepSVDD(Detector):
                 "deepsvdd: training ended before the centre pass; epochs must be at least "
                 "pretrain_epochs + 2"
             )
+        self.score_normalizer = ScoreNormalizer()
+        if self.config.score_normalization == "image_statistics":
+            kept = self._kept
+            if kept is None or len(kept) < MIN_NORMALIZATION_SAMPLES:
+                raise RuntimeError(
+                    f"deepsvdd: score_normalization=image_statistics needs at least "
+                    f"{MIN_NORMALIZATION_SAMPLES} training images, got "
+                    f"{0 if kept is None else len(kept)}"
+                )
+            raw = torch.cat([self._raw(chunk.to(self.device))[0].cpu() for chunk in kept.split(16)])
+            self.score_normalizer.fit(raw, image_statistics(kept))
 
     # --- inference -----------------------------------------------------------------------------
     def _check_size(self, images: torch.Tensor) -> None:
         h, w = images.shape[-2:]
-        if h % self.stride or w % self.stride:
+        if self.config.per_position and (h, w) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"deepsvdd: image size {h}×{w} differs from the model's {self.image_size}: a "
+                "centre per grid location needs the training size"
+            )
+        multiple = self.stride if self.backbone is None else 32
+        if h % multiple or w % multiple:
             raise ValueError(
                 f"deepsvdd: image size {h}×{w} is not divisible by the network's stride "
-                f"{self.stride} (2 ** depth)"
+                f"{multiple} ({'2 ** depth' if self.backbone is None else 'the backbone'})"
             )
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> Prediction:
+    def _raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (B,) before any normalisation, and maps (B, H, W)."""
         if self.center is None:
             raise RuntimeError("deepsvdd: predict before fit (the centre c is not set)")
-        images = images.to(self.device)
         self._check_size(images)
         self.encoder.eval()
-        features = self.encoder(images)
+        features = self.embed(images)
         offset = self.radius**2 if self.config.objective == "soft-boundary" else 0.0
         dist = self._distances(features)[:, None] - offset
         maps = F.interpolate(dist, size=images.shape[-2:], mode="bilinear", align_corners=False)
@@ -328,36 +549,71 @@ class DeepSVDD(Detector):
             scores = top_fraction_mean(maps, self.config.score_top_fraction)
         else:
             pooled = features.mean(dim=(2, 3))
-            scores = ((pooled - self.center) ** 2).sum(dim=1) - offset
+            center = self.center if self.center.ndim == 1 else self.center.mean(dim=(1, 2))
+            scores = ((pooled - center) ** 2).sum(dim=1) - offset
+        return scores, maps
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> Prediction:
+        images = images.to(self.device)
+        scores, maps = self._raw(images)
+        if self.score_normalizer.fitted:
+            scores = self.score_normalizer(scores, image_statistics(images))
         return Prediction(scores, maps)
+
+    @torch.no_grad()
+    def head_output_std(self, images: torch.Tensor) -> torch.Tensor:
+        """Standard deviation (rep_dim,) of each dimension of φ over all locations of
+        ``images`` in inference mode: the quantity the collapse guard keeps up."""
+        self.encoder.eval()
+        return output_std(self.embed(images.to(self.device)), self.config.per_position)
 
     # --- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "encoder": dict(self.encoder.state_dict()),
             "radius": float(self.radius),
+            "score_normalizer": self.score_normalizer.state_dict(),
         }
         if self.center is not None:
             state["center"] = self.center.detach().cpu()
+        if self.std_floor is not None:
+            state["std_floor"] = self.std_floor.detach().cpu()
+        if self.backbone is not None:
+            state["backbone"] = {"name": self.config.features, **self.backbone.identity()}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.backbone is not None:
+            stored = dict(state.get("backbone") or {})
+            if stored.get("name") != self.config.features:
+                raise ValueError(
+                    f"deepsvdd: checkpoint was made with features={stored.get('name', 'pixels')}"
+                    f", this model uses features={self.config.features}"
+                )
+            check_identity(self.name, stored, self.backbone.identity())
         _load_module(self.encoder, state["encoder"], "encoder")
         self.radius = float(state["radius"])
         center = state.get("center")
-        if center is not None and tuple(center.shape) != (self.config.rep_dim,):
+        if center is not None and tuple(center.shape) != self.center_shape:
             raise ValueError(
-                f"deepsvdd: centre has shape {tuple(center.shape)}, need ({self.config.rep_dim},)"
+                f"deepsvdd: centre has shape {tuple(center.shape)}, need {self.center_shape}"
             )
         self.center = center.float().to(self.device) if center is not None else None
+        floor = state.get("std_floor")
+        self.std_floor = floor.float().to(self.device) if floor is not None else None
+        self.score_normalizer.load_state_dict(state.get("score_normalizer"))
 
     def training_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "epochs_done": self._epochs_done,
             "center_sum": self._center_sum.clone(),
+            "center_sq": self._center_sq.clone(),
             "center_count": self._center_count,
             "hist": self._hist.clone(),
         }
+        if self._kept is not None:
+            state["kept"] = self._kept.clone()
         if self._svdd_opt is not None:
             state["svdd_opt"] = self._svdd_opt.state_dict()
         if self.decoder is not None:
@@ -371,8 +627,11 @@ class DeepSVDD(Detector):
             return
         self._epochs_done = int(state["epochs_done"])
         self._center_sum = state["center_sum"].double().cpu()
+        self._center_sq = state["center_sq"].double().cpu()
         self._center_count = int(state["center_count"])
         self._hist = state["hist"].double().cpu()
+        kept = state.get("kept")
+        self._kept = kept.float().cpu() if kept is not None else None
         if self._svdd_opt is None:
             self.setup_training(0)
         if "svdd_opt" in state:
@@ -382,6 +641,15 @@ class DeepSVDD(Detector):
             _load_module(self.decoder, state["decoder"], "decoder")
         if self._ae_opt is not None and "ae_opt" in state:
             self._ae_opt.load_state_dict(state["ae_opt"])
+
+
+def _build_backbone(
+    name: str, blocks: tuple[int, ...], device: str | torch.device
+) -> Lite0Features:
+    """The frozen pretrained extractor ``name`` (one of :data:`BACKBONES`)."""
+    if name != "lite0":
+        raise ValueError(f"deepsvdd: unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
+    return Lite0Features(blocks, device)
 
 
 def _load_module(module: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
