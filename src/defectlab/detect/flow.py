@@ -1,10 +1,11 @@
-"""FastFlow-style 2-D normalizing flow on frozen EfficientNet-Lite0 features (seed S2).
+"""FastFlow-style 2-D normalizing flow on frozen EfficientNet-Lite features (seed S2).
 
 The seed's recipe: map the features of normal images through a normalizing flow to
 N(0, I), train by maximum likelihood, classify by likelihood, segment by the gradient map.
 
-* **Features**: :class:`~defectlab.detect.features.Lite0Features` (frozen ImageNet
-  EfficientNet-Lite0), one flow per chosen stage (``feature_blocks``; default the stride-8
+* **Features**: :class:`~defectlab.detect.features.LiteFeatures` (frozen ImageNet
+  EfficientNet-Lite ``backbone``: lite0, lite1 or lite2), one flow per chosen stage
+  (``feature_blocks``; default the last stride-8 and stride-16 blocks; for Lite0 the stride-8
   and stride-16 stages, 40 and 112 channels).
 * **Flow** per scale (Yu et al. 2021, "FastFlow"): ``flow_steps`` steps, each
   ActNorm (per-channel affine, data-dependent initialisation on the first training batch)
@@ -44,9 +45,11 @@ from torch import nn
 from defectlab.base import ModelConfig, Prediction
 from defectlab.detect.base import Detector
 from defectlab.detect.features import (
-    Lite0Features,
+    LiteFeatures,
     check_identity,
     check_image_size,
+    default_blocks,
+    get_backbone,
     validate_blocks,
 )
 from defectlab.ops import gaussian_blur, top_fraction_mean
@@ -61,8 +64,11 @@ _LOG_2PI = math.log(2 * math.pi)
 class FlowConfig(ModelConfig):
     #: passes over the normal training images
     epochs: int = 8
-    #: Lite0 blocks whose outputs are modelled, one flow each (4 = stride 8, 10 = stride 16)
-    feature_blocks: tuple[int, ...] = (4, 10)
+    #: the pretrained ImageNet backbone: lite0, lite1 or lite2 (EfficientNet-Lite)
+    backbone: str = "lite0"
+    #: backbone blocks whose outputs are modelled, one flow each; empty = the backbone's
+    #: last stride-8 and last stride-16 blocks (Lite0: 4, 10; Lite1 and Lite2: 6, 14)
+    feature_blocks: tuple[int, ...] = ()
     #: flow steps (ActNorm + affine coupling + permutation) per scale
     flow_steps: int = 8
     #: hidden channels of each coupling subnet = hidden_ratio × feature channels
@@ -87,8 +93,9 @@ class FlowConfig(ModelConfig):
     permutation_seed: int = 0
 
     def __post_init__(self) -> None:
+        get_backbone(self.backbone)
         self.feature_blocks = tuple(int(b) for b in self.feature_blocks)
-        validate_blocks(self.feature_blocks)
+        validate_blocks(self.blocks, backbone_name=self.backbone)
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.flow_steps < 1:
@@ -111,6 +118,11 @@ class FlowConfig(ModelConfig):
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
         if not 0 < self.score_top_fraction <= 1:
             raise ValueError(f"score_top_fraction must be in (0, 1], got {self.score_top_fraction}")
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """The backbone blocks used: ``feature_blocks``, or the backbone's defaults."""
+        return self.feature_blocks or default_blocks(self.backbone)
 
 
 # --- flow building blocks ------------------------------------------------------------------------
@@ -250,7 +262,8 @@ def location_nll(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
 class Flow(Detector):
     name: ClassVar[str] = "flow"
     description: ClassVar[str] = (
-        "FastFlow-style normalizing flow on frozen Lite0 features; map = NLL or its input gradient"
+        "FastFlow-style normalizing flow on frozen EfficientNet-Lite features; "
+        "map = NLL or its input gradient"
     )
     Config = FlowConfig
     config: FlowConfig
@@ -261,7 +274,7 @@ class Flow(Detector):
         if self.channels not in (1, 3):
             raise ValueError(f"flow: images must have 1 or 3 channels, got {self.channels}")
         cfg = self.config
-        self.features = Lite0Features(cfg.feature_blocks, self.device)
+        self.features = LiteFeatures(cfg.blocks, self.device, backbone=cfg.backbone)
         generator = torch.Generator().manual_seed(cfg.permutation_seed)
         self.flows = nn.ModuleList(
             ScaleFlow(c, cfg.flow_steps, cfg.hidden_ratio, cfg.kernels, cfg.clamp, generator)

@@ -8,8 +8,9 @@ difference between an image's features and a memory of normal ones, fed to a seg
 network trained on synthetic anomalies) and DRAEM (Zavrtanik et al. 2021: a discriminative
 network given the image and a normality reference):
 
-* **Memory** (first epoch): the patch features of ``patchmemory`` (frozen ImageNet Lite0,
-  stride 8 and 16, locally averaged; :class:`~defectlab.detect.patchmemory.PatchMemory` with
+* **Memory** (first epoch): the patch features of ``patchmemory`` (frozen ImageNet
+  EfficientNet-Lite ``backbone``, lite0 by default, its stride 8 and 16 blocks or
+  ``feature_blocks``, locally averaged; :class:`~defectlab.detect.patchmemory.PatchMemory` with
   the same coreset and RAM budget) of a *memory fold*, a seeded share ``memory_share`` of the
   training images.
 * **Head** (every later epoch): on the other training images, defects are painted as for
@@ -185,8 +186,8 @@ class MemSeg(Detector):
 
     name: ClassVar[str] = "memseg"
     description: ClassVar[str] = (
-        "monotone head on the distances to a coreset of normal Lite0 patches, trained on "
-        "painted defects (MemSeg/DRAEM-style)"
+        "monotone head on the distances to a coreset of normal EfficientNet-Lite patches, "
+        "trained on painted defects (MemSeg/DRAEM-style)"
     )
     Config = MemSegConfig
     config: MemSegConfig

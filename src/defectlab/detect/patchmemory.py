@@ -1,10 +1,11 @@
-"""PatchCore-style patch memory on frozen EfficientNet-Lite0 features (Roth et al., CVPR 2022).
+"""PatchCore-style patch memory on frozen EfficientNet-Lite features (Roth et al., CVPR 2022).
 
-* **Patch features**: the outputs of two Lite0 stages (``feature_blocks``, default stride 8
-  and stride 16: 40 + 112 channels), each locally aggregated with a ``patch_size`` ×
-  ``patch_size`` average pool (stride 1, borders averaged over the pixels inside), the
-  coarser one bilinearly up-sampled to the finer grid, concatenated: one D-dimensional vector
-  per stride-8 location (D = 152 by default).
+* **Patch features**: the outputs of two stages of the ImageNet EfficientNet-Lite
+  ``backbone`` (lite0, lite1 or lite2; ``feature_blocks``, default its last stride-8 and
+  stride-16 blocks: 40 + 112 channels for Lite0 and Lite1, 48 + 120 for Lite2), each
+  locally aggregated with a ``patch_size`` × ``patch_size`` average pool (stride 1, borders
+  averaged over the pixels inside), the coarser one bilinearly up-sampled to the finer grid,
+  concatenated: one D-dimensional vector per stride-8 location (D = 152 for Lite0).
 * **Memory bank with a budget**: training is one streaming pass (``epochs`` must be 1). The
   patch features go into a candidate *pool* whose row count never exceeds ``pool_rows``
   (set by ``max_memory_mb``: the pool, its random projection and the distance workspace of
@@ -42,10 +43,12 @@ import torch.nn.functional as F
 from defectlab.base import ModelConfig, Prediction
 from defectlab.detect.base import Detector
 from defectlab.detect.features import (
-    BLOCK_LAYOUT,
-    Lite0Features,
+    LiteFeatures,
     check_identity,
     check_image_size,
+    default_blocks,
+    feature_channels,
+    get_backbone,
     validate_blocks,
 )
 from defectlab.ops import gaussian_blur
@@ -61,8 +64,11 @@ class MemoryBankConfig(ModelConfig):
     """The coreset memory of normal patch features: which features, how many rows, and the
     RAM budget of building it (shared by ``patchmemory`` and the models built on it)."""
 
-    #: Lite0 blocks whose outputs form the patch feature (4 = stride 8, 10 = stride 16)
-    feature_blocks: tuple[int, ...] = (4, 10)
+    #: the pretrained ImageNet backbone: lite0, lite1 or lite2 (EfficientNet-Lite)
+    backbone: str = "lite0"
+    #: backbone blocks whose outputs form the patch feature; empty = the backbone's last
+    #: stride-8 and last stride-16 blocks (Lite0: 4, 10; Lite1 and Lite2: 6, 14)
+    feature_blocks: tuple[int, ...] = ()
     #: side of the local average-pooling neighbourhood (odd; 1 = none)
     patch_size: int = 3
     #: final memory bank = min(memory_bank_size, ceil(coreset_ratio × training patches)) rows
@@ -76,8 +82,9 @@ class MemoryBankConfig(ModelConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        get_backbone(self.backbone)
         self.feature_blocks = tuple(int(b) for b in self.feature_blocks)
-        validate_blocks(self.feature_blocks)
+        validate_blocks(self.blocks, backbone_name=self.backbone)
         if self.patch_size < 1 or self.patch_size % 2 == 0:
             raise ValueError(f"patch_size must be a positive odd number, got {self.patch_size}")
         if not 0 < self.coreset_ratio <= 1:
@@ -100,8 +107,13 @@ class MemoryBankConfig(ModelConfig):
         return PatchMemoryConfig(**{name: getattr(self, name) for name in names})
 
     @property
+    def blocks(self) -> tuple[int, ...]:
+        """The backbone blocks used: ``feature_blocks``, or the backbone's defaults."""
+        return self.feature_blocks or default_blocks(self.backbone)
+
+    @property
     def feature_dim(self) -> int:
-        return sum(BLOCK_LAYOUT[b][1] for b in self.feature_blocks)
+        return feature_channels(self.blocks, self.backbone)
 
     @property
     def row_bytes(self) -> int:
@@ -212,7 +224,8 @@ def nearest_distances(
 class PatchMemory(Detector):
     name: ClassVar[str] = "patchmemory"
     description: ClassVar[str] = (
-        "PatchCore-style coreset memory of Lite0 patch features; map = nearest-patch distance"
+        "PatchCore-style coreset memory of EfficientNet-Lite patch features; "
+        "map = nearest-patch distance"
     )
     Config = PatchMemoryConfig
     config: PatchMemoryConfig
@@ -223,7 +236,7 @@ class PatchMemory(Detector):
         if self.channels not in (1, 3):
             raise ValueError(f"patchmemory: images must have 1 or 3 channels, got {self.channels}")
         cfg = self.config
-        self.features = Lite0Features(cfg.feature_blocks, self.device)
+        self.features = LiteFeatures(cfg.blocks, self.device, backbone=cfg.backbone)
         self.feature_dim = cfg.feature_dim
         self.pool_rows = cfg.pool_rows
         generator = torch.Generator().manual_seed(cfg.seed)
