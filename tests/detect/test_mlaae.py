@@ -1,4 +1,5 @@
-"""mlaae: the multi-level adversarial autoencoder (MISSION S3) on tiny synthetic images."""
+"""mlaae: the multi-level adversarial autoencoder (MISSION S3) on tiny synthetic images, on
+pixels (the seed's version) and on frozen Lite0 feature maps (the default)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,24 @@ import pytest
 import torch
 
 from defectlab import registry
+from defectlab.detect.deepsvdd import patch_features
 from defectlab.detect.mlaae import MLAAE, MLAAEConfig
+from defectlab.detect.nuisance import image_statistics
 from defectlab.runs import load_checkpoint, restore_model, save_checkpoint
 from defectlab.training import fit
-from tests.conftest import to_nchw
+from tests.conftest import striped_normals, textured, to_nchw, with_defect, with_square, write_image
 
 SIZE = 32
 #: a small network so that training in the tests takes a few seconds
-SMALL = dict(width=0.25, low_dim=16, low_hidden=64, high_dim=32, high_hidden=128, disc_hidden=64)
+SMALL = dict(
+    input="pixels",
+    width=0.25,
+    low_dim=16,
+    low_hidden=64,
+    high_dim=32,
+    high_hidden=128,
+    disc_hidden=64,
+)
 
 
 def _normal(n: int, size: int = SIZE, channels: int = 1, seed: int = 0) -> np.ndarray:
@@ -255,6 +266,14 @@ def test_save_and_load_give_identical_scores(trained, tmp_path: Path) -> None:
         ({"score_levels": ()}, "score_levels must be"),
         ({"score_levels": (1, 5)}, "score_levels must be"),
         ({"score_levels": (2, 2)}, "score_levels must be"),
+        ({"score_levels": (3,)}, "among 1-2 for input=features"),
+        ({"input": "image"}, "input must be one of features, pixels"),
+        ({"backbone": "resnet50"}, "backbone must be one of lite0"),
+        ({"ssim_weight": 1.0}, "ssim_weight applies to input=pixels only"),
+        ({"adv_weight": -1.0}, "adv_weight must be >= 0"),
+        ({"embed_grid": 0}, "embed_grid must be at least 1"),
+        ({"patch_size": 4}, "patch_size must be a positive odd"),
+        ({"score_normalization": "zscore"}, "score_normalization must be one of"),
     ],
 )
 def test_bad_configs_are_refused(overrides: dict, message: str) -> None:
@@ -263,10 +282,13 @@ def test_bad_configs_are_refused(overrides: dict, message: str) -> None:
 
 
 def test_bad_image_size_and_channels_are_refused() -> None:
+    pixels = MLAAEConfig(input="pixels")
     with pytest.raises(ValueError, match="image size 40 is not a positive multiple of 16"):
-        MLAAE(MLAAEConfig(), image_size=40)
+        MLAAE(pixels, image_size=40)
     with pytest.raises(ValueError, match="image size 8 "):
-        MLAAE(MLAAEConfig(), image_size=8)
+        MLAAE(pixels, image_size=8)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        MLAAE(MLAAEConfig(), image_size=48)
     with pytest.raises(ValueError, match="channels must be 1 or 3"):
         MLAAE(MLAAEConfig(**SMALL), image_size=SIZE, channels=2)
 
@@ -291,7 +313,7 @@ def test_interrupted_training_resumes_exactly(tmp_path: Path, monkeypatch) -> No
     monkeypatch.setattr(MLAAE, "training_step", original)
     saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", "mlaae")
     assert saved["training"]["global_step"] == 3  # checkpoint_every=3, died in step 5
-    assert set(saved["training"]["model"]) == {"ae_optimizer", "disc_optimizer"}
+    assert set(saved["training"]["model"]) == {"ae_optimizer", "disc_optimizer", "epochs_done"}
 
     torch.manual_seed(123)  # a fresh process would start from other weights and RNG state
     resumed = MLAAE(MLAAEConfig(epochs=2, **SMALL), image_size=SIZE)
@@ -300,3 +322,181 @@ def test_interrupted_training_resumes_exactly(tmp_path: Path, monkeypatch) -> No
     assert resumed.steps == reference.steps == 6
     assert torch.equal(resumed.norms, reference.norms)
     assert torch.equal(resumed.predict(x).scores, reference.predict(x).scores)
+
+
+def test_seed_defaults_stay_with_input_pixels() -> None:
+    """input=pixels keeps the seed's values of the settings whose default depends on input."""
+    pixels, features = MLAAEConfig(input="pixels"), MLAAEConfig()
+    assert features.input == "features"
+    assert (pixels.adversarial_weight, pixels.grid, pixels.summed_levels) == (
+        0.003,
+        4,
+        (1, 2, 3, 4),
+    )
+    assert (features.adversarial_weight, features.grid, features.summed_levels) == (0.1, 8, (1, 2))
+    assert MLAAEConfig(input="pixels", adv_weight=0.01).adversarial_weight == 0.01
+
+
+# --- input=features ----------------------------------------------------------------------------
+FSIZE = 64
+FEAT = SMALL | {"input": "features"}
+SQUARE = (36, 16, 12)
+
+
+def _feature_model(epochs: int = 8, **overrides) -> MLAAE:
+    torch.manual_seed(0)
+    return MLAAE(MLAAEConfig(epochs=epochs, **(FEAT | overrides)), image_size=FSIZE)
+
+
+def _feature_fit(model: MLAAE, run_dir: Path, **kwargs) -> list[dict]:
+    return fit(
+        model,
+        striped_normals(32),
+        run_dir=run_dir,
+        batch_size=8,
+        seed=0,
+        progress=False,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def feature_run(tmp_path_factory) -> tuple[MLAAE, list[dict]]:
+    model = _feature_model()
+    return model, _feature_fit(model, tmp_path_factory.mktemp("mlaae-lite0"))
+
+
+def test_features_input_shapes_and_frozen_backbone() -> None:
+    model = _feature_model()
+    assert model.backbone is not None
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    x = torch.rand(2, 1, FSIZE, FSIZE)
+    with pytest.raises(RuntimeError, match="before fit"):
+        model.predict(x)
+    model.training_step({"image": x})  # the first batch fixes the standardisation
+    f = model.inputs(x)
+    assert f.shape == (2, 152, 8, 8)  # 40 + 112 channels on the stride-8 grid
+    features, low, high = model.encode(f)
+    assert [tuple(e.shape[1:]) for e in features] == [(64, 4, 4), (128, 2, 2)]
+    assert low.shape == (2, 16) and high.shape == (2, 32)
+    assert model.decode(low, high).shape == f.shape
+    assert model.norms.shape == (3,)
+    pixel, feature_terms = model.score_terms(x)
+    assert pixel.shape == (2,) and feature_terms.shape == (2, 2)
+    out = model.predict(x)
+    assert out.maps.shape == (2, FSIZE, FSIZE) and torch.isfinite(out.scores).all()
+
+
+def test_features_standardisation_is_fixed_by_the_first_batch() -> None:
+    model = _feature_model()
+    first, second = to_nchw(striped_normals(8)), to_nchw(striped_normals(8, seed=1))
+    model.training_step({"image": first})
+    mean, std = model.feature_mean.clone(), model.feature_std.clone()
+    with torch.no_grad():
+        maps = patch_features(model.backbone(first), 3)
+    assert torch.allclose(mean[0, :, 0, 0], maps.mean(dim=(0, 2, 3)), atol=1e-5)
+    model.training_step({"image": second})
+    assert torch.equal(model.feature_mean, mean) and torch.equal(model.feature_std, std)
+    standardised = model.inputs(first)
+    assert torch.allclose(standardised.mean(dim=(0, 2, 3)), torch.zeros(152), atol=1e-4)
+
+
+def test_features_training_reconstructs_better_and_separates_squares(feature_run) -> None:
+    model, history = feature_run
+    first = np.mean([r["recon"] for r in history if r["epoch"] == 1])
+    last = np.mean([r["recon"] for r in history if r["epoch"] == 8])
+    assert last < 0.7 * first, (first, last)
+    normals = striped_normals(8, seed=5)
+    defects = with_square(normals, *SQUARE)
+    out_normal, out_defect = model.predict(to_nchw(normals)), model.predict(to_nchw(defects))
+    assert out_defect.scores.min() > out_normal.scores.max()
+    top, left, side = SQUARE
+    inside = torch.zeros(FSIZE, FSIZE, dtype=torch.bool)
+    inside[top : top + side, left : left + side] = True
+    for heat in out_defect.maps:
+        assert heat[inside].mean() > heat[~inside].mean()
+
+
+def test_features_save_load_and_foreign_backbone(feature_run, tmp_path: Path) -> None:
+    model, _ = feature_run
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model)
+    clone = _feature_model()
+    restore_model(load_checkpoint(path, "mlaae"), clone, path)
+    x = to_nchw(with_square(striped_normals(4, seed=2), *SQUARE))
+    a, b = model.predict(x), clone.predict(x)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
+    state = model.state_dict()
+    foreign = state | {"backbone": state["backbone"] | {"sha256": "0" * 64}}
+    with pytest.raises(ValueError, match="EfficientNet-Lite0 weights"):
+        _feature_model().load_state_dict(foreign)
+    with pytest.raises(ValueError, match="normalisers have shape"):
+        _feature_model().load_state_dict(_model().state_dict())
+
+
+def test_features_image_statistics_normaliser(tmp_path: Path) -> None:
+    model = _feature_model(epochs=2, score_normalization="image_statistics")
+    _feature_fit(model, tmp_path / "run")
+    assert model.score_normalizer.fitted and len(model._kept) == 32
+    x = to_nchw(striped_normals(6, seed=4))
+    raw, _ = model._raw(x)
+    expected = model.score_normalizer(raw, image_statistics(x))
+    assert torch.allclose(model.predict(x).scores, expected)
+    assert not torch.allclose(model.predict(x).scores, raw)
+
+
+def test_features_interrupted_training_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
+    def run(run_dir: Path, **kwargs) -> tuple[MLAAE, list[dict]]:
+        model = _feature_model(epochs=2, score_normalization="image_statistics")
+        return model, _feature_fit(model, run_dir, checkpoint_every=3, **kwargs)
+
+    reference, ref_history = run(tmp_path / "ref")
+    calls = {"n": 0}
+    original = MLAAE.training_step
+
+    def interrupted_step(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(MLAAE, "training_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run")
+    monkeypatch.setattr(MLAAE, "training_step", original)
+    torch.manual_seed(123)
+    resumed, history = run(tmp_path / "run", resume=True)
+    assert history == ref_history
+    assert torch.equal(resumed.feature_mean, reference.feature_mean)
+    x = to_nchw(with_square(striped_normals(4, seed=5), *SQUARE))
+    assert torch.equal(resumed.predict(x).scores, reference.predict(x).scores)
+
+
+def test_features_version_trains_evaluates_and_exports(tmp_path: Path) -> None:
+    """End to end through the API on a folder of images, the ONNX graph included."""
+    import defectlab.api as dl
+    from defectlab.deploy.onnx import export_onnx
+
+    rng = np.random.default_rng(3)
+    root = tmp_path / "data"
+    for i in range(24):
+        write_image(root / "normal" / f"n{i:02d}.png", textured(rng, FSIZE))
+    for i in range(6):
+        image, mask = with_defect(textured(rng, FSIZE), rng)
+        write_image(root / "defect" / f"d{i:02d}.png", image)
+        write_image(root / "masks" / f"d{i:02d}.png", mask)
+    settings = [f"model.{k}={v}" for k, v in FEAT.items()] + ["model.epochs=2"]
+    settings += ["model.score_normalization=image_statistics", "model.normalization_samples=8"]
+    run = dl.train(
+        "mlaae",
+        root,
+        tmp_path / "run",
+        image_size=FSIZE,
+        device="cpu",
+        overrides=settings,
+        progress=False,
+    )
+    metrics = dl.evaluate(run.run_dir, root, tmp_path / "eval", device="cpu")
+    assert 0.0 <= metrics["image_auroc"] <= 1.0
+    meta = export_onnx(run.run_dir, tmp_path / "export")
+    assert meta["check"]["score_within_tolerance"] and meta["check"]["anomaly_map_within_tolerance"]

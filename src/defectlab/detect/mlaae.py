@@ -5,7 +5,37 @@ towards a prior N(0, I) by its own feature discriminator (an adversarial autoenc
 constraint makes the normal feature space compact and limits what the decoder can
 reconstruct, so defects reconstruct badly and score high.
 
-Architecture (``C = round(64 * width)``; seed sizes are ``width=1``)::
+Two inputs (``input``):
+
+* ``"features"`` (the default): the same design reconstructs the *feature maps* of a frozen
+  ImageNet backbone instead of pixels (the DFR / reverse-distillation family). ``f`` is the
+  backbone's stride-8 and stride-16 maps (``feature_blocks``), each averaged over a
+  ``patch_size`` neighbourhood, the stride-16 one up-sampled, concatenated (as in
+  ``patchmemory``) and standardised per channel with the mean and standard deviation of the
+  first training batch (fixed from then on, kept in the model state). Two ConvDown stages
+  (``C = round(256 * width)``)::
+
+      encoder   f (D, H/8) ─ConvDown C ─ConvDown 2C          E1 (H/16), E2 (H/32)
+      low code  E1 ─pool─ FC low_hidden ─ReLU─ FC low_dim
+      high code E2 ─pool─ FC high_hidden ─ReLU─ FC high_dim
+      decoder   high ─FC─ReLU─FC─ReLU→ (2C, H/32) ─ConvUp C → (C, H/16), concatenated with
+                low ─FC─ReLU─FC─ReLU→ (C, H/16); ─ConvUp D (no activation) → f̂ (D, H/8)
+
+  with the seed's per-code discriminators, losses and training step (the reconstruction
+  loss is the MSE between f and f̂). The score is the seed's
+  ``α‖f − f̂‖ + β Σᵢ ‖Eᵢ(f) − Eᵢ(f̂)‖`` over the two levels, normalised term by term as
+  below; the map is built the same way and up-sampled to the image. Defaults that differ
+  from the pixel version because the reconstruction error of standardised features is about
+  fifty times that of pixels in [0, 1]: ``adv_weight`` 0.1 instead of 0.003 (the same
+  balance between the two losses), and ``embed_grid`` 8 (at 128 px E1 is 8×8: the codes
+  see it unpooled).
+* ``"pixels"``: the seed's exact version, described next.
+
+``score_normalization="image_statistics"`` (either input) subtracts from the image score
+what brightness and texture predict (:mod:`defectlab.detect.nuisance`, fitted on
+``normalization_samples`` training images at the end of training).
+
+Pixel architecture (``C = round(64 * width)``; seed sizes are ``width=1``)::
 
     encoder   x (c, H) ─ConvDown C ─ConvDown 2C ─ConvDown 4C ─ConvDown 8C   each 3×3 stride 2 + ReLU
                            E1 (H/2)    E2 (H/4)     E3 (H/8)     E4 (H/16)
@@ -75,7 +105,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectlab.base import ModelConfig, Prediction
+from defectlab.config import check_choice
 from defectlab.detect.base import Detector
+from defectlab.detect.deepsvdd import BACKBONES, patch_features
+from defectlab.detect.features import (
+    BLOCK_LAYOUT,
+    Lite0Features,
+    check_identity,
+    check_image_size,
+    validate_blocks,
+)
+from defectlab.detect.nuisance import ScoreNormalizer, image_statistics
 from defectlab.ops import gaussian_blur
 from defectlab.registry import register
 
@@ -85,11 +125,27 @@ DOWNSAMPLING = 16
 BASE_CHANNELS = (64, 128, 256, 512)
 #: encoder level (1-based) whose output feeds the low-level code, and the high-level one
 LOW_LEVEL, HIGH_LEVEL = 2, 4
+#: input=features: channel counts of the two ConvDown stages at width 1
+FEATURE_CHANNELS = (256, 512)
+INPUTS = ("features", "pixels")
+SCORE_NORMALIZATIONS = ("none", "image_statistics")
+#: a linear fit of the five image statistics needs a few more images than unknowns
+MIN_NORMALIZATION_SAMPLES = 8
+#: defaults that depend on the input: (pixels, features)
+_ADV_WEIGHT = {"pixels": 0.003, "features": 0.1}
+_EMBED_GRID = {"pixels": 4, "features": 8}
 
 
 @dataclass
 class MLAAEConfig(ModelConfig):
     epochs: int = 20
+    #: "features": reconstruct frozen pretrained feature maps; "pixels": the seed's version
+    input: str = "features"
+    #: input=features: the pretrained backbone and its blocks (stride 8 and 16)
+    backbone: str = "lite0"
+    feature_blocks: tuple[int, ...] = (4, 10)
+    #: input=features: side of the local average-pooling neighbourhood of each map (odd)
+    patch_size: int = 3
     #: channel multiplier of the encoder/decoder (seed: 1.0 → 64/128/256/512)
     width: float = 0.25
     #: low-level code size (from the ConvDown128 output) and its FC hidden size (seed 128/1024)
@@ -99,11 +155,13 @@ class MLAAEConfig(ModelConfig):
     high_dim: int = 256
     high_hidden: int = 2048
     #: feature maps are average-pooled to at most this many cells per side before an FC layer
-    embed_grid: int = 4
+    #: (None: 4 for pixels, 8 for features)
+    embed_grid: int | None = None
     #: hidden width of each feature discriminator
     disc_hidden: int = 256
     #: weight of the encoder's "fool the discriminators" BCE in the autoencoder loss
-    adv_weight: float = 0.003
+    #: (None: 0.003 for pixels, 0.1 for features; see the module docstring)
+    adv_weight: float | None = None
     #: weight of an extra (1 − SSIM) reconstruction term; 0 = plain L2 as in the seed
     ssim_weight: float = 0.0
     #: Adam learning rates of the autoencoder and of the discriminators
@@ -115,15 +173,36 @@ class MLAAEConfig(ModelConfig):
     #: feature residual per level: "absolute" ‖Eᵢ(x) − Eᵢ(x̂)‖ as in the seed, or "relative"
     #: (divided by the image's own ‖Eᵢ(x)‖: invariant to the brightness-driven activation scale)
     feature_residual: str = "absolute"
-    #: encoder levels (1 = shallowest … 4) whose feature residuals enter the score and map;
-    #: the seed sums all four (see the ELPV note in the module docstring)
-    score_levels: tuple[int, ...] = (1, 2, 3, 4)
+    #: encoder levels (1 = shallowest … 4 for pixels, … 2 for features) whose feature
+    #: residuals enter the score and map; None: all, as the seed (see the ELPV note)
+    score_levels: tuple[int, ...] | None = None
     #: smoothing of the anomaly map, in pixels
     map_sigma: float = 2.0
     #: momentum of the moving averages that normalise the score terms
     norm_momentum: float = 0.9
+    #: "image_statistics": subtract the score that brightness and texture predict (a linear
+    #: fit over normalization_samples training images kept from the first epoch)
+    score_normalization: str = "none"
+    normalization_samples: int = 256
 
     def __post_init__(self) -> None:
+        check_choice("input", self.input, INPUTS)
+        check_choice("backbone", self.backbone, BACKBONES)
+        check_choice("score_normalization", self.score_normalization, SCORE_NORMALIZATIONS)
+        self.feature_blocks = tuple(int(b) for b in self.feature_blocks)
+        validate_blocks(self.feature_blocks)
+        if self.patch_size < 1 or self.patch_size % 2 == 0:
+            raise ValueError(f"patch_size must be a positive odd number, got {self.patch_size}")
+        if self.input == "features" and self.ssim_weight > 0:
+            raise ValueError(
+                "ssim_weight applies to input=pixels only (SSIM compares images, not "
+                "feature maps); set ssim_weight=0 or input=pixels"
+            )
+        if self.normalization_samples < MIN_NORMALIZATION_SAMPLES:
+            raise ValueError(
+                f"normalization_samples must be at least {MIN_NORMALIZATION_SAMPLES}, got "
+                f"{self.normalization_samples}"
+            )
         if self.alpha < 0 or self.beta < 0:
             raise ValueError(
                 f"alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}"
@@ -134,25 +213,63 @@ class MLAAEConfig(ModelConfig):
             raise ValueError(
                 f"feature_residual must be 'absolute' or 'relative', got {self.feature_residual!r}"
             )
-        levels = tuple(self.score_levels)
-        if not levels or len(set(levels)) != len(levels) or not set(levels) <= {1, 2, 3, 4}:
-            raise ValueError(
-                f"score_levels must be distinct encoder levels among 1-4, got {self.score_levels}"
-            )
+        if self.score_levels is not None:
+            self.score_levels = tuple(int(v) for v in self.score_levels)
+            levels, top = self.score_levels, self.levels
+            if (
+                not levels
+                or len(set(levels)) != len(levels)
+                or not set(levels) <= set(range(1, top + 1))
+            ):
+                raise ValueError(
+                    f"score_levels must be distinct encoder levels among 1-{top} for "
+                    f"input={self.input}, got {self.score_levels}"
+                )
         if self.width <= 0:
             raise ValueError(f"width must be positive, got {self.width}")
-        for key in ("low_dim", "low_hidden", "high_dim", "high_hidden", "embed_grid"):
+        for key in ("low_dim", "low_hidden", "high_dim", "high_hidden"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.embed_grid is not None and self.embed_grid < 1:
+            raise ValueError(f"embed_grid must be at least 1, got {self.embed_grid}")
+        if self.adv_weight is not None and self.adv_weight < 0:
+            raise ValueError(f"adv_weight must be >= 0, got {self.adv_weight}")
         if self.disc_hidden < 1:
             raise ValueError(f"disc_hidden must be at least 1, got {self.disc_hidden}")
-        for key in ("adv_weight", "ssim_weight", "map_sigma"):
+        for key in ("ssim_weight", "map_sigma"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.lr <= 0 or self.disc_lr <= 0:
             raise ValueError(f"lr and disc_lr must be positive, got {self.lr}, {self.disc_lr}")
         if not 0 <= self.norm_momentum < 1:
             raise ValueError(f"norm_momentum must be in [0, 1), got {self.norm_momentum}")
+
+    @property
+    def levels(self) -> int:
+        """Encoder levels of the network: 4 on pixels, 2 on feature maps."""
+        return len(BASE_CHANNELS) if self.input == "pixels" else len(FEATURE_CHANNELS)
+
+    @property
+    def summed_levels(self) -> tuple[int, ...]:
+        """The levels whose residuals enter the score (``score_levels`` or all)."""
+        if self.score_levels is None:
+            return tuple(range(1, self.levels + 1))
+        return tuple(sorted(self.score_levels))
+
+    @property
+    def grid(self) -> int:
+        """``embed_grid``, or its default for the input."""
+        return self.embed_grid if self.embed_grid is not None else _EMBED_GRID[self.input]
+
+    @property
+    def adversarial_weight(self) -> float:
+        """``adv_weight``, or its default for the input."""
+        return self.adv_weight if self.adv_weight is not None else _ADV_WEIGHT[self.input]
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels of the concatenated backbone maps (input=features)."""
+        return sum(BLOCK_LAYOUT[b][1] for b in self.feature_blocks)
 
 
 def _conv_down(c_in: int, c_out: int) -> nn.Module:
@@ -224,7 +341,7 @@ class _Network(nn.Module):
             for c_in, c_out in zip([channels, *widths[:-1]], widths, strict=True)
         )
         lo, hi = LOW_LEVEL - 1, HIGH_LEVEL - 1
-        grid = config.embed_grid
+        grid = config.grid
         self.low_embed = _Embedding(widths[lo], sides[lo], grid, config.low_hidden, config.low_dim)
         self.high_embed = _Embedding(
             widths[hi], sides[hi], grid, config.high_hidden, config.high_dim
@@ -268,6 +385,56 @@ class _Network(nn.Module):
         return [p for p in self.parameters() if id(p) not in skip]
 
 
+class _FeatureNetwork(nn.Module):
+    """The seed's network on feature maps (D, H/8): two ConvDown levels, the low code from
+    the first, the high code from the second, a linear last ConvUp (see the module doc)."""
+
+    def __init__(self, config: MLAAEConfig, image_size: int, channels: int) -> None:
+        super().__init__()
+        widths = [max(1, round(c * config.width)) for c in FEATURE_CHANNELS]
+        side = image_size // BLOCK_LAYOUT[config.feature_blocks[0]][0]
+        sides = [side // 2, side // 4]
+        self.encoder = nn.ModuleList(
+            [_conv_down(channels, widths[0]), _conv_down(widths[0], widths[1])]
+        )
+        grid = config.grid
+        self.low_embed = _Embedding(widths[0], sides[0], grid, config.low_hidden, config.low_dim)
+        self.high_embed = _Embedding(widths[1], sides[1], grid, config.high_hidden, config.high_dim)
+        self.high_unembed = _Unembedding(
+            config.high_dim, config.high_hidden, widths[1], sides[1], grid
+        )
+        self.low_unembed = _Unembedding(
+            config.low_dim, config.low_hidden, widths[0], sides[0], grid
+        )
+        self.up_deep = _conv_up(widths[1], widths[0])
+        self.up_shallow = _conv_up(2 * widths[0], channels, relu=False)
+        self.discriminators = nn.ModuleList(
+            [
+                _discriminator(config.low_dim, config.disc_hidden),
+                _discriminator(config.high_dim, config.disc_hidden),
+            ]
+        )
+
+    def features(self, maps: torch.Tensor) -> list[torch.Tensor]:
+        """The two encoder levels E1, E2."""
+        out = []
+        for block in self.encoder:
+            maps = block(maps)
+            out.append(maps)
+        return out
+
+    def embed(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.low_embed(features[0]), self.high_embed(features[1])
+
+    def decode(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        deep = self.up_deep(self.high_unembed(high))
+        return self.up_shallow(torch.cat([deep, self.low_unembed(low)], dim=1))
+
+    def autoencoder_parameters(self) -> list[nn.Parameter]:
+        skip = {id(p) for p in self.discriminators.parameters()}
+        return [p for p in self.parameters() if id(p) not in skip]
+
+
 def _ssim(a: torch.Tensor, b: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
     """Mean structural similarity per image (Gaussian window), images in [0, 1]."""
     c1, c2 = 0.01**2, 0.03**2
@@ -287,32 +454,72 @@ class MLAAE(Detector):
 
     name: ClassVar[str] = "mlaae"
     description: ClassVar[str] = (
-        "multi-level adversarial autoencoder (codes constrained to N(0,I)); "
-        "score = α pixel + β feature residuals"
+        "multi-level adversarial autoencoder (codes constrained to N(0,I)) on frozen Lite0 "
+        "feature maps; score = α feature + β code-level residuals (seed: --set input=pixels)"
     )
     Config = MLAAEConfig
     config: MLAAEConfig
+    #: 2: input=features, the score normaliser
+    state_version: ClassVar[int] = 2
 
     def __init__(self, config: MLAAEConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
-        if self.image_size < DOWNSAMPLING or self.image_size % DOWNSAMPLING:
-            raise ValueError(
-                f"mlaae: image size {self.image_size} is not a positive multiple of "
-                f"{DOWNSAMPLING} (four stride-2 ConvDown blocks); use e.g. "
-                f"{max(DOWNSAMPLING, round(self.image_size / DOWNSAMPLING) * DOWNSAMPLING)}"
-            )
+        cfg = self.config
         if self.channels not in (1, 3):
             raise ValueError(f"mlaae: channels must be 1 or 3, got {self.channels}")
-        self.net = _Network(self.config, self.image_size, self.channels).to(self.device)
-        #: moving mean squared residual on normal training batches: [pixel, E1, E2, E3, E4]
-        self.norms = torch.ones(1 + len(BASE_CHANNELS), device=self.device)
+        self.backbone: Lite0Features | None = None
+        #: input=features: per-channel standardisation of the backbone maps (first batch)
+        self.feature_mean: torch.Tensor | None = None
+        self.feature_std: torch.Tensor | None = None
+        self.net: _Network | _FeatureNetwork
+        if cfg.input == "pixels":
+            if self.image_size < DOWNSAMPLING or self.image_size % DOWNSAMPLING:
+                raise ValueError(
+                    f"mlaae: image size {self.image_size} is not a positive multiple of "
+                    f"{DOWNSAMPLING} (four stride-2 ConvDown blocks); use e.g. "
+                    f"{max(DOWNSAMPLING, round(self.image_size / DOWNSAMPLING) * DOWNSAMPLING)}"
+                )
+            self.net = _Network(cfg, self.image_size, self.channels).to(self.device)
+        else:
+            check_image_size(self.name, self.image_size)
+            self.backbone = Lite0Features(cfg.feature_blocks, self.device)
+            self.net = _FeatureNetwork(cfg, self.image_size, cfg.feature_dim).to(self.device)
+        #: moving mean squared residual on normal training batches: [input, E1, …]
+        self.norms = torch.ones(1 + cfg.levels, device=self.device)
         self.steps = 0
+        self.score_normalizer = ScoreNormalizer()
         self.ae_optimizer: torch.optim.Optimizer | None = None
         self.disc_optimizer: torch.optim.Optimizer | None = None
+        self._epochs_done = 0
+        self._kept: torch.Tensor | None = None
 
     # --- building blocks (public for tests and inspection) ------------------------------------
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """What the autoencoder reconstructs: the images themselves (pixels), or their
+        standardised backbone feature maps (B, D, H/8, W/8) (features)."""
+        if self.backbone is None:
+            return images
+        with torch.no_grad():
+            maps = patch_features(self.backbone(images), self.config.patch_size)
+            if self.feature_mean is None or self.feature_std is None:
+                raise RuntimeError("mlaae: predict before fit (no feature standardisation yet)")
+            return (maps - self.feature_mean) / self.feature_std
+
+    def _set_standardisation(self, images: torch.Tensor) -> None:
+        """Fix the per-channel mean and standard deviation of the backbone maps from the
+        first training batch."""
+        assert self.backbone is not None
+        with torch.no_grad():
+            maps = patch_features(self.backbone(images), self.config.patch_size)
+            rows = maps.transpose(0, 1).flatten(1)
+            self.feature_mean = rows.mean(dim=1).view(1, -1, 1, 1)
+            std = rows.var(dim=1, unbiased=False).sqrt()
+            self.feature_std = std.clamp_min(1e-3).view(1, -1, 1, 1)
+
     def encode(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Encoder levels [E1..E4], low-level code (B, low_dim), high-level code (B, high_dim)."""
+        """Encoder levels [E1, …] of the autoencoder's input (images, or the standardised
+        feature maps of :meth:`inputs`), low-level code (B, low_dim), high-level code
+        (B, high_dim)."""
         features = self.net.features(images)
         low, high = self.net.embed(features)
         return features, low, high
@@ -342,12 +549,26 @@ class MLAAE(Detector):
             self.net.discriminators.parameters(), lr=self.config.disc_lr, betas=(0.5, 0.999)
         )
 
+    def _keep(self, images: torch.Tensor) -> None:
+        """Keep the first epoch's first images for the score normaliser (CPU)."""
+        cfg = self.config
+        held = 0 if self._kept is None else len(self._kept)
+        wanted = cfg.normalization_samples - held
+        if cfg.score_normalization == "none" or self._epochs_done > 0 or wanted <= 0:
+            return
+        new = images[:wanted].detach().float().cpu()
+        self._kept = new if self._kept is None else torch.cat([self._kept, new])
+
     def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         if self.ae_optimizer is None or self.disc_optimizer is None:
             self.setup_training(0)
         assert self.ae_optimizer is not None and self.disc_optimizer is not None
         cfg = self.config
         images = batch["image"].to(self.device)
+        self._keep(images)
+        if self.backbone is not None and self.feature_mean is None:
+            self._set_standardisation(images)
+        images = self.inputs(images)
         features, low, high = self.encode(images)
         recon = self.decode(low, high)
         codes = [low, high]
@@ -369,7 +590,7 @@ class MLAAE(Detector):
                 for logit in (d(c) for d, c in zip(self.net.discriminators, codes, strict=True))
             ]
         ).mean()
-        loss = loss + cfg.adv_weight * fool
+        loss = loss + cfg.adversarial_weight * fool
         self.ae_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.ae_optimizer.step()
@@ -404,6 +625,23 @@ class MLAAE(Detector):
             "p_fake": torch.stack(p_fake).mean().item(),
         }
 
+    def end_epoch(self, epoch: int) -> None:
+        self._epochs_done = epoch + 1
+
+    def finish_training(self) -> None:
+        self.score_normalizer = ScoreNormalizer()
+        if self.config.score_normalization != "image_statistics":
+            return
+        kept = self._kept
+        n_kept = 0 if kept is None else len(kept)
+        if kept is None or n_kept < MIN_NORMALIZATION_SAMPLES:
+            raise RuntimeError(
+                f"mlaae: score_normalization=image_statistics needs at least "
+                f"{MIN_NORMALIZATION_SAMPLES} training images, got {n_kept}"
+            )
+        raw = torch.cat([self._raw(chunk.to(self.device))[0].cpu() for chunk in kept.split(16)])
+        self.score_normalizer.fit(raw, image_statistics(kept))
+
     # --- inference -----------------------------------------------------------------------------
     def _level_residuals(
         self, features: list[torch.Tensor], rec_features: list[torch.Tensor]
@@ -423,11 +661,12 @@ class MLAAE(Detector):
         self, images: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Normalised squared residuals (channel means divided by the training normalisers):
-        pixel (B, H, W), the reconstruction (B, C, H, W), and per level [(B, h_i, w_i)]."""
-        images = images.to(self.device)
-        features, low, high = self.encode(images)
+        input term (B, h, w) — pixels (B, H, W) or feature maps (B, H/8, W/8) —, the
+        reconstruction of the input, and per level [(B, h_i, w_i)]."""
+        x = self.inputs(images.to(self.device))
+        features, low, high = self.encode(x)
         recon = self.decode(low, high)
-        pixel = (images - recon).pow(2).mean(dim=1) / self.norms[0]
+        pixel = (x - recon).pow(2).mean(dim=1) / self.norms[0]
         raw = self._level_residuals(features, self.net.features(recon))
         levels = [r / self.norms[i + 1] for i, r in enumerate(raw)]
         return pixel, recon, levels
@@ -442,20 +681,24 @@ class MLAAE(Detector):
 
     @torch.no_grad()
     def score_terms(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixel term (B,) and feature terms (B, 4): normalised RMS residuals (see module doc).
-        The score is ``alpha * pixel + beta`` × the sum of the ``score_levels`` terms."""
+        """Input term (B,) and feature terms (B, levels): normalised RMS residuals (see module
+        doc). The score is ``alpha * input + beta`` × the sum of the summed levels' terms."""
         pixel, _, levels = self.residuals(images)
         return self._terms(pixel, levels)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> Prediction:
+    def _raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (B,) before any normalisation, and maps (B, H, W)."""
         cfg = self.config
         pixel, _, levels = self.residuals(images)
-        levels = [levels[i - 1] for i in sorted(cfg.score_levels)]
+        levels = [levels[i - 1] for i in cfg.summed_levels]
         pixel_term, feature_terms = self._terms(pixel, levels)
         scores = cfg.alpha * pixel_term + cfg.beta * feature_terms.sum(dim=1)
         size = (self.image_size, self.image_size)
-        maps = cfg.alpha * pixel.sqrt()
+        maps = pixel.sqrt()[:, None]
+        if maps.shape[-2:] != size:
+            maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        maps = cfg.alpha * maps[:, 0]
         if cfg.beta > 0:
             for level in levels:
                 up = F.interpolate(
@@ -463,37 +706,72 @@ class MLAAE(Detector):
                 )
                 maps = maps + cfg.beta * up[:, 0]
         maps = gaussian_blur(maps[:, None], cfg.map_sigma)[:, 0]
+        return scores, maps
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> Prediction:
+        images = images.to(self.device)
+        scores, maps = self._raw(images)
+        if self.score_normalizer.fitted:
+            scores = self.score_normalizer(scores, image_statistics(images))
         return Prediction(scores, maps)
 
     # --- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "net": dict(self.net.state_dict()),
             "norms": self.norms,
             "steps": self.steps,
+            "score_normalizer": self.score_normalizer.state_dict(),
         }
+        if self.backbone is not None:
+            state["backbone"] = {"name": self.config.backbone, **self.backbone.identity()}
+            if self.feature_mean is not None and self.feature_std is not None:
+                state["feature_mean"] = self.feature_mean.detach().cpu()
+                state["feature_std"] = self.feature_std.detach().cpu()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         norms = state["norms"]
         if tuple(norms.shape) != tuple(self.norms.shape):
-            raise ValueError(f"mlaae: normalisers have shape {tuple(norms.shape)}")
+            raise ValueError(
+                f"mlaae: normalisers have shape {tuple(norms.shape)}, need "
+                f"{tuple(self.norms.shape)} (input={self.config.input})"
+            )
+        if self.backbone is not None:
+            stored = dict(state.get("backbone") or {})
+            if stored.get("name") != self.config.backbone:
+                raise ValueError(
+                    f"mlaae: checkpoint was made with backbone {stored.get('name')}, this "
+                    f"model uses input=features with backbone {self.config.backbone}"
+                )
+            check_identity(self.name, stored, self.backbone.identity())
         try:
             self.net.load_state_dict(state["net"])
         except RuntimeError as exc:
             raise ValueError(
-                f"mlaae: weights do not fit this model (image size {self.image_size}, "
-                f"{self.channels} channels, width {self.config.width}, code sizes): {exc}"
+                f"mlaae: weights do not fit this model (input {self.config.input}, image size "
+                f"{self.image_size}, {self.channels} channels, width {self.config.width}, "
+                f"code sizes): {exc}"
             ) from exc
         self.norms = norms.to(self.device, torch.float32).clone()
         self.steps = int(state["steps"])
+        mean, std = state.get("feature_mean"), state.get("feature_std")
+        self.feature_mean = mean.float().to(self.device) if mean is not None else None
+        self.feature_std = std.float().to(self.device) if std is not None else None
+        self.score_normalizer.load_state_dict(state.get("score_normalizer"))
 
     def training_state(self) -> dict[str, Any]:
         if self.ae_optimizer is None or self.disc_optimizer is None:
             return {}
-        return {
+        state: dict[str, Any] = {
             "ae_optimizer": self.ae_optimizer.state_dict(),
             "disc_optimizer": self.disc_optimizer.state_dict(),
+            "epochs_done": self._epochs_done,
         }
+        if self._kept is not None:
+            state["kept"] = self._kept.clone()
+        return state
 
     def load_training_state(self, state: dict[str, Any]) -> None:
         if not state:
@@ -503,3 +781,6 @@ class MLAAE(Detector):
         assert self.ae_optimizer is not None and self.disc_optimizer is not None
         self.ae_optimizer.load_state_dict(state["ae_optimizer"])
         self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+        self._epochs_done = int(state["epochs_done"])
+        kept = state.get("kept")
+        self._kept = kept.float().cpu() if kept is not None else None
