@@ -72,7 +72,7 @@ def trained() -> tuple[CAMSegmenter, list[float]]:
 def test_registered_as_segmenter() -> None:
     entry = {e.name: e for e in registry.available()}["cam"]
     assert entry.family == "segmenter" and entry.cls is CAMSegmenter
-    assert CAMSegmenter.usable_as_detector and CAMSegmenter.trains_on_defects
+    assert CAMSegmenter.trains_on_defects
 
 
 @pytest.mark.parametrize("encoder", ["plain", "lite0"])

@@ -23,8 +23,6 @@ from defectlab.data.io import atomic_write_text
 from defectlab.data.layouts import DEFECT, NORMAL, Dataset, Sample
 from defectlab.errors import DataError
 
-SPLIT_NAMES = ("train", "val", "test", "train_defect", "val_defect")
-
 
 @dataclass
 class Split:

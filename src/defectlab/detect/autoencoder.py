@@ -1,4 +1,4 @@
-"""Reconstruction-based detectors: convolutional autoencoder, VAE and WAE-MMD (MISSION S2).
+"""Reconstruction-based detectors: convolutional autoencoder, VAE and WAE-MMD.
 
 All three learn to reconstruct normal images only; a defect is what the network cannot
 reconstruct. They share one convolutional backbone built from small blocks:
@@ -327,8 +327,7 @@ class AutoencoderConfig(ModelConfig):
     level_samples: int = 32
     #: "image_statistics": subtract the score that brightness and texture energy predict,
     #: a linear fit over normalization_samples training images (kept from the first batches;
-    #: on magnetic tile the fit's AUROC varied by ±0.008 between random 128-image subsets and
-    #: by ±0.004 between 256-image ones)
+    #: how the result varies with their number: docs/models/ae.md)
     score_normalization: str = "none"
     normalization_samples: int = 256
 
@@ -432,12 +431,6 @@ class Autoencoder(Detector):
         self._level_images: torch.Tensor | None = None
         self.pixel_level: float | None = None
         self.score_normalizer = ScoreNormalizer()
-
-    @property
-    def code_size(self) -> int:
-        """Numbers in one image's code."""
-        side = self.image_size // DOWNSAMPLING
-        return self.config.latent_channels * side * side
 
     # --- reconstruction -----------------------------------------------------------------
     def reconstruct(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -13,18 +13,17 @@ position*; ``"gradcam"`` (Selvaraju et al. 2017) by the channel's spatially aver
 Either way the map is ReLU(Σ weight × activation), bilinearly up-sampled to the input size
 and divided by its per-image maximum; the stages' maps are averaged (an earlier, finer stage
 sharpens the deepest one's blob) and rescaled to a peak of 1. LayerCAM is the default because
-on the synthetic blobs of the tests it put about 4× more map mass inside the defect than
-outside for every seed tried, Grad-CAM 1.4–2.9× (Grad-CAM's channel-mean weights lose the
-localisation of the shallower stage). With ``normalize="probability"`` (default) the map is
+on the synthetic blobs of the tests it put more of its map mass inside the defect than Grad-CAM
+did, for every seed tried (Grad-CAM's channel-mean weights lose the localisation of the
+shallower stage). With ``normalize="probability"`` (default) the map is
 then multiplied by the image's defect probability, so a confidently normal image gets a
 near-zero map and pixel thresholds calibrated on normal images mean something; ``"minmax"``
 keeps every map's peak at 1 (pure localisation, e.g. for the oracle-threshold Dice).
 
 Which stages: by default the stride-16 and stride-8 stages of either encoder (the plain
 encoder's last two, (−1, −2); Lite0's (−2, −3), since its deepest stage has stride 32, 3 × 3
-at 96 px, too coarse to draw a defect). On magnetic tile at 96 px, Lite0 with (−2, −3) gave
-Dice 0.273 ± 0.008 over five split seeds at the 20%-of-peak rule, against 0.175 with
-(−1, −2); the README has the protocol.
+at 96 px, too coarse to draw a defect). How that was chosen and what it gives on magnetic
+tile: ``docs/models/cam.md``.
 
 Masks: by default the run's calibrated pixel threshold (a quantile of normal validation
 pixels). ``peak_fraction=r`` (with ``normalize="minmax"``) uses CAM's own rule instead (Zhou et
@@ -43,8 +42,7 @@ hence the guided filter, which also runs on the GPU with the rest of the model.
 
 The image score is the classifier probability, so ``defectlab evaluate`` reports image AUROC
 from it like for any detector. The registry gives a class one family; ``cam`` is a
-``segmenter`` (it trains on labelled defects), and ``usable_as_detector`` marks that its
-scores are a detector's.
+``segmenter`` (it trains on labelled defects).
 """
 
 from __future__ import annotations
@@ -211,8 +209,6 @@ class CAMSegmenter(Segmenter):
     config: CAMConfig
     #: the API adds the K-shot defect images and refuses a split without them
     trains_on_defects: ClassVar[bool] = True
-    #: scores are the classifier's defect probability: usable as an image-level detector
-    usable_as_detector: ClassVar[bool] = True
 
     def __init__(self, config: CAMConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
