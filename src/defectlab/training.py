@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from defectlab import distributed as dist
 from defectlab.base import Model
-from defectlab.data.io import write_csv
+from defectlab.data.io import remove_temporaries, write_csv
 from defectlab.errors import CheckpointError, ConfigError, TrainingError
 from defectlab.runs import load_checkpoint, restore_model, save_checkpoint
 
@@ -124,6 +124,9 @@ def fit(
     model.setup_training(n)
     start_epoch, start_step, global_step, history = 0, 0, 0, []
     if resume:
+        if main:  # half-written files of the killed process
+            for folder in (run_dir, checkpoint.parent):
+                remove_temporaries(folder)
         payload = load_checkpoint(checkpoint, expected_model=model.name)
         restore_model(payload, model, checkpoint)
         model.load_training_state(payload["training"]["model"])

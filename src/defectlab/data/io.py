@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import struct
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -420,6 +421,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>\.[A-Za-z0-9]+)?")
+
+
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Delete what :func:`atomic_path` left in ``folder`` when its process was killed
+    mid-write (``.<name>.<random><suffix>``); the finished files are untouched. Call it
+    before resuming work in a folder that no other process writes into."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        found = _TEMPORARY.fullmatch(path.name)
+        if found and path.is_file() and found["name"].endswith(found["suffix"] or ""):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from defectlab.data.io import atomic_path, atomic_write_text, write_png
+from defectlab.data.io import atomic_path, atomic_write_text, remove_temporaries, write_png
 from defectlab.data.loading import iter_files, list_input_images, report_failures
 from defectlab.deploy.backends import Inspector, score_images
 from defectlab.errors import ConfigError, DataError
@@ -136,6 +136,8 @@ def inspect_folder(
         },
     )
     results = out / RESULTS
+    for folder in (out, out / "masks", out / "overlays"):  # half-written by a killed run
+        remove_temporaries(folder)
     _drop_torn_tail(results)
     done = {row["path"] for row in _read_results(results)}
     todo = [p for p in files if str(p) not in done]
