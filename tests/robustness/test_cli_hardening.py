@@ -49,6 +49,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         write_image(root / "defect" / f"d{i:02d}.png", image)
         write_image(root / "masks" / f"d{i:02d}.png", mask)
     (root / "normal" / "bomb.png").write_bytes(png_bytes(BOMB_SIDE, BOMB_SIDE, None))
+    write_image(root / "normal" / "tiny.png", np.full((1, 1), 100, np.uint8))
     return root
 
 
@@ -62,10 +63,20 @@ def run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- gap 2: bombs in batch commands are skipped with their reason ----------------------------
 
 
-def test_train_skips_the_bomb_with_its_reason(run: Path) -> None:
+def test_train_skips_the_bomb_and_the_1x1_image_with_their_reason(run: Path) -> None:
+    """Whichever part of the split they fell in (train or validation), both are skipped
+    and named, never decoded (the bomb) or up-scaled into the training set (the 1 × 1)."""
     metrics = json.loads((run / "metrics.json").read_text())
-    skipped = [s for s in metrics["skipped_files"] if "bomb.png" in s]
-    assert skipped and "image too large" in skipped[0] and "limit is 100000000" in skipped[0]
+    split = json.loads((run / "split.json").read_text())["parts"]
+    fitted = {Path(s["path"]).name for part in ("train", "val") for s in split[part]}
+    skipped = {Path(s.split(": ")[0]).name: s.split(": ", 1)[1] for s in metrics["skipped_files"]}
+    for name in {"bomb.png", "tiny.png"} & fitted:
+        assert name in skipped
+    if "bomb.png" in fitted:
+        assert skipped["bomb.png"].startswith("image too large: PNG declares 12000x12000")
+    if "tiny.png" in fitted:
+        assert skipped["tiny.png"].startswith("image too small: 1x1 pixels")
+    assert {"bomb.png", "tiny.png"} & fitted, "neither file was in the training split"
 
 
 def test_predict_skips_bombs_and_tiny_images_are_scored(
@@ -127,7 +138,10 @@ def test_evaluate_skips_a_bomb_among_the_test_images(
     assert code == 0, err
     assert f"skipped {copy / 'normal' / victim}: image too large" in err
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert metrics["n_skipped"] == 1
+    tiny_in_test = any(Path(s["path"]).name == "tiny.png" for s in split)
+    assert metrics["n_skipped"] == 1 + tiny_in_test
+    if tiny_in_test:
+        assert f"skipped {copy / 'normal' / 'tiny.png'}: image too small: 1x1" in err
 
 
 def test_data_check_lists_bombs_tiny_images_and_broken_links(
@@ -160,6 +174,17 @@ def test_data_check_lists_bombs_tiny_images_and_broken_links(
 
 
 # --- gap 3: one-line errors, exit status 2 ---------------------------------------------------
+
+
+def test_errors_print_plain_paths(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "empty" / "normal").mkdir(parents=True)
+    (tmp_path / "empty" / "defect").mkdir()
+    code, out, err = run_cli(capsys, "data", "check", tmp_path / "empty")
+    line = one_line_error(err, "data")
+    assert code == 2 and out == ""
+    assert line.endswith(
+        f"no images in {tmp_path / 'empty' / 'normal'}, {tmp_path / 'empty' / 'defect'}"
+    )
 
 
 @pytest.mark.parametrize("where", ["file", "under-file"])

@@ -323,7 +323,8 @@ def _load_folder(path: Path, options: LayoutOptions) -> Dataset:
                 Sample(image, DEFECT, _find_mask(image, mask_dirs, suffixes), sub or d.name)
             )
     if not samples:
-        raise DataError(f"{path}: folder layout but no images in {normal_dirs + defect_dirs}")
+        searched = ", ".join(str(d) for d in normal_dirs + defect_dirs)
+        raise DataError(f"{path}: folder layout but no images in {searched}")
     return Dataset(root=path, layout="folder", samples=samples)
 
 
