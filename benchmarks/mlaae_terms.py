@@ -1,8 +1,9 @@
 """Which term of the multi-level adversarial autoencoder's score separates defects?
 
-The seed's score is ``α‖x − x̂‖ + β Σᵢ ‖Eᵢ(x) − Eᵢ(x̂)‖`` over four encoder levels. For a
-trained ``mlaae`` run this prints, on the run's own test split, the image AUROC of each term
-alone: the pixel residual, each level's absolute feature residual, each level's relative
+The seed's score is ``α‖x − x̂‖ + β Σᵢ ‖Eᵢ(x) − Eᵢ(x̂)‖`` over four encoder levels (two for
+``input=features``, where x is the standardised backbone feature map). For a trained ``mlaae``
+run this prints, on the run's own test split, the image AUROC of each term alone: the input
+(pixel or feature-map) residual, each level's absolute feature residual, each level's relative
 residual (``feature_residual="relative"``: divided by the image's own activation energy),
 the seed's sum, and two image statistics that explain what the terms pick up (mean
 brightness, and the signed residual x̂ − x: does the autoencoder brighten defects?).
@@ -60,14 +61,17 @@ def main() -> None:
     relative_model.load_state_dict(run.model.state_dict())
     _, relative, _ = terms(relative_model)
     grey = test.images.mean(axis=-1)
-    rows = [("pixel residual", pixel)]
-    rows += [(f"level {i + 1} absolute feature residual", absolute[:, i]) for i in range(4)]
-    rows += [(f"level {i + 1} relative feature residual", relative[:, i]) for i in range(4)]
+    levels = run.model.config.levels
+    kind = run.model.config.input
+    rows = [(f"{kind} residual", pixel)]
+    rows += [(f"level {i + 1} absolute feature residual", absolute[:, i]) for i in range(levels)]
+    rows += [(f"level {i + 1} relative feature residual", relative[:, i]) for i in range(levels)]
     rows += [
-        ("seed score: pixel + Σ absolute levels", pixel + absolute.sum(axis=1)),
+        (f"seed score: {kind} + Σ absolute levels", pixel + absolute.sum(axis=1)),
         ("mean brightness", grey.mean(axis=(1, 2))),
-        ("signed residual mean(x̂ − x)", (recon.mean(axis=1) - grey).mean(axis=(1, 2))),
     ]
+    if kind == "pixels":
+        rows.append(("signed residual mean(x̂ − x)", (recon.mean(axis=1) - grey).mean(axis=(1, 2))))
     print(
         f"{args.run}: {len(labels)} test images ({int(labels.sum())} defective), split "
         f"{split.name}; image AUROC of each term alone (0.5 = chance, < 0.5 = ranks defects "

@@ -202,7 +202,7 @@ def test_predict_before_fit_and_bad_image_sizes() -> None:
         ({"weight_decay": -1.0}, "weight_decay"),
         ({"score_top_fraction": 0.0}, "score_top_fraction"),
         ({"depth": 0}, "depth must be"),
-        ({"features": "resnet50"}, "features must be one of lite0, pixels"),
+        ({"features": "resnet50"}, "features must be one of lite0, lite1, lite2, pixels"),
         ({"pretrain_epochs": 1, "epochs": 4}, "applies to features=pixels only"),
         ({"variance_weight": 1.0}, "variance_weight must be above 1"),
         ({"variance_floor": 1.0}, "variance_floor must be in"),

@@ -268,7 +268,7 @@ def test_save_and_load_give_identical_scores(trained, tmp_path: Path) -> None:
         ({"score_levels": (2, 2)}, "score_levels must be"),
         ({"score_levels": (3,)}, "among 1-2 for input=features"),
         ({"input": "image"}, "input must be one of features, pixels"),
-        ({"backbone": "resnet50"}, "backbone must be one of lite0"),
+        ({"backbone": "resnet50"}, "backbone must be one of lite0, lite1, lite2"),
         ({"ssim_weight": 1.0}, "ssim_weight applies to input=pixels only"),
         ({"adv_weight": -1.0}, "adv_weight must be >= 0"),
         ({"embed_grid": 0}, "embed_grid must be at least 1"),

@@ -2,23 +2,28 @@
 
 Two versions share the objectives, the centre pass, the map and the score:
 
-* ``features="lite0"`` (the default; any backbone name of :mod:`defectlab.detect.features`
-  works): the PANDA-style variant (Reiss et al., CVPR 2021) on *pretrained* patch
-  features. The frozen ImageNet backbone gives the stride-8 and stride-16 maps
-  (``feature_blocks``), each averaged over a ``patch_size`` neighbourhood, the coarser one
-  up-sampled, concatenated (as in ``patchmemory``); a bias-free projection head φ (non-affine
-  BatchNorm of the frozen features, 1×1 convolution, non-affine BatchNorm, LeakyReLU, 1×1
-  convolution to ``rep_dim``) is the only trained part. Guard against collapse, in three
-  parts: the backbone is frozen (it cannot learn to map everything to one point); the head
-  has no bias and its input is standardised, so a constant output would have to be built
-  from the features' variation; and a *variance floor*: each output dimension's standard
-  deviation over the batch's locations must stay at least ``variance_floor`` times its value
-  at the centre pass, enforced by ``variance_weight`` × Σₖ max(0, floorₖ² − varₖ) in the
-  loss. Any weight above 1 makes dropping below the floor cost more distance than it saves,
-  so the head cannot shrink the normal features to c and instead learns to emphasise the
-  directions in which normal patches vary least (where Mahalanobis-type detectors find
-  their discriminative power, Kamoi & Kobayashi 2020). The logged ``std_ratio`` is the
-  smallest ratio of an output dimension's current to initial standard deviation.
+* ``features="lite0"`` (the default; ``lite1`` and ``lite2`` too, the backbones of
+  :mod:`defectlab.detect.features`): the PANDA-style variant (Reiss et al., CVPR 2021) on
+  *pretrained* patch features. The frozen ImageNet backbone gives the stride-8 and
+  stride-16 maps (``feature_blocks``, default the backbone's last of each), each averaged
+  over a ``patch_size`` neighbourhood, the coarser one up-sampled, concatenated (as in
+  ``patchmemory``); a bias-free projection head φ (non-affine BatchNorm of the frozen
+  features, 1×1 convolution, non-affine BatchNorm, LeakyReLU, 1×1 convolution to
+  ``rep_dim``) is the only trained part. The centre is one per location of the feature grid
+  (``center="auto"``): patches at the image border, or at structures every image has in
+  the same place, differ systematically from the rest, and one global centre makes them
+  the peaks of every normal image's map. Guard against collapse, in three parts: the
+  backbone is frozen (it cannot learn to map everything to one point); the head has no bias
+  and its input is standardised, so a constant output would have to be built from the
+  features' variation; and a *variance floor*: each output dimension's standard deviation
+  over the batch (within each location, for per-location centres) must stay at least
+  ``variance_floor`` times its value at the centre pass, enforced by ``variance_weight`` ×
+  Σₖ max(0, floorₖ² − varₖ) in the loss. Any weight above 1 makes dropping below the floor
+  cost more distance than it saves, so the head cannot shrink the normal features to c and
+  instead learns to emphasise the directions in which normal patches vary least (where
+  Mahalanobis-type detectors find their discriminative power, Kamoi & Kobayashi 2020). The
+  logged ``std_ratio`` is the smallest ratio of an output dimension's current standard
+  deviation to its floor.
 * ``features="pixels"``: the seed's exact version below, a CNN learnt from the pixels.
 
 Both versions: the centre is fixed from the initial features (the centre pass below), the
@@ -80,10 +85,13 @@ from defectlab.base import ModelConfig, Prediction
 from defectlab.config import check_choice
 from defectlab.detect.base import Detector
 from defectlab.detect.features import (
-    BLOCK_LAYOUT,
-    Lite0Features,
+    BACKBONES,
+    LiteFeatures,
+    block_layout,
     check_identity,
     check_image_size,
+    default_blocks,
+    feature_channels,
     validate_blocks,
 )
 from defectlab.detect.nuisance import ScoreNormalizer, image_statistics
@@ -92,9 +100,8 @@ from defectlab.registry import register
 
 OBJECTIVES = ("one-class", "soft-boundary")
 SCORES = ("topk", "global")
-#: pretrained backbones of :mod:`defectlab.detect.features` usable as ``features``
-BACKBONES = ("lite0",)
-#: ``features`` values: a pretrained backbone, or "pixels" (the seed's CNN on the image)
+#: ``features`` values: a pretrained backbone of :mod:`defectlab.detect.features`, or
+#: "pixels" (the seed's CNN on the image)
 FEATURES = (*BACKBONES, "pixels")
 SCORE_NORMALIZATIONS = ("none", "image_statistics")
 #: "global": one centre; "position": one centre per grid location; "auto": position for
@@ -111,8 +118,8 @@ _HIST_LOG_MIN, _HIST_LOG_MAX, _HIST_BINS = -12.0, 6.0, 4096
 class DeepSVDDConfig(ModelConfig):
     #: total trainer epochs: pretrain_epochs AE epochs + 1 centre pass + SVDD epochs
     epochs: int = 12
-    #: "lite0": frozen pretrained patch features + trained bias-free head (see the module
-    #: docstring); "pixels": the seed's CNN trained from the image
+    #: "lite0" (or "lite1", "lite2"): frozen pretrained patch features + trained bias-free
+    #: head (see the module docstring); "pixels": the seed's CNN trained from the image
     features: str = "lite0"
     #: "one-class" (mean distance) or "soft-boundary" (radius R with outlier share ν)
     objective: str = "one-class"
@@ -128,8 +135,9 @@ class DeepSVDDConfig(ModelConfig):
     rep_dim: int = 64
     #: pixels: side of the square convolution kernels (odd)
     kernel_size: int = 5
-    #: features: backbone blocks whose outputs form the patch feature (stride 8 and 16)
-    feature_blocks: tuple[int, ...] = (4, 10)
+    #: features: backbone blocks whose outputs form the patch feature; empty = the
+    #: backbone's last stride-8 and stride-16 blocks
+    feature_blocks: tuple[int, ...] = ()
     #: features: side of the local average-pooling neighbourhood of each map (odd; 1 = none)
     patch_size: int = 3
     #: features: hidden channels of the projection head
@@ -188,7 +196,8 @@ class DeepSVDDConfig(ModelConfig):
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
         self.feature_blocks = tuple(int(b) for b in self.feature_blocks)
-        validate_blocks(self.feature_blocks)
+        if self.features != "pixels":
+            validate_blocks(self.blocks, backbone_name=self.features)
         if self.patch_size < 1 or self.patch_size % 2 == 0:
             raise ValueError(f"patch_size must be a positive odd number, got {self.patch_size}")
         if not 0 <= self.variance_floor < 1:
@@ -222,9 +231,14 @@ class DeepSVDDConfig(ModelConfig):
         return self.center == "position"
 
     @property
+    def blocks(self) -> tuple[int, ...]:
+        """The backbone blocks used (features mode): ``feature_blocks`` or the defaults."""
+        return self.feature_blocks or default_blocks(self.features)
+
+    @property
     def feature_dim(self) -> int:
         """Channels of the concatenated backbone patch feature (features mode)."""
-        return sum(BLOCK_LAYOUT[b][1] for b in self.feature_blocks)
+        return feature_channels(self.blocks, self.features)
 
 
 def _stage(c_in: int, c_out: int, kernel: int) -> list[nn.Module]:
@@ -336,7 +350,7 @@ class DeepSVDD(Detector):
     def __init__(self, config: DeepSVDDConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         cfg = self.config
-        self.backbone: Lite0Features | None = None
+        self.backbone: LiteFeatures | None = None
         if cfg.features == "pixels":
             self.stride = 2**cfg.depth
             if self.image_size % self.stride != 0:
@@ -350,8 +364,8 @@ class DeepSVDD(Detector):
             check_image_size(self.name, self.image_size)
             if self.channels not in (1, 3):
                 raise ValueError(f"deepsvdd: images must have 1 or 3 channels, got {self.channels}")
-            self.backbone = _build_backbone(cfg.features, cfg.feature_blocks, self.device)
-            self.stride = BLOCK_LAYOUT[cfg.feature_blocks[0]][0]
+            self.backbone = LiteFeatures(cfg.blocks, self.device, backbone=cfg.features)
+            self.stride = block_layout(cfg.features)[cfg.blocks[0]][0]
             self.encoder = build_head(cfg.feature_dim, cfg).to(self.device)
         self.decoder = (
             build_decoder(self.channels, cfg).to(self.device) if cfg.pretrain_epochs > 0 else None
@@ -580,18 +594,17 @@ class DeepSVDD(Detector):
         if self.std_floor is not None:
             state["std_floor"] = self.std_floor.detach().cpu()
         if self.backbone is not None:
-            state["backbone"] = {"name": self.config.features, **self.backbone.identity()}
+            state["backbone"] = self.backbone.identity()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.backbone is not None:
-            stored = dict(state.get("backbone") or {})
-            if stored.get("name") != self.config.features:
+            if state.get("backbone") is None:
                 raise ValueError(
-                    f"deepsvdd: checkpoint was made with features={stored.get('name', 'pixels')}"
-                    f", this model uses features={self.config.features}"
+                    "deepsvdd: checkpoint was made with features=pixels, this model uses "
+                    f"features={self.config.features}"
                 )
-            check_identity(self.name, stored, self.backbone.identity())
+            check_identity(self.name, dict(state["backbone"]), self.backbone.identity())
         _load_module(self.encoder, state["encoder"], "encoder")
         self.radius = float(state["radius"])
         center = state.get("center")
@@ -641,15 +654,6 @@ class DeepSVDD(Detector):
             _load_module(self.decoder, state["decoder"], "decoder")
         if self._ae_opt is not None and "ae_opt" in state:
             self._ae_opt.load_state_dict(state["ae_opt"])
-
-
-def _build_backbone(
-    name: str, blocks: tuple[int, ...], device: str | torch.device
-) -> Lite0Features:
-    """The frozen pretrained extractor ``name`` (one of :data:`BACKBONES`)."""
-    if name != "lite0":
-        raise ValueError(f"deepsvdd: unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
-    return Lite0Features(blocks, device)
 
 
 def _load_module(module: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:

@@ -8,8 +8,9 @@ reconstruct, so defects reconstruct badly and score high.
 Two inputs (``input``):
 
 * ``"features"`` (the default): the same design reconstructs the *feature maps* of a frozen
-  ImageNet backbone instead of pixels (the DFR / reverse-distillation family). ``f`` is the
-  backbone's stride-8 and stride-16 maps (``feature_blocks``), each averaged over a
+  ImageNet backbone (``backbone``: lite0, lite1, lite2) instead of pixels (the DFR /
+  reverse-distillation family). ``f`` is the backbone's stride-8 and stride-16 maps
+  (``feature_blocks``, default its last of each), each averaged over a
   ``patch_size`` neighbourhood, the stride-16 one up-sampled, concatenated (as in
   ``patchmemory``) and standardised per channel with the mean and standard deviation of the
   first training batch (fixed from then on, kept in the model state). Two ConvDown stages
@@ -107,12 +108,15 @@ from torch import nn
 from defectlab.base import ModelConfig, Prediction
 from defectlab.config import check_choice
 from defectlab.detect.base import Detector
-from defectlab.detect.deepsvdd import BACKBONES, patch_features
+from defectlab.detect.deepsvdd import patch_features
 from defectlab.detect.features import (
-    BLOCK_LAYOUT,
-    Lite0Features,
+    BACKBONES,
+    LiteFeatures,
+    block_layout,
     check_identity,
     check_image_size,
+    default_blocks,
+    feature_channels,
     validate_blocks,
 )
 from defectlab.detect.nuisance import ScoreNormalizer, image_statistics
@@ -141,9 +145,10 @@ class MLAAEConfig(ModelConfig):
     epochs: int = 20
     #: "features": reconstruct frozen pretrained feature maps; "pixels": the seed's version
     input: str = "features"
-    #: input=features: the pretrained backbone and its blocks (stride 8 and 16)
+    #: input=features: the pretrained backbone (lite0, lite1, lite2) and its blocks; empty =
+    #: the backbone's last stride-8 and stride-16 blocks
     backbone: str = "lite0"
-    feature_blocks: tuple[int, ...] = (4, 10)
+    feature_blocks: tuple[int, ...] = ()
     #: input=features: side of the local average-pooling neighbourhood of each map (odd)
     patch_size: int = 3
     #: channel multiplier of the encoder/decoder (seed: 1.0 → 64/128/256/512)
@@ -187,10 +192,10 @@ class MLAAEConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         check_choice("input", self.input, INPUTS)
-        check_choice("backbone", self.backbone, BACKBONES)
+        check_choice("backbone", self.backbone, tuple(BACKBONES))
         check_choice("score_normalization", self.score_normalization, SCORE_NORMALIZATIONS)
         self.feature_blocks = tuple(int(b) for b in self.feature_blocks)
-        validate_blocks(self.feature_blocks)
+        validate_blocks(self.blocks, backbone_name=self.backbone)
         if self.patch_size < 1 or self.patch_size % 2 == 0:
             raise ValueError(f"patch_size must be a positive odd number, got {self.patch_size}")
         if self.input == "features" and self.ssim_weight > 0:
@@ -267,9 +272,14 @@ class MLAAEConfig(ModelConfig):
         return self.adv_weight if self.adv_weight is not None else _ADV_WEIGHT[self.input]
 
     @property
+    def blocks(self) -> tuple[int, ...]:
+        """The backbone blocks used (input=features): ``feature_blocks`` or the defaults."""
+        return self.feature_blocks or default_blocks(self.backbone)
+
+    @property
     def feature_dim(self) -> int:
         """Channels of the concatenated backbone maps (input=features)."""
-        return sum(BLOCK_LAYOUT[b][1] for b in self.feature_blocks)
+        return feature_channels(self.blocks, self.backbone)
 
 
 def _conv_down(c_in: int, c_out: int) -> nn.Module:
@@ -392,7 +402,7 @@ class _FeatureNetwork(nn.Module):
     def __init__(self, config: MLAAEConfig, image_size: int, channels: int) -> None:
         super().__init__()
         widths = [max(1, round(c * config.width)) for c in FEATURE_CHANNELS]
-        side = image_size // BLOCK_LAYOUT[config.feature_blocks[0]][0]
+        side = image_size // block_layout(config.backbone)[config.blocks[0]][0]
         sides = [side // 2, side // 4]
         self.encoder = nn.ModuleList(
             [_conv_down(channels, widths[0]), _conv_down(widths[0], widths[1])]
@@ -467,7 +477,7 @@ class MLAAE(Detector):
         cfg = self.config
         if self.channels not in (1, 3):
             raise ValueError(f"mlaae: channels must be 1 or 3, got {self.channels}")
-        self.backbone: Lite0Features | None = None
+        self.backbone: LiteFeatures | None = None
         #: input=features: per-channel standardisation of the backbone maps (first batch)
         self.feature_mean: torch.Tensor | None = None
         self.feature_std: torch.Tensor | None = None
@@ -482,7 +492,7 @@ class MLAAE(Detector):
             self.net = _Network(cfg, self.image_size, self.channels).to(self.device)
         else:
             check_image_size(self.name, self.image_size)
-            self.backbone = Lite0Features(cfg.feature_blocks, self.device)
+            self.backbone = LiteFeatures(cfg.blocks, self.device, backbone=cfg.backbone)
             self.net = _FeatureNetwork(cfg, self.image_size, cfg.feature_dim).to(self.device)
         #: moving mean squared residual on normal training batches: [input, E1, …]
         self.norms = torch.ones(1 + cfg.levels, device=self.device)
@@ -725,7 +735,7 @@ class MLAAE(Detector):
             "score_normalizer": self.score_normalizer.state_dict(),
         }
         if self.backbone is not None:
-            state["backbone"] = {"name": self.config.backbone, **self.backbone.identity()}
+            state["backbone"] = self.backbone.identity()
             if self.feature_mean is not None and self.feature_std is not None:
                 state["feature_mean"] = self.feature_mean.detach().cpu()
                 state["feature_std"] = self.feature_std.detach().cpu()
@@ -739,13 +749,12 @@ class MLAAE(Detector):
                 f"{tuple(self.norms.shape)} (input={self.config.input})"
             )
         if self.backbone is not None:
-            stored = dict(state.get("backbone") or {})
-            if stored.get("name") != self.config.backbone:
+            if state.get("backbone") is None:
                 raise ValueError(
-                    f"mlaae: checkpoint was made with backbone {stored.get('name')}, this "
-                    f"model uses input=features with backbone {self.config.backbone}"
+                    "mlaae: checkpoint was made with input=pixels, this model uses "
+                    f"input=features with backbone {self.config.backbone}"
                 )
-            check_identity(self.name, stored, self.backbone.identity())
+            check_identity(self.name, dict(state["backbone"]), self.backbone.identity())
         try:
             self.net.load_state_dict(state["net"])
         except RuntimeError as exc:
