@@ -1,4 +1,4 @@
-"""CrossGAN (MISSION S0): networks, losses, training protocol, state, masks, API round trip.
+"""CrossGAN: networks, losses, training protocol, state, masks, API round trip.
 
 Everything runs at 32 px with a tiny width so the suite stays light on a CPU.
 """

@@ -1,4 +1,4 @@
-"""MaskGAN (MISSION S1): object rule and boundary loss, networks, exact composition, training
+"""MaskGAN: object rule and boundary loss, networks, exact composition, training
 protocol, state, sampling, mask realism and the command-line round trip.
 
 Everything runs at 32 px with width 8 on one thread so the suite stays light on a CPU.

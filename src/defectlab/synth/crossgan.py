@@ -1,5 +1,4 @@
-"""CrossGAN: unpaired normal → defect translation by two-stage cross reconstruction
-(MISSION S0, seed 000).
+"""CrossGAN: unpaired normal → defect translation by two-stage cross reconstruction.
 
 Normal images X and a handful of unpaired defect images Y are split into a **content**
 code shared by both domains (what the part looks like) and a **detail** code carried by
@@ -44,7 +43,7 @@ One training step on paired normal ``x`` and defect ``y`` (see
   ``self_recon_weight·(L1(G_X(z_x), x) + L1(G_Y(z_y, a_y), y))`` +
   ``latent_weight·L1(μ(G_Y(z_x, a_r)), a_r)`` for a prior draw ``a_r`` (latent regression;
   its image is also shown to D_Y). The last two are the usual terms of this family (DRIT)
-  that the mission allows; set their weights to 0 to drop them (and the extra forward passes).
+  that the design leaves open; set their weights to 0 to drop them (and the extra forward passes).
 
 Image range: networks work in [-1, 1] (inputs ``2x − 1``); both generators end in Tanh.
 

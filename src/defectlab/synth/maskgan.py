@@ -1,11 +1,11 @@
-"""MaskGAN: mask-then-image defect generation with exact pixel labels (MISSION S1, seed 001).
+"""MaskGAN: mask-then-image defect generation with exact pixel labels.
 
 A normal image and Gaussian noise give a defect **mask** (stage 1); the normal image and that
 mask give the **defect image** (stage 2), painted inside the mask only. The mask is the label
 by construction: outside it the output *is* the input.
 
 Networks (``w = width``, images in [-1, 1], masks in [0, 1]; names are the keys of
-``self.nets``; S1 wording in brackets)::
+``self.nets``; the design's wording in brackets)::
 
     mask_generator  [stage-1 generator, encoder-decoder]:
         ResidualEncoder(C, w, mask_blocks): conv7×7 w, conv4×4/2 2w, conv4×4/2 4w (IN, ReLU),
@@ -140,7 +140,7 @@ from defectlab.synth.gan_parts import (
 )
 
 STAGES = ("joint", "mask", "image")
-GAN_LOSSES = ("bce", "hinge", "lsgan")
+MASKGAN_LOSSES = ("bce", "hinge", "lsgan")
 OBJECT_RULES = ("auto", "otsu", "fixed", "frame")
 POLARITIES = ("auto", "bright", "dark")
 
@@ -228,7 +228,7 @@ def boundary_loss(masks: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
     every mask lies inside its object; it pulls masks onto the part, not the background.
     A share, not a mean over all pixels: a mean over pixels makes a small mask entirely on
     the background cost almost nothing (on magnetic tile a thin strip along the border
-    cost 0.006 against an adversarial loss near 3, and the generator parked every mask
+    cost next to nothing against the adversarial loss, and the generator parked every mask
     there). The +1 pixel keeps an empty mask at zero instead of 0/0."""
     outside = (masks * (1.0 - regions)).sum(dim=(2, 3))
     return (outside / (masks.sum(dim=(2, 3)) + 1.0)).mean()
@@ -397,7 +397,7 @@ class DefectFocus(nn.Module):
         return self.to_foreground(features * gate)
 
 
-class DefectGenerator(nn.Module):
+class DefectPainter(nn.Module):
     """Stage 2: (normal image, mask, class) → defect foreground F. Compose with
     :func:`compose`."""
 
@@ -450,7 +450,7 @@ class MaskGANConfig(GANTrainingConfig):
     sample grids) are :class:`~defectlab.synth.gan_parts.GANTrainingConfig`'s, with MaskGAN's
     own defaults below."""
 
-    gan_losses: ClassVar[tuple[str, ...]] = GAN_LOSSES
+    gan_losses: ClassVar[tuple[str, ...]] = MASKGAN_LOSSES
 
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -626,7 +626,7 @@ class MaskGAN(GANSynthesizer):
             ),
             "region_discriminator": MultiScaleDiscriminator(1 + k, w, layers, scales),
             "masked_image_discriminator": MultiScaleDiscriminator(c + k, w, layers, scales),
-            "defect_generator": DefectGenerator(
+            "defect_generator": DefectPainter(
                 c, w, cfg.image_blocks, k, cfg.class_dim, cfg.encoder_norm
             ),
             "image_discriminator": MultiScaleDiscriminator(c + k, w, layers, scales),

@@ -1,7 +1,7 @@
 """Procedural defect synthesis: paint plausible defects on normal images, with exact masks.
 
 Normal-only inspection needs defect examples to train segmenters and to sanity-check
-detectors. Following the competition toolbox (MISSION S2), we draw random shapes
+detectors. Following the usual competition toolbox, we draw random shapes
 (:mod:`defectlab.synth.shapes`: Bezier and Gaussian-cloud blobs, scratches, elastically
 warped lines and circles, thresholded Perlin noise, branching cracks, CutPaste patches and
 scars), place them at a random position inside the object (Otsu region of interest) and off
