@@ -1,7 +1,7 @@
 """Write a copy of a dataset folder with every image shrunk to at most ``--max-side`` pixels on
 its long side, keeping the folder layout and file names (so layout detection still works).
 
-Why: a remote GPU machine may take only a small upload (the device runs in the README moved
+Why: a remote GPU machine may take only a small upload (the GPU runs in docs/results moved
 magnetic tile as a 28 MB copy at 256 px, since the benchmarks train at 128 px anyway).
 Masks (files whose path relative to the source matches ``--masks``) are resized with nearest
 neighbour, so thresholding them later gives the same answer as before; other images with

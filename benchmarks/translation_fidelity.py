@@ -1,5 +1,5 @@
-"""How faithfully a trained CrossGAN copies its source image: the diagnosis behind the README's
-"why the translation GANs stay blurred".
+"""How faithfully a trained CrossGAN copies its source image: the diagnosis behind
+"why the translation GANs stay blurred" in docs/models/crossgan.md.
 
 A translated defect image is only useful with a difference-derived mask if the generator
 copies everything but the defect. On the run's own normal training images (its
@@ -17,6 +17,9 @@ copies everything but the defect. On the run's own normal training images (its
 
     .venv/bin/python benchmarks/translation_fidelity.py \\
         runs/augmentation-64/gen-crossgan-k5-64-s0-g20 --autoencoder-steps 200
+
+``--write-docs [PAGE]`` also writes the row into ``docs/results/PAGE.md`` (default
+``synthesis``).
 """
 
 from __future__ import annotations
