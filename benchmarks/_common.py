@@ -321,3 +321,12 @@ def content_statistics(images: np.ndarray) -> torch.Tensor:
 
     tensor = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
     return torch.cat([image_statistics(chunk) for chunk in tensor.split(64)])
+
+
+def dataset_split(data_config: Any) -> Any:
+    """The :class:`~defectlab.data.splits.Split` that training with ``data_config`` (a run
+    config's ``data`` section) makes. The one place the benchmarks call a private ``api``
+    name: switch it to a public ``api.dataset_split`` once the API has one."""
+    from defectlab import api
+
+    return api._dataset_and_split(data_config)[1]

@@ -52,6 +52,7 @@ import numpy as np
 from _common import (
     DEFAULT_DATA,
     add_write_docs,
+    dataset_split,
     docs_key,
     fmt_fixed,
     held_out,
@@ -162,7 +163,7 @@ def run_job(args: argparse.Namespace, row: str, k: int, seed: int) -> dict[str, 
     config = api.build_config(
         "unet", args.data, image_size=args.image_size, seed=seed, overrides=options
     )
-    _, split = api._dataset_and_split(config.data)
+    split = dataset_split(config.data)
     normals = [s.path for s in split["train"] if s.label == NORMAL]
     normal_folder = link_files(normals, args.out / f"normals-{cell}")
     extra: list[str] = []

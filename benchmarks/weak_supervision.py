@@ -72,6 +72,7 @@ import numpy as np
 from _common import (
     DEFAULT_DATA,
     add_write_docs,
+    dataset_split,
     docs_key,
     fmt_fixed,
     fmt_number,
@@ -237,7 +238,7 @@ def run_baselines(args: argparse.Namespace) -> list[dict[str, Any]]:
         seed=args.seed,
         overrides=overrides(args, "unet", [], args.k),
     )
-    _, split = api._dataset_and_split(config.data)
+    split = dataset_split(config.data)
     out = args.out / f"baselines-k{args.k}-{args.image_size}-s{args.seed}"
     split.save(out / "split.json")
     test = held_out(split, config)
