@@ -335,6 +335,18 @@ def test_features_separate_an_obvious_anomaly_and_localise_it(feature_run) -> No
         assert top - 8 <= row < top + side + 8 and left - 8 <= col < left + side + 8
 
 
+def test_each_location_distance_is_scaled_to_one_on_the_kept_training_images(
+    feature_run,
+) -> None:
+    model, _ = feature_run
+    assert model.dist_scale is not None and model.dist_scale.shape == (8, 8)
+    assert len(model._kept) == 32
+    model.encoder.eval()
+    with torch.no_grad():
+        scaled = model._distances(model.embed(model._kept)) / model.dist_scale
+    assert torch.allclose(scaled.mean(dim=0), torch.ones(8, 8), atol=1e-4)
+
+
 def test_variance_floor_keeps_the_head_from_collapsing(feature_run, tmp_path: Path) -> None:
     """With the guard, every output dimension keeps at least (about) the floor's share of its
     initial spread on unseen normal images; without it, the same training shrinks them."""
@@ -361,6 +373,7 @@ def test_features_state_round_trip_and_foreign_backbone(feature_run, tmp_path: P
     a, b = model.predict(x), clone.predict(x)
     assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
     assert torch.equal(clone.std_floor, model.std_floor)
+    assert torch.equal(clone.dist_scale, model.dist_scale)
     state = model.state_dict()
     assert not any(key.startswith("backbone.") for key in state["encoder"])  # weights not copied
     foreign = state | {"backbone": state["backbone"] | {"sha256": "0" * 64}}

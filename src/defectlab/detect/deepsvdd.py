@@ -10,9 +10,11 @@ Two versions share the objectives, the centre pass, the map and the score:
   ``patchmemory``); a bias-free projection head φ (non-affine BatchNorm of the frozen
   features, 1×1 convolution, non-affine BatchNorm, LeakyReLU, 1×1 convolution to
   ``rep_dim``) is the only trained part. The centre is one per location of the feature grid
-  (``center="auto"``): patches at the image border, or at structures every image has in
-  the same place, differ systematically from the rest, and one global centre makes them
-  the peaks of every normal image's map. Guard against collapse, in three parts: the
+  (``center="auto"``), and at the end of training each location's distance is divided by
+  its mean over the kept training images (``normalization_samples``): patches at the image
+  border, or at structures every image has in the same place, differ systematically from
+  the rest and vary more, and without both they are the peaks of every normal image's map.
+  Guard against collapse, in three parts: the
   backbone is frozen (it cannot learn to map everything to one point); the head has no bias
   and its input is standardised, so a constant output would have to be built from the
   features' variation; and a *variance floor*: each output dimension's standard deviation
@@ -165,7 +167,8 @@ class DeepSVDDConfig(ModelConfig):
     #: Gaussian smoothing of the up-sampled map, in pixels (0 = none)
     map_sigma: float = 0.0
     #: "image_statistics": subtract the score that brightness and texture predict (a linear
-    #: fit over normalization_samples training images kept from the first batches)
+    #: fit over normalization_samples training images kept from the first batches; with
+    #: per-location centres they also set each location's distance scale)
     score_normalization: str = "none"
     normalization_samples: int = 256
 
@@ -374,6 +377,8 @@ class DeepSVDD(Detector):
         self.radius = 0.0
         #: features: per-dimension lower bound of the head output's standard deviation
         self.std_floor: torch.Tensor | None = None
+        #: per-location centres: each location's mean training distance (h, w), divides the map
+        self.dist_scale: torch.Tensor | None = None
         self.score_normalizer = ScoreNormalizer()
         # training progress (resume state)
         self._epochs_done = 0
@@ -423,11 +428,12 @@ class DeepSVDD(Detector):
         return ((features - center[None]) ** 2).sum(dim=1)
 
     def _keep(self, images: torch.Tensor) -> None:
-        """Keep the first training images for the score normaliser (CPU)."""
+        """Keep the first training images for the score normaliser and the per-location
+        distance scale (CPU)."""
         cfg = self.config
         held = 0 if self._kept is None else len(self._kept)
         wanted = cfg.normalization_samples - held
-        if cfg.score_normalization == "none" or wanted <= 0:
+        if (cfg.score_normalization == "none" and not cfg.per_position) or wanted <= 0:
             return
         new = images[:wanted].detach().float().cpu()
         self._kept = new if self._kept is None else torch.cat([self._kept, new])
@@ -521,6 +527,18 @@ class DeepSVDD(Detector):
                 "pretrain_epochs + 2"
             )
         self.score_normalizer = ScoreNormalizer()
+        self.dist_scale = None
+        if self.config.per_position:
+            if self._kept is None:
+                raise RuntimeError("deepsvdd: no training images kept for the distance scale")
+            with torch.no_grad():
+                self.encoder.eval()
+                total = sum(
+                    self._distances(self.embed(chunk.to(self.device))).sum(dim=0)
+                    for chunk in self._kept.split(16)
+                )
+            assert isinstance(total, torch.Tensor)
+            self.dist_scale = (total / len(self._kept)).clamp_min(1e-12)
         if self.config.score_normalization == "image_statistics":
             kept = self._kept
             if kept is None or len(kept) < MIN_NORMALIZATION_SAMPLES:
@@ -556,7 +574,10 @@ class DeepSVDD(Detector):
         self.encoder.eval()
         features = self.embed(images)
         offset = self.radius**2 if self.config.objective == "soft-boundary" else 0.0
-        dist = self._distances(features)[:, None] - offset
+        dist = self._distances(features) - offset
+        if self.dist_scale is not None:
+            dist = dist / self.dist_scale
+        dist = dist[:, None]
         maps = F.interpolate(dist, size=images.shape[-2:], mode="bilinear", align_corners=False)
         maps = gaussian_blur(maps, self.config.map_sigma)[:, 0]
         if self.config.score == "topk":
@@ -593,6 +614,8 @@ class DeepSVDD(Detector):
             state["center"] = self.center.detach().cpu()
         if self.std_floor is not None:
             state["std_floor"] = self.std_floor.detach().cpu()
+        if self.dist_scale is not None:
+            state["dist_scale"] = self.dist_scale.detach().cpu()
         if self.backbone is not None:
             state["backbone"] = self.backbone.identity()
         return state
@@ -615,6 +638,13 @@ class DeepSVDD(Detector):
         self.center = center.float().to(self.device) if center is not None else None
         floor = state.get("std_floor")
         self.std_floor = floor.float().to(self.device) if floor is not None else None
+        scale = state.get("dist_scale")
+        if scale is not None and tuple(scale.shape) != self.center_shape[1:]:
+            raise ValueError(
+                f"deepsvdd: distance scale has shape {tuple(scale.shape)}, need "
+                f"{self.center_shape[1:]}"
+            )
+        self.dist_scale = scale.float().to(self.device) if scale is not None else None
         self.score_normalizer.load_state_dict(state.get("score_normalizer"))
 
     def training_state(self) -> dict[str, Any]:
