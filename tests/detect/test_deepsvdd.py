@@ -363,6 +363,17 @@ def test_variance_floor_keeps_the_head_from_collapsing(feature_run, tmp_path: Pa
     assert collapsed < 0.7 * model.config.variance_floor < guarded, (collapsed, guarded)
 
 
+def test_a_last_batch_of_one_image_trains_without_the_floor(tmp_path: Path) -> None:
+    """One image has no spread within a location: the floor skips that batch (its root of
+    a zero variance would make the gradient infinite)."""
+    model = _feature_model(epochs=3)
+    history = fit(model, striped_normals(17), run_dir=tmp_path, batch_size=8, progress=False)
+    svdd = [row for row in history if "loss" in row]
+    assert all(np.isfinite(row["loss"]) for row in svdd)
+    assert ["std_ratio" in row for row in svdd] == [True, True, False] * 2
+    assert torch.isfinite(model.predict(to_nchw(striped_normals(2, seed=3))).scores).all()
+
+
 def test_features_state_round_trip_and_foreign_backbone(feature_run, tmp_path: Path) -> None:
     model, _ = feature_run
     path = tmp_path / "model.pt"

@@ -326,14 +326,18 @@ def _hist_quantile(hist: torch.Tensor, q: float) -> float:
     return 10.0 ** (_HIST_LOG_MIN + (index + min(max(frac, 0.0), 1.0)) * width)
 
 
-def output_std(features: torch.Tensor, per_position: bool = False) -> torch.Tensor:
-    """Standard deviation of each output dimension over a batch: (B, D, h, w) → (D,). Over
-    all its locations, or (``per_position``) the root mean of each location's variance over
-    the images, so that differences between locations do not count as spread."""
+def output_variance(features: torch.Tensor, per_position: bool = False) -> torch.Tensor:
+    """Variance of each output dimension over a batch: (B, D, h, w) → (D,). Over all its
+    locations, or (``per_position``) the mean of each location's variance over the images,
+    so that differences between locations do not count as spread."""
     if per_position:
-        return features.var(dim=0, unbiased=False).mean(dim=(1, 2)).clamp_min(0).sqrt()
-    rows = features.transpose(0, 1).flatten(1)
-    return rows.var(dim=1, unbiased=False).clamp_min(0).sqrt()
+        return features.var(dim=0, unbiased=False).mean(dim=(1, 2))
+    return features.transpose(0, 1).flatten(1).var(dim=1, unbiased=False)
+
+
+def output_std(features: torch.Tensor, per_position: bool = False) -> torch.Tensor:
+    """The square root of :func:`output_variance` (no gradient through the root)."""
+    return output_variance(features.detach(), per_position).clamp_min(0).sqrt()
 
 
 @register
@@ -477,12 +481,16 @@ class DeepSVDD(Detector):
             loss = r2 + F.relu(dist - r2).mean() / self.config.nu
             self._accumulate(dist.detach())
         logs: dict[str, float] = {}
-        if self.std_floor is not None:
-            std = output_std(features, self.config.per_position)
-            floor = self.std_floor.to(std.device)
-            guard = F.relu(floor.pow(2) - std.pow(2)).sum()
+        # the floor needs a spread to measure: at least two images (per-location centres) or
+        # two locations; a smaller last batch trains without it
+        spread = features.shape[0] * (1 if self.config.per_position else features[0, 0].numel())
+        if self.std_floor is not None and spread > 1:
+            variance = output_variance(features, self.config.per_position)
+            floor = self.std_floor.to(variance.device)
+            guard = F.relu(floor.pow(2) - variance).sum()
             loss = loss + self.config.variance_weight * guard
-            logs = {"guard": guard.item(), "std_ratio": (std / floor).min().item()}
+            ratio = (variance.detach().clamp_min(0).sqrt() / floor).min()
+            logs = {"guard": guard.item(), "std_ratio": ratio.item()}
         assert self._svdd_opt is not None
         self._svdd_opt.zero_grad(set_to_none=True)
         loss.backward()
