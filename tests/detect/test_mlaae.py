@@ -417,6 +417,15 @@ def test_features_training_reconstructs_better_and_separates_squares(feature_run
         assert heat[inside].mean() > heat[~inside].mean()
 
 
+def test_features_terms_are_normalised_per_location_on_the_kept_images(feature_run) -> None:
+    model, _ = feature_run
+    assert model.config.per_position and not MLAAEConfig(input="pixels").per_position
+    assert [tuple(n.shape) for n in model.position_norms] == [(8, 8), (4, 4), (2, 2)]
+    pixel, _, levels = model.residuals(model._kept)
+    for term in [pixel, *levels]:
+        assert torch.allclose(term.mean(dim=0), torch.ones_like(term[0]), atol=1e-4)
+
+
 def test_features_save_load_and_foreign_backbone(feature_run, tmp_path: Path) -> None:
     model, _ = feature_run
     path = tmp_path / "model.pt"
@@ -426,6 +435,8 @@ def test_features_save_load_and_foreign_backbone(feature_run, tmp_path: Path) ->
     x = to_nchw(with_square(striped_normals(4, seed=2), *SQUARE))
     a, b = model.predict(x), clone.predict(x)
     assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
+    pairs = zip(clone.position_norms, model.position_norms, strict=True)
+    assert all(torch.equal(p, q) for p, q in pairs)
     state = model.state_dict()
     foreign = state | {"backbone": state["backbone"] | {"sha256": "0" * 64}}
     with pytest.raises(ValueError, match="EfficientNet-Lite0 weights"):

@@ -23,7 +23,11 @@ Two inputs (``input``):
                 low ─FC─ReLU─FC─ReLU→ (C, H/16); ─ConvUp D (no activation) → f̂ (D, H/8)
 
   with the seed's per-code discriminators, losses and training step (the reconstruction
-  loss is the MSE between f and f̂). The score is the seed's
+  loss is the MSE between f and f̂). Each term's squared residual is normalised location by
+  location (``position_norm``): divided by its mean over the kept training images at the
+  end of training, so that locations where normal images vary more (the image border,
+  where the stride-2 transposed convolutions also reconstruct worst) weigh no more than
+  the rest. The score is the seed's
   ``α‖f − f̂‖ + β Σᵢ ‖Eᵢ(f) − Eᵢ(f̂)‖`` over the two levels, normalised term by term as
   below; the map is built the same way and up-sampled to the image. Defaults that differ
   from the pixel version because the reconstruction error of standardised features is about
@@ -189,6 +193,10 @@ class MLAAEConfig(ModelConfig):
     #: fit over normalization_samples training images kept from the first epoch)
     score_normalization: str = "none"
     normalization_samples: int = 256
+    #: divide each term's squared residual, location by location, by its mean over the kept
+    #: training images (normalization_samples) instead of by the term's moving average alone;
+    #: None: on for features, off for pixels (the seed)
+    position_norm: bool | None = None
 
     def __post_init__(self) -> None:
         check_choice("input", self.input, INPUTS)
@@ -265,6 +273,11 @@ class MLAAEConfig(ModelConfig):
     def grid(self) -> int:
         """``embed_grid``, or its default for the input."""
         return self.embed_grid if self.embed_grid is not None else _EMBED_GRID[self.input]
+
+    @property
+    def per_position(self) -> bool:
+        """``position_norm``, or its default for the input."""
+        return self.position_norm if self.position_norm is not None else self.input == "features"
 
     @property
     def adversarial_weight(self) -> float:
@@ -502,6 +515,8 @@ class MLAAE(Detector):
         self.disc_optimizer: torch.optim.Optimizer | None = None
         self._epochs_done = 0
         self._kept: torch.Tensor | None = None
+        #: position_norm: each term's mean squared residual per location on the kept images
+        self.position_norms: list[torch.Tensor] | None = None
 
     # --- building blocks (public for tests and inspection) ------------------------------------
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
@@ -560,11 +575,13 @@ class MLAAE(Detector):
         )
 
     def _keep(self, images: torch.Tensor) -> None:
-        """Keep the first epoch's first images for the score normaliser (CPU)."""
+        """Keep the first epoch's first images for the score normaliser and the per-location
+        normalisers (CPU)."""
         cfg = self.config
         held = 0 if self._kept is None else len(self._kept)
         wanted = cfg.normalization_samples - held
-        if cfg.score_normalization == "none" or self._epochs_done > 0 or wanted <= 0:
+        needed = cfg.score_normalization != "none" or cfg.per_position
+        if not needed or self._epochs_done > 0 or wanted <= 0:
             return
         new = images[:wanted].detach().float().cpu()
         self._kept = new if self._kept is None else torch.cat([self._kept, new])
@@ -640,6 +657,17 @@ class MLAAE(Detector):
 
     def finish_training(self) -> None:
         self.score_normalizer = ScoreNormalizer()
+        self.position_norms = None
+        if self.config.per_position:
+            if self._kept is None:
+                raise RuntimeError("mlaae: no training images kept for the per-location norms")
+            sums: list[torch.Tensor] | None = None
+            for chunk in self._kept.split(16):
+                raw, _ = self._raw_residuals(chunk.to(self.device))
+                terms = [t.sum(dim=0) for t in raw]
+                sums = terms if sums is None else [a + b for a, b in zip(sums, terms, strict=True)]
+            assert sums is not None
+            self.position_norms = [(t / len(self._kept)).clamp_min(1e-10) for t in sums]
         if self.config.score_normalization != "image_statistics":
             return
         kept = self._kept
@@ -673,13 +701,22 @@ class MLAAE(Detector):
         """Normalised squared residuals (channel means divided by the training normalisers):
         input term (B, h, w) — pixels (B, H, W) or feature maps (B, H/8, W/8) —, the
         reconstruction of the input, and per level [(B, h_i, w_i)]."""
-        x = self.inputs(images.to(self.device))
+        raw, recon = self._raw_residuals(images.to(self.device))
+        if self.position_norms is not None:
+            terms = [r / n for r, n in zip(raw, self.position_norms, strict=True)]
+        else:
+            terms = [r / self.norms[i] for i, r in enumerate(raw)]
+        return terms[0], recon, terms[1:]
+
+    @torch.no_grad()
+    def _raw_residuals(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Un-normalised squared residual maps [input (B, h, w), E1, …] and the
+        reconstruction of the input."""
+        x = self.inputs(images)
         features, low, high = self.encode(x)
         recon = self.decode(low, high)
-        pixel = (x - recon).pow(2).mean(dim=1) / self.norms[0]
-        raw = self._level_residuals(features, self.net.features(recon))
-        levels = [r / self.norms[i + 1] for i, r in enumerate(raw)]
-        return pixel, recon, levels
+        levels = self._level_residuals(features, self.net.features(recon))
+        return [(x - recon).pow(2).mean(dim=1), *levels], recon
 
     @staticmethod
     def _terms(
@@ -734,6 +771,8 @@ class MLAAE(Detector):
             "steps": self.steps,
             "score_normalizer": self.score_normalizer.state_dict(),
         }
+        if self.position_norms is not None:
+            state["position_norms"] = [n.detach().cpu() for n in self.position_norms]
         if self.backbone is not None:
             state["backbone"] = self.backbone.identity()
             if self.feature_mean is not None and self.feature_std is not None:
@@ -769,6 +808,10 @@ class MLAAE(Detector):
         self.feature_mean = mean.float().to(self.device) if mean is not None else None
         self.feature_std = std.float().to(self.device) if std is not None else None
         self.score_normalizer.load_state_dict(state.get("score_normalizer"))
+        position = state.get("position_norms")
+        self.position_norms = (
+            [n.float().to(self.device) for n in position] if position is not None else None
+        )
 
     def training_state(self) -> dict[str, Any]:
         if self.ae_optimizer is None or self.disc_optimizer is None:
