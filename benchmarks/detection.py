@@ -48,7 +48,8 @@ from _common import (
 PEER_PYTHON = Path(__file__).with_name("anomalib") / ".venv" / "bin" / "python"
 PEER_SETUP = "benchmarks/anomalib/setup.sh"
 KEYS = ("image_auroc", "image_ap", "pixel_auroc", "aupro", "dice", "f1")
-#: columns of the results page: metrics with 3 decimals, costs with 1
+#: columns of the results page: metrics with 3 decimals, costs with 1 (a column no row has,
+#: such as the pixel metrics of a dataset without masks, is left out)
 DOC_COLUMNS = (
     ("model", "model", str),
     ("split", "split", str),
@@ -221,8 +222,9 @@ def write_docs(args: argparse.Namespace, rows: list[dict]) -> None:
             "images only, thresholds from the normal validation images. Timing columns are "
             "measured on whatever else the machine was running: compare them only within a row."
         )
+        columns = [c for c in DOC_COLUMNS if any(r.get(c[0]) is not None for r in table_rows)]
         path = write_section(
-            args.write_docs, key, title, markdown_table(table_rows, DOC_COLUMNS), notes=notes
+            args.write_docs, key, title, markdown_table(table_rows, columns), notes=notes
         )
         print(f"wrote section {key} of {path}", file=sys.stderr)
 
