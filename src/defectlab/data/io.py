@@ -247,7 +247,7 @@ def _check_header(header: ImageHeader, name: str | Path, limits: ImageLimits) ->
         raise ImageTooLargeError(
             name,
             f"image too large: {header.format} declares {header.width}x{header.height} = "
-            f"{header.pixels} pixels, the limit is {limits.max_pixels} (data.max_pixels)",
+            f"{header.pixels} pixels, the limit is {limits.max_pixels} pixels",
         )
 
 
