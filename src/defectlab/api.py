@@ -8,9 +8,7 @@
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +35,7 @@ from defectlab.config import (
 )
 from defectlab.data.io import (
     ImageReadError,
+    broken_links,
     image_limits,
     read_image,
     read_mask,
@@ -927,26 +926,6 @@ def check_data(
     summary = dataset.summary()
     summary["problems"] = [f"{p}: {r}" for p, r in problems]
     return summary
-
-
-def broken_links(root: str | Path) -> list[tuple[str, str]]:
-    """Symbolic links under ``root`` that lead nowhere (dangling) or to themselves (a loop):
-    the layouts skip them, so they are reported here rather than lost without a word."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        for name in sorted(dirs + files):
-            link = Path(folder) / name
-            if not link.is_symlink():
-                continue
-            try:
-                link.resolve(strict=True)
-            except RuntimeError:  # Python < 3.13 reports a loop so
-                found.append((str(link), "symbolic link loops back on itself"))
-            except OSError as exc:
-                looping = exc.errno == errno.ELOOP
-                reason = "loops back on itself" if looping else "is dangling (target missing)"
-                found.append((str(link), f"symbolic link {reason}"))
-    return found
 
 
 # --- synthesize ------------------------------------------------------------------------------

@@ -89,15 +89,18 @@ def test_predict_skips_bombs_and_tiny_images_are_scored(
     (inputs / "bomb.png").write_bytes(png_bytes(BOMB_SIDE, BOMB_SIDE, None))
     (inputs / "rle.bmp").write_bytes(bmp_rle_bomb(20_000, 20_000))
     write_image(inputs / "tiny.png", np.full((1, 1), 100, np.uint8))
+    (inputs / "loop.png").symlink_to("loop.png")
     code, out, err = run_cli(
         capsys, "predict", "--run", run, "--input", inputs, "--out", tmp_path / "o"
     )
     assert code == 0, err
-    assert "4 images inspected" in out and "2 skipped" in out
+    assert "4 images inspected" in out and "3 skipped" in out
     with (tmp_path / "o" / "skipped.csv").open() as handle:
         skipped = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(handle)}
-    assert set(skipped) == {"bomb.png", "rle.bmp"}
-    assert all(r.startswith("image too large") for r in skipped.values())
+    assert set(skipped) == {"bomb.png", "rle.bmp", "loop.png"}
+    assert skipped["bomb.png"].startswith("image too large: PNG declares 12000x12000")
+    assert skipped["rle.bmp"].startswith("image too large: BMP declares 20000x20000")
+    assert skipped["loop.png"] == "symbolic link loops back on itself"
     rows = (tmp_path / "o" / "results.jsonl").read_text().splitlines()
     assert sorted(Path(json.loads(r)["path"]).name for r in rows) == [
         "ok0.png",

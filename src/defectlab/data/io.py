@@ -15,6 +15,7 @@ whose size was not checked first.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
 import re
@@ -397,6 +398,26 @@ def image_size(path: str | Path) -> tuple[int, int]:
     except OSError as exc:
         raise ImageReadError(path, f"cannot read file ({exc.strerror or exc})") from exc
     return header.height, header.width
+
+
+def broken_links(root: str | Path) -> list[tuple[str, str]]:
+    """Symbolic links under ``root`` that lead nowhere (dangling) or to themselves (a loop):
+    the layouts skip them, so they are reported here rather than lost without a word."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        for name in sorted(dirs + files):
+            link = Path(folder) / name
+            if not link.is_symlink():
+                continue
+            try:
+                link.resolve(strict=True)
+            except RuntimeError:  # Python < 3.13 reports a loop so
+                found.append((str(link), "symbolic link loops back on itself"))
+            except OSError as exc:
+                looping = exc.errno == errno.ELOOP
+                reason = "loops back on itself" if looping else "is dangling (target missing)"
+                found.append((str(link), f"symbolic link {reason}"))
+    return found
 
 
 def list_images(folder: str | Path) -> list[Path]:

@@ -23,7 +23,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from defectlab.data.io import atomic_path, atomic_write_text, remove_temporaries, write_png
+from defectlab.data.io import (
+    atomic_path,
+    atomic_write_text,
+    broken_links,
+    remove_temporaries,
+    write_png,
+)
 from defectlab.data.loading import iter_files, list_input_images, report_failures
 from defectlab.deploy.backends import Inspector, score_images
 from defectlab.errors import ConfigError, DataError
@@ -126,6 +132,7 @@ def inspect_folder(
         raise ConfigError(f"batch size and workers must be at least 1 ({batch_size}, {workers})")
     input_path, out = Path(input_path), Path(out)
     files = list_input_images(input_path)
+    broken = broken_links(input_path) if input_path.is_dir() else []  # named, not skipped mute
     out.mkdir(parents=True, exist_ok=True)
     _check_identity(
         out,
@@ -144,7 +151,7 @@ def inspect_folder(
     low, high = inspector.map_range
     started = time.perf_counter()
     scored = flagged = 0
-    failures: list[tuple[str, str]] = []
+    failures: list[tuple[str, str]] = list(broken)
 
     def write_outputs(path: Path, image: np.ndarray, heat: np.ndarray, mask: np.ndarray) -> None:
         name = output_name(path, input_path)
