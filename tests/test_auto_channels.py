@@ -107,3 +107,15 @@ def test_grey_stored_as_rgb_counts_as_grey(tmp_path: Path) -> None:
     (tmp_path / "broken.png").write_bytes(b"not an image")
     choice = choose_channels([tinted, tinted, rgb_file, tmp_path / "broken.png"])
     assert choice.channels == 3 and "2 of 3" in choice.reason
+
+
+def test_train_command_says_what_auto_chose(
+    grey_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from defectlab.cli import main
+
+    args = ["train", "--model", "pixelstats", "--data", str(grey_root), "--out"]
+    code = main([*args, str(tmp_path / "r"), "--image-size", "32", "--device", "cpu"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "data.channels=auto → 1:" in out and "grey" in out

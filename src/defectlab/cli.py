@@ -145,10 +145,16 @@ def cmd_train(args: argparse.Namespace) -> str:
 
         if launched_rank() != 0:  # one summary per torchrun launch: rank 0 prints it
             return ""
+    chosen = "".join(  # what data-adaptive defaults chose, before the summary line
+        f"{key}=auto → {choice['value']}: {choice['reason']}\n"
+        for key, choice in run.config.resolved.items()
+    )
     if not run.calibration:  # a learned synthesizer scores nothing, so has no thresholds
-        return f"trained {run.config.model} → {run.run_dir} (sample it with `defectlab synth`)"
+        return (
+            f"{chosen}trained {run.config.model} → {run.run_dir} (sample it with `defectlab synth`)"
+        )
     return (
-        f"trained {run.config.model} → {run.run_dir} (image threshold "
+        f"{chosen}trained {run.config.model} → {run.run_dir} (image threshold "
         f"{run.image_threshold:.4g}, pixel threshold {run.pixel_threshold:.4g})"
     )
 
