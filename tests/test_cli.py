@@ -295,3 +295,39 @@ def test_synth_from_an_image_folder_skips_its_sibling_masks(capsys, tmp_path: Pa
         for row in csv.DictReader((tmp_path / "manifest.csv").read_text().splitlines())
     ]
     assert sources and all(s.endswith(".jpg") for s in sources)
+
+
+@pytest.mark.parametrize("key", ["data.image_size", "train.batch_size", "calibration.x"])
+def test_synth_refuses_settings_it_does_not_use(
+    capsys, folder_root: Path, tmp_path: Path, key: str
+) -> None:
+    out_dir = tmp_path / "synth"
+    args = ["synth", "--method", "procedural", "--normal", folder_root / "normal"]
+    code, out, err = run_cli(capsys, *args, "--n", "1", "--out", out_dir, "--set", f"{key}=8")
+    assert code == 2 and out == "" and not out_dir.exists()
+    assert err.count("\n") == 1 and f"--set {key!r}" in err
+    assert "procedural settings: shapes, shape_weights," in err and "--image-size" in err
+    code, _, err = run_cli(capsys, *args, "--n", "1", "--out", out_dir, "--set", "blur=2")
+    assert code == 2 and "unknown setting 'blur'; valid: " in err and "shapes" in err  # as before
+    code, _, err = run_cli(
+        capsys, *args, "--n", "1", "--out", out_dir, "--set", "model.shapes=scratch"
+    )
+    assert code == 0, err
+
+
+def test_export_format_is_checked_and_documented(capsys, tmp_path: Path) -> None:
+    from argparse import Namespace
+
+    from defectlab.cli import cmd_export
+    from defectlab.errors import ConfigError
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--run", str(tmp_path), "--format", "tflite"])
+    assert exit_info.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    assert "graph format (only onnx so far)" in " ".join(capsys.readouterr().out.split())
+    # the command reads the format: one it has no exporter for is refused before any work
+    args = Namespace(run=tmp_path / "no-run", out=None, quantize=None, format="tflite")
+    with pytest.raises(ConfigError, match="--format 'tflite': defectlab exports to onnx only"):
+        cmd_export(args)

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -959,7 +959,19 @@ def make_synthesizer(
     method: str, run: str | Path | None = None, overrides: Sequence[str] = ()
 ) -> Synthesizer:
     cls = registry.get(method, "synthesizer")
-    settings = parse_set_options(list(overrides)).get("model", {})
+    sections = parse_set_options(list(overrides))
+    settings = sections.pop("model", {})
+    if sections:  # data., train. or calibration. keys: synthesis reads none of them
+        section, names = next(iter(sections.items()))
+        valid = (
+            getattr(cls, "synthesis_fields", ())
+            if cls.needs_training
+            else [f.name for f in fields(cls.Config)]
+        )
+        raise ConfigError(
+            f"--set {section + '.' + next(iter(names))!r}: synth takes no {section} settings; "
+            f"{method} settings: {', '.join(valid)} (size and channels: --image-size, --channels)"
+        )
     if cls.needs_training:
         if run is None:
             raise ConfigError(f"synthesizer {method!r} is learned: give its trained --run folder")

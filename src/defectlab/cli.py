@@ -22,7 +22,7 @@ from pathlib import Path
 
 from defectlab import __version__, api, registry
 from defectlab.data.io import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, image_limits
-from defectlab.errors import DefectlabError, OutputError
+from defectlab.errors import ConfigError, DefectlabError, OutputError
 from defectlab.evaluate import synthesis_cli
 
 #: exit status of ``data check`` when it found problems
@@ -182,9 +182,15 @@ def cmd_predict(args: argparse.Namespace) -> str:
     )
 
 
+#: formats ``defectlab export --format`` writes
+EXPORT_FORMATS = ("onnx",)
+
+
 def cmd_export(args: argparse.Namespace) -> str:
     from defectlab.deploy.onnx import export_onnx
 
+    if args.format not in EXPORT_FORMATS:  # argparse admits only these; a direct caller may not
+        raise ConfigError(f"--format {args.format!r}: defectlab exports to onnx only")
     if args.out is not None:
         check_output_folder(args.out)
     meta = export_onnx(args.run, args.out, quantize=args.quantize)
@@ -394,7 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a trained run to ONNX with its thresholds baked in")
     p.add_argument("--run", required=True)
-    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default="onnx",
+        help="graph format (only onnx so far): model.onnx plus metadata.json",
+    )
     p.add_argument("--out", help="export folder (default RUN/export)")
     p.add_argument(
         "--quantize",
