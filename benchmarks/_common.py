@@ -325,8 +325,8 @@ def content_statistics(images: np.ndarray) -> torch.Tensor:
 
 def dataset_split(data_config: Any) -> Any:
     """The :class:`~defectlab.data.splits.Split` that training with ``data_config`` (a run
-    config's ``data`` section) makes. The one place the benchmarks call a private ``api``
-    name: switch it to a public ``api.dataset_split`` once the API has one."""
+    config's ``data`` section) makes: :func:`defectlab.api.dataset_split` without the
+    dataset."""
     from defectlab import api
 
-    return api._dataset_and_split(data_config)[1]
+    return api.dataset_split(data_config)[1]

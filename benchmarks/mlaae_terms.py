@@ -36,7 +36,7 @@ def main() -> None:
     if not isinstance(run.model, MLAAE):
         raise SystemExit(f"{args.run}: not an mlaae run ({run.model.name})")
     split = Split.load(args.run / "split.json")
-    test = api._load(split["test"], run.config.data, "loading test images", True)
+    test = api.load_images(split["test"], run.config.data, "loading test images", True)
     labels = test.labels
     images = torch.from_numpy(np.ascontiguousarray(test.images.transpose(0, 3, 1, 2)))
 
@@ -45,7 +45,7 @@ def main() -> None:
         for start in range(0, len(images), 32):
             batch = images[start : start + 32]
             residual, reconstruction, levels = model.residuals(batch)  # one forward pass
-            p, f = model._terms(residual, levels)  # the score's own term formula
+            p, f = model.residual_terms(residual, levels)  # the score's own term formula
             pixel.append(p.cpu().numpy())
             features.append(f.cpu().numpy())
             recon.append(reconstruction.cpu().numpy())

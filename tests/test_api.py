@@ -83,6 +83,32 @@ def test_predict_arrays_matches_model(flat_run: Path) -> None:
     assert maps.shape == (3, 32, 32)
 
 
+def test_dataset_split_is_the_split_training_saved(folder_root: Path, tmp_path: Path) -> None:
+    dl.train("pixelstats", folder_root, tmp_path / "run", image_size=32, progress=False)
+    run = dl.load_run(tmp_path / "run", device="cpu")
+    dataset, split = dl.dataset_split(run.config.data)
+    saved = Split.load(tmp_path / "run" / "split.json")
+    assert (split.name, split.seed) == (saved.name, saved.seed)
+    assert {k: [s.to_dict() for s in v] for k, v in split.parts.items()} == {
+        k: [s.to_dict() for s in v] for k, v in saved.parts.items()
+    }
+    assert {str(s.path) for s in dataset.samples} >= {str(s.path) for s in split["test"]}
+
+
+def test_load_images_loads_a_split_part_as_the_run_does(folder_root: Path, tmp_path: Path) -> None:
+    dl.train("pixelstats", folder_root, tmp_path / "run", image_size=32, progress=False)
+    run = dl.load_run(tmp_path / "run", device="cpu")
+    test = Split.load(tmp_path / "run" / "split.json")["test"]
+    loaded = dl.load_images(test, run.config.data)
+    channels = run.config.data.channels
+    assert loaded.images.shape == (len(test), 32, 32, channels)
+    assert loaded.images.dtype == np.float32 and 0 <= loaded.images.min() <= 1
+    assert loaded.labels.tolist() == [s.label for s in test]
+    assert loaded.masks.shape == (len(test), 32, 32) and loaded.masks[loaded.labels == 1].any()
+    scores, _ = dl.predict_arrays(run.model, loaded.images)
+    assert scores.shape == (len(test),)
+
+
 def test_folder_layout_names_from_settings(tmp_path: Path) -> None:
     """Non-standard folder names and mask suffixes are set with --set data.*."""
     rng = np.random.default_rng(4)

@@ -48,6 +48,7 @@ from defectlab.data.layouts import (
     NORMAL,
     Dataset,
     LayoutOptions,
+    Sample,
     load_dataset,
     synthetic_pairs,
 )
@@ -208,7 +209,14 @@ def _layout_options(data: DataConfig) -> LayoutOptions:
     )
 
 
-def _dataset_and_split(data: DataConfig) -> tuple[Dataset, Split]:
+def dataset_split(data: DataConfig) -> tuple[Dataset, Split]:
+    """The dataset that ``data`` (a run config's ``data`` section) names and the seeded
+    train/validation/test :class:`~defectlab.data.splits.Split` that training with it makes:
+    the same split a run saves as ``split.json``.
+
+    >>> dataset, split = dataset_split(run.config.data)
+    >>> split["test"]  # the samples ``evaluate`` scores
+    """
     dataset = load_dataset(data.path, data.layout, _layout_options(data))
     split = make_split(
         dataset,
@@ -221,8 +229,16 @@ def _dataset_and_split(data: DataConfig) -> tuple[Dataset, Split]:
     return dataset, split
 
 
-def _load(samples: list, data: DataConfig, desc: str, progress: bool) -> LoadedImages:
-    """Load with the run's pixel budget and minimum side: other images are skipped."""
+def load_images(
+    samples: Sequence[Sample],
+    data: DataConfig,
+    desc: str = "loading images",
+    progress: bool = False,
+) -> LoadedImages:
+    """Load samples (e.g. a part of a run's split, ``split["test"]``) as a run with data
+    settings ``data`` loads them: at its image size and channel count, within its pixel budget
+    and minimum side (other images are skipped and reported). ``desc`` labels the progress bar
+    (on stderr, shown when ``progress``)."""
     with image_limits(max_pixels=data.max_pixels, min_side=data.min_side):
         return load_samples(
             samples,
@@ -544,7 +560,7 @@ def _train_into(
     log = run_logger(run_dir) if main else _quiet_logger()
     log.info("train %s on %s (resume=%s)", config.model, config.data.path, resume)
 
-    dataset, split = _dataset_and_split(config.data)
+    dataset, split = dataset_split(config.data)
     if resume:  # the stored split is the one the run started with, whatever changed since
         split = Split.load(run_dir / "split.json")
     else:
@@ -577,11 +593,13 @@ def _train_into(
             f"{config.model} learns from defect examples too: set data.defects_per_class "
             "to hold out K defect images per type for training"
         )
-    train_data = _load(train_samples, config.data, "loading train images", progress)
-    val_data = _load(split["val"], config.data, "loading validation images", progress)
+    train_data = load_images(train_samples, config.data, "loading train images", progress)
+    val_data = load_images(split["val"], config.data, "loading validation images", progress)
     val_defect = None
     if method == "f1":
-        val_defect = _load(split["val_defect"], config.data, "loading validation defects", progress)
+        val_defect = load_images(
+            split["val_defect"], config.data, "loading validation defects", progress
+        )
     weak_labels = _weak_labels(net, train_data, config.data)
     history = fit(
         net,
@@ -757,7 +775,7 @@ def evaluate(
         data_cfg = apply_overrides(data_cfg, {"category": category}, "data.")
     if include_uncertain:
         data_cfg = apply_overrides(data_cfg, {"include_uncertain": "true"}, "data.")
-    dataset, split = _dataset_and_split(data_cfg)
+    dataset, split = dataset_split(data_cfg)
     trained_split = Split.load(run.run_dir / "split.json")
     same_data = replace(data_cfg, path="") == replace(run.config.data, path="")
     if same_data and trained_split.root == str(dataset.root):
@@ -772,7 +790,7 @@ def evaluate(
         )
     if not any(s.label == DEFECT for s in test) or not any(s.label == NORMAL for s in test):
         raise DataError(f"{data_cfg.path}: test split needs both normal and defect images")
-    loaded = _load(test, data_cfg, "loading test images", progress)
+    loaded = load_images(test, data_cfg, "loading test images", progress)
     predict_started = time.perf_counter()
     scores, maps = predict_arrays(run.model, loaded.images, progress=progress)
     predict_seconds = time.perf_counter() - predict_started

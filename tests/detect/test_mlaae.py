@@ -112,6 +112,21 @@ def test_shapes_of_every_level(channels: int) -> None:
     assert torch.isfinite(out.scores).all() and torch.isfinite(out.maps).all()
 
 
+def test_residual_terms_are_the_score_terms_of_the_residuals() -> None:
+    """The public term formula on :meth:`residuals` gives :meth:`score_terms`, for any subset
+    of levels, without a second forward pass."""
+    model = _model()
+    x = to_nchw(_with_square(_normal(3, seed=5)))
+    pixel, _, levels = model.residuals(x)
+    terms_pixel, terms_features = model.residual_terms(pixel, levels)
+    expected_pixel, expected_features = model.score_terms(x)
+    assert torch.allclose(terms_pixel, expected_pixel) and terms_pixel.shape == (3,)
+    assert torch.allclose(terms_features, expected_features) and terms_features.shape == (3, 4)
+    _, two = model.residual_terms(pixel, [levels[2], levels[0]])
+    assert torch.allclose(two, expected_features[:, [2, 0]])
+    assert torch.allclose(terms_pixel, pixel.flatten(1).mean(1).sqrt())
+
+
 def test_training_lowers_the_reconstruction_loss(trained) -> None:
     _, history = trained
     per_epoch: dict[int, list[float]] = {}

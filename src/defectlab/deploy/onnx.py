@@ -117,7 +117,7 @@ def _split_images(run: Any, part: str, n: int) -> tuple[np.ndarray, str]:
     """Up to ``n`` images of one split part of the run's own data, spread over the part (the
     test part holds normal and defect images: real inputs exercise the model's real value
     ranges), or seeded synthetic images when the data is no longer readable."""
-    from defectlab.api import _load
+    from defectlab.api import load_images
     from defectlab.data.splits import Split
     from defectlab.errors import DefectlabError
 
@@ -125,7 +125,7 @@ def _split_images(run: Any, part: str, n: int) -> tuple[np.ndarray, str]:
     try:
         samples = Split.load(run.run_dir / "split.json")[part]
         samples = samples[:: max(1, len(samples) // n)][:n]
-        loaded = _load(samples, config, f"loading {part} images", progress=False)
+        loaded = load_images(samples, config, f"loading {part} images", progress=False)
         return loaded.images, f"{len(loaded.images)} {part} images of {config.path}"
     except (DefectlabError, OSError, KeyError):
         rng = np.random.default_rng(0)

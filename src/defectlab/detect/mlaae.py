@@ -719,9 +719,13 @@ class MLAAE(Detector):
         return [(x - recon).pow(2).mean(dim=1), *levels], recon
 
     @staticmethod
-    def _terms(
+    def residual_terms(
         pixel: torch.Tensor, levels: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The score's terms from normalised squared residual maps (as :meth:`residuals`
+        returns them): the input term (B,) and one term per given level (B, len(levels)), each
+        the root of the map's mean. For callers that already ran :meth:`residuals` (and want
+        its reconstruction too); :meth:`score_terms` does both from images."""
         pixel_term = pixel.flatten(1).mean(dim=1).sqrt()
         feature_terms = torch.stack([lv.flatten(1).mean(dim=1).sqrt() for lv in levels], dim=1)
         return pixel_term, feature_terms
@@ -731,7 +735,7 @@ class MLAAE(Detector):
         """Input term (B,) and feature terms (B, levels): normalised RMS residuals (see module
         doc). The score is ``alpha * input + beta`` × the sum of the summed levels' terms."""
         pixel, _, levels = self.residuals(images)
-        return self._terms(pixel, levels)
+        return self.residual_terms(pixel, levels)
 
     @torch.no_grad()
     def _raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -739,7 +743,7 @@ class MLAAE(Detector):
         cfg = self.config
         pixel, _, levels = self.residuals(images)
         levels = [levels[i - 1] for i in cfg.summed_levels]
-        pixel_term, feature_terms = self._terms(pixel, levels)
+        pixel_term, feature_terms = self.residual_terms(pixel, levels)
         scores = cfg.alpha * pixel_term + cfg.beta * feature_terms.sum(dim=1)
         size = (self.image_size, self.image_size)
         maps = pixel.sqrt()[:, None]
