@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -54,18 +55,42 @@ def mvtec_root(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def folder_root(tmp_path: Path) -> Path:
-    """A plain folder layout: normal/, defect/ and masks/ (matched by stem)."""
-    rng = np.random.default_rng(1)
-    root = tmp_path / "folder"
-    for i in range(20):
-        write_image(root / "normal" / f"n{i:02d}.png", textured(rng))
-    for i in range(6):
-        image, mask = with_defect(textured(rng), rng)
+def write_folder_dataset(
+    root: Path, rng: np.random.Generator, n_normal: int, n_defect: int, size: int = 48
+) -> Path:
+    """A plain folder layout under ``root``: ``normal/nXX.png`` textures, then ``defect/dXX.png``
+    with their masks in ``masks/`` (matched by stem), drawn in that order from ``rng``."""
+    for i in range(n_normal):
+        write_image(root / "normal" / f"n{i:02d}.png", textured(rng, size))
+    for i in range(n_defect):
+        image, mask = with_defect(textured(rng, size), rng)
         write_image(root / "defect" / f"d{i:02d}.png", image)
         write_image(root / "masks" / f"d{i:02d}.png", mask)
     return root
+
+
+@pytest.fixture
+def folder_root(tmp_path: Path) -> Path:
+    """A plain folder layout: normal/, defect/ and masks/ (matched by stem)."""
+    return write_folder_dataset(tmp_path / "folder", np.random.default_rng(1), 20, 6)
+
+
+def interrupt_on_call(
+    monkeypatch: pytest.MonkeyPatch, owner: type, name: str, call: int
+) -> Callable:
+    """Make ``owner.name`` raise ``KeyboardInterrupt`` on its ``call``-th call (from 1), as a
+    user's Ctrl-C mid-training would; returns the original to restore before resuming."""
+    original = getattr(owner, name)
+    calls = {"n": 0}
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupted)
+    return original
 
 
 # Outside CI the real data may be absent; in CI (CI set) a missing folder fails the tests.

@@ -19,7 +19,7 @@ from defectlab.data.transforms import resize_image
 from defectlab.deploy.backends import open_inspector, score_images, torch_inspector
 from defectlab.deploy.onnx import export_onnx, model_networks, onnx_inspector
 from defectlab.errors import CheckpointError, ConfigError
-from tests.conftest import textured, with_defect, write_image
+from tests.conftest import write_folder_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 64
@@ -30,15 +30,9 @@ ATOL = RTOL = 1e-4
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = np.random.default_rng(3)
-    root = tmp_path_factory.mktemp("folder")
-    for i in range(24):
-        write_image(root / "normal" / f"n{i:02d}.png", textured(rng, SIZE))
-    for i in range(8):
-        image, mask = with_defect(textured(rng, SIZE), rng)
-        write_image(root / "defect" / f"d{i:02d}.png", image)
-        write_image(root / "masks" / f"d{i:02d}.png", mask)
-    return root
+    return write_folder_dataset(
+        tmp_path_factory.mktemp("folder"), np.random.default_rng(3), 24, 8, SIZE
+    )
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,13 @@ from defectlab.detect.deepsvdd import DeepSVDD, DeepSVDDConfig
 from defectlab.detect.nuisance import image_statistics
 from defectlab.runs import load_checkpoint, restore_model, save_checkpoint
 from defectlab.training import fit
-from tests.conftest import striped_normals, textured, to_nchw, with_defect, with_square, write_image
+from tests.conftest import (
+    interrupt_on_call,
+    striped_normals,
+    to_nchw,
+    with_square,
+    write_folder_dataset,
+)
 
 SIZE = 32
 SMALL = {"features": "pixels", "width": 8, "depth": 2, "rep_dim": 16, "kernel_size": 3}
@@ -240,16 +246,7 @@ def test_resume_after_interruption_reproduces_the_run(
 ) -> None:
     reference, ref_history = _resumable_run(tmp_path / "ref")
 
-    calls = {"n": 0}
-    original = DeepSVDD.training_step
-
-    def interrupted(self, batch):
-        calls["n"] += 1
-        if calls["n"] == die_at:
-            raise KeyboardInterrupt
-        return original(self, batch)
-
-    monkeypatch.setattr(DeepSVDD, "training_step", interrupted)
+    original = interrupt_on_call(monkeypatch, DeepSVDD, "training_step", die_at)
     with pytest.raises(KeyboardInterrupt):
         _resumable_run(tmp_path / "run")
     monkeypatch.setattr(DeepSVDD, "training_step", original)
@@ -427,16 +424,7 @@ def test_features_resume_after_interruption_reproduces_the_run(
         return model, history
 
     reference, ref_history = run(tmp_path / "ref")
-    calls = {"n": 0}
-    original = DeepSVDD.training_step
-
-    def interrupted(self, batch):
-        calls["n"] += 1
-        if calls["n"] == die_at:
-            raise KeyboardInterrupt
-        return original(self, batch)
-
-    monkeypatch.setattr(DeepSVDD, "training_step", interrupted)
+    original = interrupt_on_call(monkeypatch, DeepSVDD, "training_step", die_at)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "run")
     monkeypatch.setattr(DeepSVDD, "training_step", original)
@@ -455,14 +443,7 @@ def test_features_version_trains_evaluates_predicts_and_exports(tmp_path: Path) 
     import defectlab.api as dl
     from defectlab.deploy.onnx import export_onnx
 
-    rng = np.random.default_rng(3)
-    root = tmp_path / "data"
-    for i in range(24):
-        write_image(root / "normal" / f"n{i:02d}.png", textured(rng, FSIZE))
-    for i in range(6):
-        image, mask = with_defect(textured(rng, FSIZE), rng)
-        write_image(root / "defect" / f"d{i:02d}.png", image)
-        write_image(root / "masks" / f"d{i:02d}.png", mask)
+    root = write_folder_dataset(tmp_path / "data", np.random.default_rng(3), 24, 6, FSIZE)
     settings = ["model.epochs=3", "model.rep_dim=16", "model.head_width=32"]
     settings += ["model.score_normalization=image_statistics", "model.normalization_samples=8"]
     run = dl.train(

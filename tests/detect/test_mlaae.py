@@ -15,7 +15,13 @@ from defectlab.detect.mlaae import MLAAE, MLAAEConfig
 from defectlab.detect.nuisance import image_statistics
 from defectlab.runs import load_checkpoint, restore_model, save_checkpoint
 from defectlab.training import fit
-from tests.conftest import striped_normals, textured, to_nchw, with_defect, with_square, write_image
+from tests.conftest import (
+    interrupt_on_call,
+    striped_normals,
+    to_nchw,
+    with_square,
+    write_folder_dataset,
+)
 
 SIZE = 32
 #: a small network so that training in the tests takes a few seconds
@@ -313,16 +319,7 @@ def test_interrupted_training_resumes_exactly(tmp_path: Path, monkeypatch) -> No
     reference = _model(epochs=2)
     ref_history = _fit(reference, tmp_path / "ref", n=24)
 
-    calls = {"n": 0}
-    original = MLAAE.training_step
-
-    def interrupted_step(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return original(self, batch)
-
-    monkeypatch.setattr(MLAAE, "training_step", interrupted_step)
+    original = interrupt_on_call(monkeypatch, MLAAE, "training_step", 5)
     with pytest.raises(KeyboardInterrupt):
         _fit(_model(epochs=2), tmp_path / "run", n=24)
     monkeypatch.setattr(MLAAE, "training_step", original)
@@ -477,16 +474,7 @@ def test_features_interrupted_training_resumes_exactly(tmp_path: Path, monkeypat
         return model, _feature_fit(model, run_dir, checkpoint_every=3, **kwargs)
 
     reference, ref_history = run(tmp_path / "ref")
-    calls = {"n": 0}
-    original = MLAAE.training_step
-
-    def interrupted_step(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return original(self, batch)
-
-    monkeypatch.setattr(MLAAE, "training_step", interrupted_step)
+    original = interrupt_on_call(monkeypatch, MLAAE, "training_step", 6)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "run")
     monkeypatch.setattr(MLAAE, "training_step", original)
@@ -503,14 +491,7 @@ def test_features_version_trains_evaluates_and_exports(tmp_path: Path) -> None:
     import defectlab.api as dl
     from defectlab.deploy.onnx import export_onnx
 
-    rng = np.random.default_rng(3)
-    root = tmp_path / "data"
-    for i in range(24):
-        write_image(root / "normal" / f"n{i:02d}.png", textured(rng, FSIZE))
-    for i in range(6):
-        image, mask = with_defect(textured(rng, FSIZE), rng)
-        write_image(root / "defect" / f"d{i:02d}.png", image)
-        write_image(root / "masks" / f"d{i:02d}.png", mask)
+    root = write_folder_dataset(tmp_path / "data", np.random.default_rng(3), 24, 6, FSIZE)
     settings = [f"model.{k}={v}" for k, v in FEAT.items()] + ["model.epochs=2"]
     settings += ["model.score_normalization=image_statistics", "model.normalization_samples=8"]
     run = dl.train(

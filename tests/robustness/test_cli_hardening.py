@@ -16,7 +16,7 @@ import pytest
 
 from defectlab import api
 from defectlab.cli import main
-from tests.conftest import textured, with_defect, write_image
+from tests.conftest import textured, write_folder_dataset, write_image
 from tests.robustness.corpus import BOMB_SIDE, bmp_rle_bomb, png_bytes
 
 SIZE = 32
@@ -40,14 +40,7 @@ def one_line_error(err: str, command: str) -> str:
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder layout with a PNG bomb among the normal images and a BMP bomb and a 1 × 1
     image among the defect ones."""
-    rng = np.random.default_rng(3)
-    root = tmp_path_factory.mktemp("data")
-    for i in range(16):
-        write_image(root / "normal" / f"n{i:02d}.png", textured(rng))
-    for i in range(6):
-        image, mask = with_defect(textured(rng), rng)
-        write_image(root / "defect" / f"d{i:02d}.png", image)
-        write_image(root / "masks" / f"d{i:02d}.png", mask)
+    root = write_folder_dataset(tmp_path_factory.mktemp("data"), np.random.default_rng(3), 16, 6)
     (root / "normal" / "bomb.png").write_bytes(png_bytes(BOMB_SIDE, BOMB_SIDE, None))
     write_image(root / "normal" / "tiny.png", np.full((1, 1), 100, np.uint8))
     return root

@@ -24,7 +24,7 @@ from defectlab import api
 from defectlab.cli import main
 from defectlab.deploy.backends import open_inspector
 from defectlab.deploy.serve import create_app
-from tests.conftest import textured, write_image
+from tests.conftest import textured, write_folder_dataset
 from tests.robustness.corpus import Case
 from tests.robustness.service import Service, start
 
@@ -41,10 +41,7 @@ def good_png(seed: int = 0) -> bytes:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = np.random.default_rng(7)
-    root = tmp_path_factory.mktemp("data")
-    for i in range(12):
-        write_image(root / "normal" / f"n{i:02d}.png", textured(rng))
+    root = write_folder_dataset(tmp_path_factory.mktemp("data"), np.random.default_rng(7), 12, 0)
     out = tmp_path_factory.mktemp("run") / "run"
     api.train("pixelstats", root, out, image_size=32, device="cpu", progress=False)
     return out

@@ -25,7 +25,7 @@ from defectlab.segment.arearatio import (
     superpixels,
 )
 from defectlab.training import fit
-from tests.conftest import to_nchw
+from tests.conftest import interrupt_on_call, to_nchw
 
 SIZE = 32
 SMALL = {"width": 8, "feature_dim": 8, "n_segments": 32, "gcn_hidden": 16, "lr": 3e-3}
@@ -479,16 +479,7 @@ def _resumable_run(run_dir: Path, **kwargs) -> tuple[AreaRatioGCN, list[dict]]:
 
 def test_resume_after_interruption_reproduces_the_run(tmp_path: Path, monkeypatch) -> None:
     reference, ref_history = _resumable_run(tmp_path / "ref")
-    calls = {"n": 0}
-    original = AreaRatioGCN.training_step
-
-    def interrupted(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self, batch)
-
-    monkeypatch.setattr(AreaRatioGCN, "training_step", interrupted)
+    original = interrupt_on_call(monkeypatch, AreaRatioGCN, "training_step", 3)
     with pytest.raises(KeyboardInterrupt):
         _resumable_run(tmp_path / "run")
     monkeypatch.setattr(AreaRatioGCN, "training_step", original)
