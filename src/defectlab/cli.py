@@ -484,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_demo)
     synthesis_cli.add_parser(sub)
+    from defectlab.app.cli import register as register_workbench
+
+    register_workbench(sub)  # app, inspect, retrain: the inspection workbench
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Alembic migrations of the workbench database (shipped with the package)."""
