@@ -294,7 +294,7 @@ def _weak_labels(net: Model, train: LoadedImages, data: DataConfig) -> dict[str,
             )
         # the benchmark protocol: ratios from the masks, noisy ones drawn once per image
         return {"area_ratio": net.derive_area_ratios(train.masks)}
-    from defectlab.segment.arearatio import read_area_ratio_csv
+    from defectlab.data.area_ratio import read_area_ratio_csv
 
     table = {p.resolve(): v for p, v in read_area_ratio_csv(data.area_ratio_csv).items()}
     ratios, margins = [], []

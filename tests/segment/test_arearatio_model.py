@@ -1,4 +1,5 @@
-"""Area-ratio graph segmenter: pseudo-labels, superpixel graph, GCN, training, state, CSV."""
+"""The arearatio-gcn model: novelty prior, training, memory novelty, Lite0 FCN, state, resume,
+config checks."""
 
 from __future__ import annotations
 
@@ -10,20 +11,11 @@ import pytest
 import torch
 
 from defectlab import registry
-from defectlab.errors import DataError, TrainingError
+from defectlab.errors import TrainingError
 from defectlab.evaluate.metrics import pixel_auroc
-from defectlab.segment.arearatio import (
-    AreaRatioConfig,
-    AreaRatioGCN,
-    GraphConvNet,
-    build_graph,
-    gcn_propagate,
-    pseudo_labels,
-    ranking_scores,
-    read_area_ratio_csv,
-    superpixel_adjacency,
-    superpixels,
-)
+from defectlab.segment.arearatio import AreaRatioConfig, AreaRatioGCN
+from defectlab.segment.arearatio.pseudolabels import pseudo_labels, ranking_scores
+from defectlab.segment.arearatio.superpixels import build_graph
 from defectlab.training import fit
 from tests.conftest import interrupt_on_call, to_nchw
 
@@ -57,178 +49,6 @@ def _blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def _model(**overrides) -> AreaRatioGCN:
     torch.manual_seed(0)
     return AreaRatioGCN(AreaRatioConfig(**(SMALL | overrides)), image_size=SIZE)
-
-
-# --- pseudo-labels -----------------------------------------------------------------------------
-# ranked by score: vertex 0, 2, 5, 3, 4, 1 with areas 10, 10, 20, 30, 10, 20 (total 100):
-# cumulative area 10, 20, 40, 70, 80, 100
-SCORES = torch.tensor([0.9, 0.1, 0.8, 0.5, 0.3, 0.7])
-AREAS = torch.tensor([10.0, 20.0, 10.0, 30.0, 10.0, 20.0])
-
-
-@pytest.mark.parametrize(
-    ("rule", "ratio", "margin", "expected"),
-    [
-        ("area", 0.4, 0.0, [1, 0, 1, 0, 0, 1]),  # cut exactly after vertex 5
-        ("area", 0.4, 0.1, [1, 0, 1, -1, 0, -1]),  # target ≤ 30, background from 50
-        ("area", 0.3, 0.0, [1, 0, 1, 0, 0, -1]),  # vertex 5 straddles the cut at 30
-        ("area", 0.0, 0.0, [0, 0, 0, 0, 0, 0]),
-        ("area", 1.0, 0.0, [1, 1, 1, 1, 1, 1]),
-        ("area", 0.05, 0.0, [-1, 0, 0, 0, 0, 0]),  # the top vertex alone exceeds 5 %
-        ("count", 0.5, 0.0, [1, 0, 1, 0, 0, 1]),  # k = 3
-        ("count", 0.5, 0.1, [1, 0, 1, -1, 0, -1]),  # ⌊2.4⌋ = 2 target, from rank ⌈3.6⌉ = 4 bg
-        ("count", 0.3, 0.0, [1, 0, -1, 0, 0, 0]),  # ⌊1.8⌋ = 1, ⌈1.8⌉ = 2
-        ("count", 1.0, 0.0, [1, 1, 1, 1, 1, 1]),
-    ],
-)
-def test_pseudo_labels_on_a_hand_made_graph(rule, ratio, margin, expected) -> None:
-    labels = pseudo_labels(SCORES, AREAS, ratio, margin, rule)
-    assert labels.dtype == torch.long
-    assert labels.tolist() == expected
-
-
-@pytest.mark.parametrize("rule", ["area", "count"])
-def test_pseudo_label_shares_follow_ratio_and_margin(rule: str) -> None:
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(50):
-        n = int(torch.randint(2, 40, (1,), generator=generator))
-        scores = torch.rand(n, generator=generator)
-        areas = torch.randint(1, 50, (n,), generator=generator).float()
-        ratio, margin = float(torch.rand(1, generator=generator)), 0.05
-        labels = pseudo_labels(scores, areas, ratio, margin, rule)
-        order = scores.argsort(descending=True, stable=True)
-        # target vertices are a prefix of the ranking, background a suffix, ignored between
-        ranked = torch.tensor([1, 0, 2])[labels[order] + 1]
-        assert torch.equal(ranked, ranked.sort(descending=True).values)
-        if rule == "area":
-            total = areas.sum()
-            assert areas[labels == 1].sum() <= max(0, ratio - margin) * total + 1e-6
-            assert areas[labels == 0].sum() <= max(0, 1 - ratio - margin) * total + 1e-6
-            # maximal: the next vertex on either side would cross its cut
-            k = int((labels == 1).sum())
-            assert areas[order[: k + 1]].sum() > (ratio - margin) * total
-        else:
-            assert int((labels == 1).sum()) == max(0, int(np.floor((ratio - margin) * n)))
-            assert int((labels == 0).sum()) == n - min(n, int(np.ceil((ratio + margin) * n)))
-
-
-def test_pseudo_labels_refuse_bad_ratio_margin_and_rule() -> None:
-    with pytest.raises(ValueError, match="area_ratio must be in"):
-        pseudo_labels(SCORES, AREAS, 1.2)
-    with pytest.raises(ValueError, match="area_margin"):
-        pseudo_labels(SCORES, AREAS, 0.3, 0.5)
-    with pytest.raises(ValueError, match="pseudo_label_rule"):
-        pseudo_labels(SCORES, AREAS, 0.3, 0.0, "median")
-
-
-# --- superpixels and graph ---------------------------------------------------------------------
-def test_adjacency_joins_only_touching_superpixels() -> None:
-    quads = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
-    ring = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 2]])
-    labels = torch.stack([quads, ring])
-    edge_index, counts = superpixel_adjacency(labels)
-    assert counts.tolist() == [4, 3]
-    edges = set(map(tuple, edge_index.t().tolist()))
-    # quadrants touch along sides, not across the diagonal; in the second image (ids + 4)
-    # the corner pixel 2 touches the ring 0 but only diagonally the centre 1
-    undirected = {(0, 1), (0, 2), (1, 3), (2, 3), (4, 5), (4, 6)}
-    assert edges == undirected | {(b, a) for a, b in undirected}
-    assert edge_index.shape[1] == len(edges)  # no duplicates
-    assert all(a != b for a, b in edges)  # no self-loops
-
-    features = torch.stack([labels.float(), torch.ones_like(labels).float()], dim=1)
-    graph = build_graph(labels, features)
-    assert graph.vertex_areas.tolist() == [4, 4, 4, 4, 11, 4, 1]
-    assert graph.vertex_features[:, 0].tolist() == [0, 1, 2, 3, 0, 1, 2]
-    assert torch.equal(graph.edge_index, edge_index)
-    weights = dict(
-        zip(map(tuple, edge_index.t().tolist()), graph.edge_weight.tolist(), strict=True)
-    )
-    assert all(0 < w <= 1 and w == weights[(b, a)] for (a, b), w in weights.items())
-    # exp(-d² / σ²), σ² = mean squared edge distance: close features weigh more
-    assert weights[(0, 1)] > weights[(0, 2)]
-    sigma2 = np.mean([(a - b) ** 2 for a, b in [(0, 1), (0, 2), (1, 3), (2, 3), (0, 1), (0, 2)]])
-    assert weights[(0, 2)] == pytest.approx(np.exp(-4 / sigma2), rel=1e-5)
-    assert torch.equal(graph.paint(torch.arange(7.0)), graph.global_labels().float())
-
-
-def test_superpixels_are_deterministic_contiguous_and_follow_features() -> None:
-    generator = torch.Generator().manual_seed(0)
-    features = torch.randn(2, 4, 24, 20, generator=generator)
-    a = superpixels(features, 12, 1.0, 4)
-    b = superpixels(features.clone(), 12, 1.0, 4)
-    assert a.shape == (2, 24, 20) and a.dtype == torch.long
-    assert torch.equal(a, b)
-    for image in a:  # every pixel labelled, ids 0 … n − 1 all used
-        assert torch.equal(image.unique(), torch.arange(int(image.max()) + 1))
-        assert 2 <= int(image.max()) + 1 <= 12
-
-    # no iterations: the seed grid (4 rows × 3 columns on 24 × 20)
-    grid = superpixels(features, 12, 1.0, 0)[0]
-    assert grid[0, 0] == 0 and grid[0, 19] == 2 and grid[23, 0] == 9 and grid[23, 19] == 11
-    assert grid[5, 6] == 0 and grid[5, 7] == 1 and grid[6, 6] == 3 and grid[6, 7] == 4
-
-    # two flat regions split at a column that cuts through the middle grid cells: after a
-    # few iterations no superpixel straddles the boundary
-    halves = torch.zeros(1, 1, 24, 24)
-    halves[..., 11:] = 1.0
-    labels = superpixels(halves + 0.01 * torch.randn(1, 1, 24, 24, generator=generator), 9, 0.5, 5)
-    for sp in labels[0].unique():
-        assert halves[0, 0][labels[0] == sp].unique().numel() == 1
-
-
-def test_gcn_propagation_is_the_normalised_adjacency_product() -> None:
-    edge_index = torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]])
-    weights = torch.tensor([0.5, 0.5, 2.0, 2.0])
-    x = torch.randn(3, 2)
-    dense = torch.eye(3)
-    dense[edge_index[0], edge_index[1]] = weights
-    d = dense.sum(1).rsqrt()
-    expected = d[:, None] * dense * d[None, :] @ x
-    assert torch.allclose(gcn_propagate(x, edge_index, weights), expected, atol=1e-6)
-
-
-def test_gcn_gradients_are_bit_identical_on_several_threads() -> None:
-    """Same seed, same numbers: the propagation's backward must not depend on the order in
-    which threads sum duplicate indices (tensor indexing's backward did, on 2 threads)."""
-    generator = torch.Generator().manual_seed(0)
-    n, edges = 512, 6000
-    edge_index = torch.randint(0, n, (2, edges), generator=generator)
-    weights = torch.rand(edges, generator=generator)
-    x = torch.randn(n, 32, generator=generator, requires_grad=True)
-    upstream = torch.randn(n, 32, generator=generator)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        grads = []
-        for _ in range(10):
-            x.grad = None
-            (gcn_propagate(x, edge_index, weights) * upstream).sum().backward()
-            grads.append(x.grad.clone())
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(grads[0], g) for g in grads[1:])
-
-
-def test_gcn_overfits_a_tiny_fixed_graph() -> None:
-    torch.manual_seed(0)
-    # a chain of 8 vertices, alternating blocks of labels
-    src = torch.arange(7)
-    edge_index = torch.cat([torch.stack([src, src + 1]), torch.stack([src + 1, src])], dim=1)
-    weights = torch.ones(edge_index.shape[1])
-    x = torch.randn(8, 4)
-    target = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0])
-    net = GraphConvNet(4, 32, layers=2)
-    optimizer = torch.optim.Adam(net.parameters(), lr=0.02)
-    for _ in range(300):
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            net(x, edge_index, weights), target
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 0.05
-    assert torch.equal((net(x, edge_index, weights) > 0).float(), target)
 
 
 def test_novelty_prior_ranks_the_odd_region_first_and_fades() -> None:
@@ -529,49 +349,3 @@ def test_score_modes_and_image_size_checks() -> None:
 def test_bad_configs_are_refused(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AreaRatioConfig(**overrides)
-
-
-# --- CSV labels ------------------------------------------------------------------------------
-def _csv(tmp_path: Path, text: str) -> Path:
-    (tmp_path / "img").mkdir(exist_ok=True)
-    for name in ("a.png", "b.png"):
-        (tmp_path / "img" / name).write_bytes(b"")
-    path = tmp_path / "labels.csv"
-    path.write_text(text)
-    return path
-
-
-def test_area_ratio_csv_is_read_with_optional_margins(tmp_path: Path) -> None:
-    path = _csv(tmp_path, "path,area_ratio,margin\n# comment\nimg/a.png,0.25,0.05\n\nimg/b.png,0\n")
-    assert read_area_ratio_csv(path) == {
-        tmp_path / "img" / "a.png": (0.25, 0.05),
-        tmp_path / "img" / "b.png": (0.0, None),
-    }
-    other = tmp_path / "elsewhere"
-    other.mkdir()
-    path2 = other / "labels.csv"
-    path2.write_text("img/a.png,1.0\n")
-    assert read_area_ratio_csv(path2, root=tmp_path) == {tmp_path / "img" / "a.png": (1.0, None)}
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        (
-            "path,area_ratio\nimg/a.png,0.2\nimg/missing.png,0.1\n",
-            "line 3: image file .* not found",
-        ),
-        ("img/a.png,1.5\n", "line 1: area_ratio must be in \\[0, 1\\], got 1.5"),
-        ("img/a.png,0.2\nimg/b.png\n", "line 2: expected 'path,area_ratio\\[,margin\\]'"),
-        ("img/a.png,0.2,0.1,7\n", "line 1: expected"),
-        ("img/a.png,lots\n", "line 1: area ratio and margin must be numbers"),
-        ("img/a.png,0.2,0.7\n", "line 1: margin must be in"),
-        ("img/a.png,0.2\nimg/a.png,0.3\n", "line 2: .* listed twice"),
-    ],
-)
-def test_area_ratio_csv_errors_name_file_and_line(tmp_path: Path, text: str, message: str) -> None:
-    path = _csv(tmp_path, text)
-    with pytest.raises(DataError, match="labels.csv, " + message):
-        read_area_ratio_csv(path)
-    with pytest.raises(DataError, match="not found"):
-        read_area_ratio_csv(tmp_path / "none.csv")
