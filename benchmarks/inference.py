@@ -316,8 +316,8 @@ def main() -> None:
         if args.write_docs:
             write_docs_serve(args, result)
         return
-    from defectlab.deploy.backends import torch_inspector
-    from defectlab.deploy.onnx import export_onnx, onnx_inspector
+    from defectlab.deploy.backends import onnx_inspector, torch_inspector
+    from defectlab.deploy.onnx import export_onnx
     from defectlab.errors import DefectlabError
     from defectlab.runs import environment_info
 

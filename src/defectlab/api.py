@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from defectlab import distributed as dist
 from defectlab import registry
-from defectlab.base import Model
+from defectlab.base import Model, Synthesizer
 from defectlab.config import (
     CalibrationConfig,
     DataConfig,
@@ -31,7 +31,6 @@ from defectlab.config import (
     TrainConfig,
     apply_overrides,
     parse_set_options,
-    restore_tuples,
 )
 from defectlab.data.io import (
     ImageReadError,
@@ -46,9 +45,7 @@ from defectlab.data.io import (
 from defectlab.data.layouts import (
     DEFECT,
     NORMAL,
-    Dataset,
     LayoutOptions,
-    Sample,
     load_dataset,
     synthetic_pairs,
 )
@@ -56,12 +53,12 @@ from defectlab.data.loading import (
     LoadedImages,
     choose_channels,
     list_input_images,
-    load_samples,
     report_failures,
 )
-from defectlab.data.splits import Split, make_split
+from defectlab.data.run_data import dataset_split, load_images
+from defectlab.data.splits import Split
 from defectlab.data.transforms import resize_image, resize_map
-from defectlab.errors import CheckpointError, ConfigError, DataError
+from defectlab.errors import ConfigError, DataError
 from defectlab.evaluate.metrics import (
     EVAL_MAX_SIDE,
     PixelMetricAccumulator,
@@ -76,45 +73,22 @@ from defectlab.evaluate.metrics import (
 from defectlab.evaluate.report import ReportImage, write_report
 from defectlab.evaluate.visualize import mask_outline
 from defectlab.runs import (
+    MODEL_FILE,
+    TrainedRun,
     environment_info,
-    load_checkpoint,
+    load_run,
+    make_model,
+    predict_arrays,
     read_json,
+    require_scorer,
     resolve_device,
-    restore_model,
     run_logger,
     save_checkpoint,
     seed_everything,
+    trainable_class,
     write_json,
 )
-from defectlab.synth.base import Synthesizer
 from defectlab.training import fit
-
-MODEL_FILE = "model.pt"
-
-
-@dataclass
-class TrainedRun:
-    """A trained model with its run directory, resolved config and calibrated thresholds."""
-
-    run_dir: Path
-    config: RunConfig
-    model: Model
-    calibration: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def image_threshold(self) -> float:
-        return self.calibration["image_threshold"]
-
-    @property
-    def pixel_threshold(self) -> float:
-        return self.calibration["pixel_threshold"]
-
-    @property
-    def map_range(self) -> tuple[float, float]:
-        """Heat-map display range: normal median → twice the pixel threshold's excess."""
-        low = self.calibration["map_median"]
-        return low, low + 2.0 * max(self.pixel_threshold - low, 1e-6)
-
 
 # --- configuration ---------------------------------------------------------------------------
 
@@ -130,7 +104,7 @@ def build_config(
     overrides: Sequence[str] = (),
 ) -> RunConfig:
     """Resolve defaults, named options and ``--set`` overrides into one validated config."""
-    cls = _trainable_class(model)
+    cls = trainable_class(model)
     sections = parse_set_options(list(overrides))
     data_cfg = apply_overrides(DataConfig(path=str(data)), sections.get("data", {}), "data.")
     if category is not None:
@@ -145,42 +119,6 @@ def build_config(
     )
     model_cfg = apply_overrides(cls.Config(), sections.get("model", {}), "model.")
     return RunConfig(model, data_cfg, train_cfg, calibration, asdict(model_cfg))
-
-
-def _trainable_class(name: str) -> type[Model]:
-    """Detectors, segmenters and learned synthesizers (GANs) train; procedural ones do not."""
-    cls = registry.get(name, ("detector", "segmenter", "synthesizer"))
-    if not issubclass(cls, Model):
-        raise ConfigError(f"{name} is procedural and needs no training: use `defectlab synth`")
-    return cls
-
-
-def require_scorer(run: TrainedRun) -> None:
-    """Learned synthesizers have runs too, but nothing to predict or evaluate with."""
-    if run.model.family == "synthesizer":
-        name = run.config.model
-        raise ConfigError(
-            f"{run.run_dir} holds the {name} synthesizer, which does not score images: "
-            f"use `defectlab synth --method {name} --run {run.run_dir}`"
-        )
-
-
-def _make_model(config: RunConfig, device: torch.device) -> Model:
-    cls = _trainable_class(config.model)
-    if config.data.channels not in (1, 3):
-        raise ConfigError(
-            f"data.channels={config.data.channels!r} is decided from the training images when "
-            "a run is trained; a model needs 1 or 3"
-        )
-    try:
-        return cls(
-            cls.Config(**restore_tuples(config.model_config)),
-            image_size=config.data.image_size,
-            channels=config.data.channels,
-            device=device,
-        )
-    except (TypeError, ValueError) as exc:  # e.g. an image size the network cannot take
-        raise ConfigError(f"{config.model}: invalid settings: {exc}") from exc
 
 
 def resolve_auto_settings(config: RunConfig, split: Split) -> RunConfig:
@@ -198,84 +136,7 @@ def resolve_auto_settings(config: RunConfig, split: Split) -> RunConfig:
     )
 
 
-def _layout_options(data: DataConfig) -> LayoutOptions:
-    return LayoutOptions(
-        category=data.category,
-        normal_dirs=data.normal_dirs,
-        defect_dirs=data.defect_dirs,
-        mask_dir=data.mask_dir,
-        mask_suffix=data.mask_suffix,
-        include_uncertain=data.include_uncertain,
-    )
-
-
-def dataset_split(data: DataConfig) -> tuple[Dataset, Split]:
-    """The dataset that ``data`` (a run config's ``data`` section) names and the seeded
-    train/validation/test :class:`~defectlab.data.splits.Split` that training with it makes:
-    the same split a run saves as ``split.json``.
-
-    >>> dataset, split = dataset_split(run.config.data)
-    >>> split["test"]  # the samples ``evaluate`` scores
-    """
-    dataset = load_dataset(data.path, data.layout, _layout_options(data))
-    split = make_split(
-        dataset,
-        seed=data.split_seed,
-        train_fraction=data.train_fraction,
-        val_fraction=data.val_fraction,
-        defects_per_class=data.defects_per_class,
-        val_defects_per_class=data.val_defects_per_class,
-    )
-    return dataset, split
-
-
-def load_images(
-    samples: Sequence[Sample],
-    data: DataConfig,
-    desc: str = "loading images",
-    progress: bool = False,
-) -> LoadedImages:
-    """Load samples (e.g. a part of a run's split, ``split["test"]``) as a run with data
-    settings ``data`` loads them: at its image size and channel count, within its pixel budget
-    and minimum side (other images are skipped and reported). ``desc`` labels the progress bar
-    (on stderr, shown when ``progress``)."""
-    with image_limits(max_pixels=data.max_pixels, min_side=data.min_side):
-        return load_samples(
-            samples,
-            data.image_size,
-            data.channels,
-            data.mask_threshold,
-            workers=data.workers,
-            desc=desc,
-            progress=progress,
-        )
-
-
 # --- prediction core -------------------------------------------------------------------------
-
-
-def predict_arrays(
-    model: Model, images: np.ndarray, batch_size: int = 32, progress: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (N,) and maps (N, H, W) for float images (N, H, W, C) at model resolution."""
-    scores, maps = [], []
-    # no_grad, not inference_mode: a model may re-enable autograd (gradient anomaly maps)
-    with torch.no_grad():
-        for start in tqdm(
-            range(0, len(images), batch_size),
-            desc="predicting",
-            disable=not progress,
-            leave=False,
-            file=sys.stderr,
-        ):
-            chunk = np.ascontiguousarray(images[start : start + batch_size].transpose(0, 3, 1, 2))
-            out = model.predict(torch.from_numpy(chunk).to(model.device))
-            scores.append(out.scores.float().cpu().numpy())
-            maps.append(out.maps.float().cpu().numpy())
-    score_array, map_array = np.concatenate(scores), np.concatenate(maps)
-    if not (np.isfinite(score_array).all() and np.isfinite(map_array).all()):
-        raise DataError(f"{model.name} produced non-finite scores; the model is broken")
-    return score_array, map_array
 
 
 def _weak_labels(net: Model, train: LoadedImages, data: DataConfig) -> dict[str, np.ndarray]:
@@ -283,7 +144,7 @@ def _weak_labels(net: Model, train: LoadedImages, data: DataConfig) -> dict[str,
     ``data.area_ratio_csv`` (rows without a margin get the model's ``area_margin``). Without
     a CSV the model derives them from the masks (the benchmark protocol), so every defect
     training image needs one."""
-    if not getattr(net, "learns_from_area_ratios", False):
+    if not net.learns_from_area_ratios:
         return {}
     if not data.area_ratio_csv:
         lacking = [s.path for s in train.samples if s.label == DEFECT and s.mask_path is None]
@@ -318,8 +179,8 @@ def _with_defect_classes(config: RunConfig, split: Split) -> RunConfig:
     """Models that learn per defect type (``learns_defect_types``, e.g. maskgan) get the
     sorted defect types of the training defects as ``defect_classes`` unless set already, so
     the class list is part of the run's config and its checkpoint."""
-    cls = _trainable_class(config.model)
-    if not getattr(cls, "learns_defect_types", False) or config.model_config.get("defect_classes"):
+    cls = trainable_class(config.model)
+    if not cls.learns_defect_types or config.model_config.get("defect_classes"):
         return config
     types = tuple(sorted({s.defect_type for s in split["train_defect"]}))
     return replace(config, model_config={**config.model_config, "defect_classes": types})
@@ -328,7 +189,7 @@ def _with_defect_classes(config: RunConfig, split: Split) -> RunConfig:
 def _defect_class_ids(net: Model, train: LoadedImages) -> dict[str, np.ndarray]:
     """Per-image index into the model's ``defect_classes`` (normal images: −1), as the
     ``defect_class`` batch entry, for models that learn per defect type."""
-    if not getattr(net, "learns_defect_types", False):
+    if not net.learns_defect_types:
         return {}
     classes = list(net.config.defect_classes)
     ids = []
@@ -351,8 +212,8 @@ def calibration_method(model: Model, config: CalibrationConfig) -> str:
     ``"area"`` for models taught by area ratios, else ``"quantile"``; ``"quantile"`` defers
     to a model's own thresholds too. Asking for ``"area"`` or ``"model"`` from a model that
     cannot give them is a config error, raised before any data is loaded."""
-    learns_ratios = getattr(model, "learns_from_area_ratios", False)
-    fixes_thresholds = getattr(model, "decision_thresholds", None) is not None
+    learns_ratios = model.learns_from_area_ratios
+    fixes_thresholds = model.decision_thresholds is not None
     if config.method == "area" and not learns_ratios:
         raise ConfigError(
             f"calibration.method=area needs a model taught by area ratios; {model.name} is not"
@@ -574,10 +435,10 @@ def _train_into(
     if main:
         write_json(run_dir / "environment.json", environment_info(torch_device) | processes)
 
-    net = _make_model(config, torch_device)
+    net = make_model(config, torch_device)
     method = calibration_method(net, config.calibration)  # a config error before any loading
     train_samples = split["train"]
-    learns_masks = net.family == "segmenter" or getattr(net, "trains_on_defects", False)
+    learns_masks = net.family == "segmenter" or net.trains_on_defects
     if learns_masks:
         train_samples = train_samples + split["train_defect"]
     if config.data.extra_pairs and not learns_masks:
@@ -588,7 +449,7 @@ def _train_into(
     # synthetic pairs join training only; the split (and so test/val) never sees them
     for folder in config.data.extra_pairs:
         train_samples = train_samples + synthetic_pairs(folder)
-    if getattr(net, "trains_on_defects", False) and not split["train_defect"]:
+    if net.trains_on_defects and not split["train_defect"]:
         raise ConfigError(
             f"{config.model} learns from defect examples too: set data.defects_per_class "
             "to hold out K defect images per type for training"
@@ -658,26 +519,6 @@ def _train_into(
     if context is not None:  # the run directory is complete when any rank returns
         dist.barrier()
     return TrainedRun(run_dir, config, net, calibration)
-
-
-def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
-    """Load a trained run (model weights, config, thresholds) for prediction."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: run directory does not exist")
-    path = run_dir / MODEL_FILE
-    if not path.exists():
-        hint = (
-            " (training was interrupted: resume it with --resume)"
-            if (run_dir / "checkpoints" / "last.pt").exists()
-            else ""
-        )
-        raise CheckpointError(f"{path}: no trained model in this run{hint}")
-    payload = load_checkpoint(path)
-    config = RunConfig.from_dict(payload["run_config"])
-    net = _make_model(config, resolve_device(device))
-    restore_model(payload, net, path)
-    return TrainedRun(run_dir, config, net, dict(payload["calibration"]))
 
 
 # --- predict ---------------------------------------------------------------------------------
@@ -982,7 +823,7 @@ def make_synthesizer(
     if sections:  # data., train. or calibration. keys: synthesis reads none of them
         section, names = next(iter(sections.items()))
         valid = (
-            getattr(cls, "synthesis_fields", ())
+            cls.synthesis_fields
             if cls.needs_training
             else [f.name for f in fields(cls.Config)]
         )

@@ -68,7 +68,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from defectlab.base import Model
 from defectlab.errors import ConfigError
@@ -260,43 +259,12 @@ def all_reduce_losses(losses: dict[str, float], weight: float = 1.0) -> dict[str
     return out
 
 
-# --- finding a model's networks and optimisers ---------------------------------------------
-
-
-def _attributes_of_type(model: Model, kind: type) -> list[Any]:
-    """Instances of ``kind`` among the model's attributes, alone or in a list, tuple or
-    dict; in attribute order (the same on every rank), without duplicates."""
-    found: dict[int, Any] = {}
-
-    def visit(value: Any, depth: int) -> None:
-        if isinstance(value, kind):
-            found.setdefault(id(value), value)
-        elif depth < 2 and isinstance(value, list | tuple):
-            for item in value:
-                visit(item, depth + 1)
-        elif depth < 2 and isinstance(value, dict):
-            for item in value.values():
-                visit(item, depth + 1)
-
-    for value in vars(model).values():
-        visit(value, 0)
-    return list(found.values())
-
-
-def optimizers_of(model: Model) -> list[torch.optim.Optimizer]:
-    return _attributes_of_type(model, torch.optim.Optimizer)
-
-
-def modules_of(model: Model) -> list[nn.Module]:
-    return _attributes_of_type(model, nn.Module)
-
-
 def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return list({id(t): t for t in tensors}.values())
 
 
 def _module_tensors(model: Model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    modules = modules_of(model)
+    modules = model.networks()
     parameters = _unique(p for m in modules for p in m.parameters())
     buffers = _unique(b for m in modules for b in m.buffers())
     return parameters, buffers
@@ -475,7 +443,7 @@ def sync_model(model: Model) -> GradientSync:
     Call after ``setup_training`` (and after loading a checkpoint to resume). Refuses a
     model without an optimiser: it has no gradients to average.
     """
-    optimizers = optimizers_of(model)
+    optimizers = model.optimizers()
     if not optimizers:
         raise ConfigError(
             f"{model.name} has no gradient training to distribute (no optimiser: it "

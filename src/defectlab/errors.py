@@ -21,6 +21,10 @@ class ConfigError(DefectlabError):
     """A configuration value is unknown or has the wrong type."""
 
 
+class NotFittedError(DefectlabError, RuntimeError):
+    """A model was asked to predict (or export, or synthesize) before it was trained."""
+
+
 class InputShapeError(ConfigError, ValueError):
     """The image size or channel count does not suit a network: a ValueError (as a model's
     own validation raises) that the command line, catching ConfigError, prints as one line."""

@@ -1,4 +1,4 @@
-"""Run directories and checkpoints.
+"""Run directories, checkpoints and trained runs.
 
 A run directory holds everything needed to reproduce or reuse a training run::
 
@@ -14,6 +14,9 @@ A run directory holds everything needed to reproduce or reuse a training run::
 Checkpoints are ``torch.save`` dicts of tensors and plain values, read back with
 ``torch.load(weights_only=True)``: nothing is unpickled. A checkpoint whose model name,
 model state version or checkpoint format differ from what is asked for is refused.
+
+:func:`load_run` turns a run directory back into a :class:`TrainedRun` (model, config,
+thresholds); it sits below the API, the deployment code and the models that compose runs.
 """
 
 from __future__ import annotations
@@ -27,16 +30,19 @@ import random
 import re
 import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from defectlab import __version__
+from defectlab import __version__, registry
 from defectlab.base import Model
+from defectlab.config import RunConfig, restore_tuples
 from defectlab.data.io import atomic_path, atomic_write_text
-from defectlab.errors import CheckpointError, ConfigError
+from defectlab.errors import CheckpointError, ConfigError, DataError
 
 CHECKPOINT_FORMAT = "defectlab-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -115,6 +121,7 @@ def save_checkpoint(path: Path, model: Model, **extra: Any) -> None:
         "image_size": model.image_size,
         "channels": model.channels,
         "state": model.state_dict(),
+        "fitted": model.is_fitted,
         **extra,
     }
     with atomic_path(path) as tmp:
@@ -174,6 +181,7 @@ def restore_model(payload: dict[str, Any], model: Model, path: Path) -> None:
         model.load_state_dict(payload["state"])
     except (KeyError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{path}: state does not fit model {model.name}: {exc}") from exc
+    model.is_fitted = bool(payload.get("fitted", True))
 
 
 def run_logger(run_dir: Path) -> logging.Logger:
@@ -187,3 +195,113 @@ def run_logger(run_dir: Path) -> logging.Logger:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     return logger
+
+
+# --- trained runs ----------------------------------------------------------------------------
+
+
+MODEL_FILE = "model.pt"
+
+
+@dataclass
+class TrainedRun:
+    """A trained model with its run directory, resolved config and calibrated thresholds."""
+
+    run_dir: Path
+    config: RunConfig
+    model: Model
+    calibration: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def image_threshold(self) -> float:
+        return self.calibration["image_threshold"]
+
+    @property
+    def pixel_threshold(self) -> float:
+        return self.calibration["pixel_threshold"]
+
+    @property
+    def map_range(self) -> tuple[float, float]:
+        """Heat-map display range: normal median → twice the pixel threshold's excess."""
+        low = self.calibration["map_median"]
+        return low, low + 2.0 * max(self.pixel_threshold - low, 1e-6)
+
+
+def trainable_class(name: str) -> type[Model]:
+    """Detectors, segmenters and learned synthesizers (GANs) train; procedural ones do not."""
+    cls = registry.get(name, ("detector", "segmenter", "synthesizer"))
+    if not issubclass(cls, Model):
+        raise ConfigError(f"{name} is procedural and needs no training: use `defectlab synth`")
+    return cls
+
+
+def require_scorer(run: TrainedRun) -> None:
+    """Learned synthesizers have runs too, but nothing to predict or evaluate with."""
+    if run.model.family == "synthesizer":
+        name = run.config.model
+        raise ConfigError(
+            f"{run.run_dir} holds the {name} synthesizer, which does not score images: "
+            f"use `defectlab synth --method {name} --run {run.run_dir}`"
+        )
+
+
+def make_model(config: RunConfig, device: torch.device) -> Model:
+    cls = trainable_class(config.model)
+    if config.data.channels not in (1, 3):
+        raise ConfigError(
+            f"data.channels={config.data.channels!r} is decided from the training images when "
+            "a run is trained; a model needs 1 or 3"
+        )
+    try:
+        return cls(
+            cls.Config(**restore_tuples(config.model_config)),
+            image_size=config.data.image_size,
+            channels=config.data.channels,
+            device=device,
+        )
+    except (TypeError, ValueError) as exc:  # e.g. an image size the network cannot take
+        raise ConfigError(f"{config.model}: invalid settings: {exc}") from exc
+
+
+def predict_arrays(
+    model: Model, images: np.ndarray, batch_size: int = 32, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (N,) and maps (N, H, W) for float images (N, H, W, C) at model resolution."""
+    scores, maps = [], []
+    # no_grad, not inference_mode: a model may re-enable autograd (gradient anomaly maps)
+    with torch.no_grad():
+        for start in tqdm(
+            range(0, len(images), batch_size),
+            desc="predicting",
+            disable=not progress,
+            leave=False,
+            file=sys.stderr,
+        ):
+            chunk = np.ascontiguousarray(images[start : start + batch_size].transpose(0, 3, 1, 2))
+            out = model.predict(torch.from_numpy(chunk).to(model.device))
+            scores.append(out.scores.float().cpu().numpy())
+            maps.append(out.maps.float().cpu().numpy())
+    score_array, map_array = np.concatenate(scores), np.concatenate(maps)
+    if not (np.isfinite(score_array).all() and np.isfinite(map_array).all()):
+        raise DataError(f"{model.name} produced non-finite scores; the model is broken")
+    return score_array, map_array
+
+
+def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
+    """Load a trained run (model weights, config, thresholds) for prediction."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: run directory does not exist")
+    path = run_dir / MODEL_FILE
+    if not path.exists():
+        hint = (
+            " (training was interrupted: resume it with --resume)"
+            if (run_dir / "checkpoints" / "last.pt").exists()
+            else ""
+        )
+        raise CheckpointError(f"{path}: no trained model in this run{hint}")
+    payload = load_checkpoint(path)
+    config = RunConfig.from_dict(payload["run_config"])
+    net = make_model(config, resolve_device(device))
+    restore_model(payload, net, path)
+    return TrainedRun(run_dir, config, net, dict(payload["calibration"]))

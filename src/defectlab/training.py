@@ -231,6 +231,7 @@ def fit(
             save(epoch + 1, 0)
         bar.close()
         model.finish_training()
+        model.is_fitted = True
         if sync is not None:
             dist.broadcast_state(model)
     finally:

@@ -16,8 +16,8 @@ from defectlab import registry
 from defectlab.data.io import read_image
 from defectlab.data.layouts import DEFECT, NORMAL, load_dataset
 from defectlab.data.transforms import resize_image
-from defectlab.deploy.backends import open_inspector, score_images, torch_inspector
-from defectlab.deploy.onnx import export_onnx, model_networks, onnx_inspector
+from defectlab.deploy.backends import onnx_inspector, open_inspector, score_images, torch_inspector
+from defectlab.deploy.onnx import export_onnx
 from defectlab.errors import CheckpointError, ConfigError
 from tests.conftest import write_folder_dataset
 
@@ -144,7 +144,7 @@ def test_int8_export_is_smaller_and_keeps_the_masks(
     assert int8["type"].startswith("int8") and int8["mask_agreement"] >= 0.99
     float_bytes = 4 * sum(
         p.numel()
-        for net in model_networks(torch_inspector(runs["synth-unet"], "cpu").trained.model)
+        for net in torch_inspector(runs["synth-unet"], "cpu").trained.model.networks()
         for p in net.parameters()
     )
     assert (tmp_path / "int8" / "model.onnx").stat().st_size < 0.5 * float_bytes

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from defectlab.detect import patchmemory as pm
-from defectlab.detect.patchmemory import PatchMemory, PatchMemoryConfig, greedy_coreset
+from defectlab.components import memory
+from defectlab.components.memory import PatchMemoryConfig, greedy_coreset
+from defectlab.detect.patchmemory import PatchMemory
 from defectlab.runs import load_checkpoint, restore_model, save_checkpoint
 from defectlab.training import fit
 from tests.conftest import striped_normals, to_nchw, with_square
@@ -101,7 +102,7 @@ def test_pool_never_exceeds_its_cap_when_fed_ten_times_more_images(
     assert cfg.pool_rows == 314
     sizes: list[tuple[int, int]] = []
     coreset_inputs: list[int] = []
-    original_step, original_greedy = PatchMemory.training_step, pm.greedy_coreset
+    original_step, original_greedy = PatchMemory.training_step, memory.greedy_coreset
 
     def spy_step(self, batch):
         out = original_step(self, batch)
@@ -113,7 +114,7 @@ def test_pool_never_exceeds_its_cap_when_fed_ten_times_more_images(
         return original_greedy(features, k, **kwargs)
 
     monkeypatch.setattr(PatchMemory, "training_step", spy_step)
-    monkeypatch.setattr(pm, "greedy_coreset", spy_greedy)
+    monkeypatch.setattr(memory, "greedy_coreset", spy_greedy)
     small = _fit(_model(**TINY), tmp_path / "small", striped_normals(16))
     small_sizes, sizes[:] = list(sizes), []
     large = _fit(_model(**TINY), tmp_path / "large", striped_normals(160, seed=2))

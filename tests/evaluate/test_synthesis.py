@@ -87,7 +87,7 @@ def test_embedder_is_lite0_with_its_imagenet_head(embedder: Lite0Embedder) -> No
     """Stem, blocks, head and classifier reproduce the package's own full forward pass."""
     import efficientnet_lite_pytorch as lite
 
-    from defectlab.detect.features import INPUT_MEAN, INPUT_STD, weights_path
+    from defectlab.components.features import INPUT_MEAN, INPUT_STD, weights_path
 
     net = lite.EfficientNet.from_name("efficientnet-lite0")
     net.load_state_dict(torch.load(weights_path(), map_location="cpu", weights_only=True))

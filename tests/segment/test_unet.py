@@ -12,22 +12,19 @@ import torch
 import defectlab.api as dl
 from defectlab import registry
 from defectlab.base import Prediction
-from defectlab.data.splits import Split
-from defectlab.evaluate.metrics import auroc, pixel_auroc
-from defectlab.segment.augment import AugmentSettings, augment_pairs
-from defectlab.segment.losses import focal_loss, segmentation_loss, soft_dice_loss
-from defectlab.segment.networks import (
+from defectlab.components.augment import AugmentSettings, augment_pairs
+from defectlab.components.fusion import vote_ensemble
+from defectlab.components.losses import focal_loss, segmentation_loss, soft_dice_loss
+from defectlab.components.networks import (
     FullScaleStage,
     SegmentationNet,
     UNet3PlusDecoder,
     count_parameters,
 )
-from defectlab.segment.unet import (
-    SegmenterConfig,
-    UNet3PlusSegmenter,
-    UNetSegmenter,
-    vote_ensemble,
-)
+from defectlab.components.segmentation import SegmenterConfig
+from defectlab.data.splits import Split
+from defectlab.evaluate.metrics import auroc, pixel_auroc
+from defectlab.segment.unet import UNet3PlusSegmenter, UNetSegmenter
 from defectlab.synth.procedural import ProceduralConfig, ProceduralSynthesizer
 from defectlab.training import fit
 

@@ -1,6 +1,6 @@
 """One scoring surface for deployment, whatever runs the model: PyTorch or ONNX Runtime.
 
-Batch inspection (:mod:`defectlab.deploy.inspect`), the HTTP service
+Batch inspection (:mod:`defectlab.deploy.batch`), the HTTP service
 (:mod:`defectlab.deploy.serve`) and the inference benchmark talk to an :class:`Inspector`
 only, so a model exported to ONNX is a drop-in for its PyTorch run. An inspector scores
 images already at its input size; :func:`score_images` takes full-resolution images,
@@ -9,6 +9,8 @@ resizes (or tiles) them with the same code for both backends and maps the heat b
 
 from __future__ import annotations
 
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +28,9 @@ BACKENDS = ("torch", "onnx")
 EXPORT_DIR = "export"
 ONNX_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
+#: what an export folder's metadata must say it is
+FORMAT = "defectlab-onnx"
+FORMAT_VERSION = 1
 
 
 @dataclass
@@ -71,17 +76,17 @@ class Inspector(ABC):
 class TorchInspector(Inspector):
     """A trained run evaluated eagerly by PyTorch (CPU or CUDA)."""
 
-    trained: Any = None  # defectlab.api.TrainedRun
+    trained: Any = None  # defectlab.runs.TrainedRun
 
     def score(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        from defectlab.api import predict_arrays
+        from defectlab.runs import predict_arrays
 
         return predict_arrays(self.trained.model, images, batch_size)
 
 
 def torch_inspector(run_dir: str | Path, device: str = "auto") -> TorchInspector:
     """Load a trained run for inspection; learned synthesizers are refused (they score nothing)."""
-    from defectlab.api import load_run, require_scorer
+    from defectlab.runs import load_run, require_scorer
 
     run = load_run(run_dir, device)
     require_scorer(run)
@@ -104,8 +109,6 @@ def open_inspector(path: str | Path, backend: str = "torch", device: str = "auto
     if backend == "torch":
         return torch_inspector(path, device)
     if backend == "onnx":
-        from defectlab.deploy.onnx import onnx_inspector
-
         return onnx_inspector(find_export(Path(path)))
     raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
@@ -145,3 +148,81 @@ def score_images(
         scores, maps = inspector.score(tiles, batch_size)
         results.append((float(scores.max()), stitch_tiles(maps, positions, image.shape[:2])))
     return results
+
+
+# --- ONNX Runtime ------------------------------------------------------------------------------
+
+
+def onnx_session(path: Path, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+    import torch
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class OnnxInspector(Inspector):
+    """An exported model run by ONNX Runtime (thread-safe; one session shared by all calls)."""
+
+    session: Any = None
+    metadata: dict[str, Any] | None = None
+
+    def score(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        scores, maps = [], []
+        for start in range(0, len(images), batch_size):
+            chunk = np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)
+            score, heat = self.session.run(["score", "anomaly_map"], {"image": chunk})
+            scores.append(score)
+            maps.append(heat)
+        return np.concatenate(scores), np.concatenate(maps)
+
+    def info(self) -> dict[str, Any]:
+        meta = self.metadata or {}
+        quantization = meta.get("quantization") or {}
+        return super().info() | {
+            "opset": meta.get("opset"),
+            "exported_with": meta.get("torch"),
+            "quantization": quantization.get("type", "none (float32)"),
+        }
+
+
+def onnx_inspector(folder: Path, threads: int | None = None) -> OnnxInspector:
+    """Open an export folder; the metadata must be ours, of this format version, and match
+    the graph file byte for byte (a swapped or truncated model.onnx is refused)."""
+    meta_path = folder / METADATA_FILE
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: unreadable export metadata ({exc})") from exc
+    if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_path}: not a {FORMAT} v{FORMAT_VERSION} export "
+            f"(format {metadata.get('format')!r} v{metadata.get('format_version')!r})"
+        )
+    graph = folder / metadata["onnx_file"]
+    if not graph.is_file() or file_sha256(graph) != metadata["sha256"]:
+        raise CheckpointError(f"{graph}: missing or does not match its metadata checksum")
+    size = metadata["input"]["shape"][1]
+    return OnnxInspector(
+        model=metadata["model"],
+        image_size=int(size),
+        channels=int(metadata["input"]["shape"][3]),
+        image_threshold=float(metadata["image_threshold"]),
+        pixel_threshold=float(metadata["pixel_threshold"]),
+        map_range=(float(metadata["map_range"][0]), float(metadata["map_range"][1])),
+        run_dir=Path(metadata["run"]),
+        backend="onnx",
+        session=onnx_session(graph, threads),
+        metadata=metadata,
+    )

@@ -25,13 +25,11 @@ least 99% of the check pixels (the measured agreement is recorded).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +40,19 @@ from torch import nn
 from defectlab import __version__
 from defectlab.base import Model
 from defectlab.data.io import atomic_path, atomic_write_text
-from defectlab.deploy.backends import METADATA_FILE, ONNX_FILE, Inspector, torch_inspector
-from defectlab.errors import CheckpointError, ConfigError
+from defectlab.deploy.backends import (
+    FORMAT,
+    FORMAT_VERSION,
+    METADATA_FILE,
+    ONNX_FILE,
+    file_sha256,
+    onnx_session,
+    torch_inspector,
+)
+from defectlab.errors import ConfigError
 
 #: ONNX operator set of exported graphs (ONNX Runtime 1.17+ runs it)
 OPSET = 18
-FORMAT = "defectlab-onnx"
-FORMAT_VERSION = 1
 #: export gate: |onnx − torch| ≤ ATOL + RTOL·|torch| for scores and maps. Loose enough for
 #: float32 reordering amplified by normalisation (an ensemble's z-scores), tight enough to
 #: catch a wrong graph; the measured differences (typically 1e-7 … 1e-5) go into metadata.
@@ -59,28 +63,6 @@ QUANTIZATIONS = (None, "int8")
 CALIBRATION_IMAGES = 32
 
 
-def model_networks(model: Model) -> list[nn.Module]:
-    """Every network a model holds, including those of member models (ensembles)."""
-    found: list[nn.Module] = []
-
-    def visit(value: Any) -> None:
-        if isinstance(value, nn.Module):
-            found.append(value)
-        elif isinstance(value, Model):
-            for item in vars(value).values():
-                visit(item)
-        elif isinstance(value, list | tuple):
-            for item in value:
-                visit(item)
-        elif isinstance(value, dict):
-            for item in value.values():
-                visit(item)
-
-    for item in vars(model).values():
-        visit(item)
-    return found
-
-
 class InspectionGraph(nn.Module):
     """Layout conversion + the model's ``predict`` + the calibrated decision, as one module
     to trace. The model's networks are registered as submodules so their weights become
@@ -89,7 +71,7 @@ class InspectionGraph(nn.Module):
     def __init__(self, model: Model, calibration: dict[str, Any]) -> None:
         super().__init__()
         self.model = model
-        self.networks = nn.ModuleList(model_networks(model))
+        self.networks = nn.ModuleList(model.networks())
         self.networks.eval().requires_grad_(False)
         std = float(calibration.get("normal_score_std", 1.0)) or 1.0
         thresholds = {
@@ -117,7 +99,7 @@ def _split_images(run: Any, part: str, n: int) -> tuple[np.ndarray, str]:
     """Up to ``n`` images of one split part of the run's own data, spread over the part (the
     test part holds normal and defect images: real inputs exercise the model's real value
     ranges), or seeded synthetic images when the data is no longer readable."""
-    from defectlab.api import load_images
+    from defectlab.data.run_data import load_images
     from defectlab.data.splits import Split
     from defectlab.errors import DefectlabError
 
@@ -145,23 +127,6 @@ def _differences(reference: dict[str, np.ndarray], exported: dict[str, np.ndarra
     out["mask_disagreement"] = float((reference["mask"] != exported["mask"]).mean())
     out["decision_disagreement"] = float((reference["is_defect"] != exported["is_defect"]).mean())
     return out
-
-
-def _session(path: Path, threads: int | None = None) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _quantize_int8(graph_path: Path, calibration: np.ndarray) -> None:
@@ -257,7 +222,7 @@ def export_onnx(
         reference = dict(zip(OUTPUTS, graph(torch.from_numpy(images)), strict=True))
     reference = {k: v.numpy() for k, v in reference.items()}
     try:
-        outputs = _session(out / ONNX_FILE).run(None, {"image": images})
+        outputs = onnx_session(out / ONNX_FILE).run(None, {"image": images})
         produced = dict(zip(OUTPUTS, outputs, strict=True))
     except Exception as exc:  # ONNX Runtime's own exception types
         (out / ONNX_FILE).unlink(missing_ok=True)
@@ -278,7 +243,7 @@ def export_onnx(
         calibration, calibration_source = _split_images(run, "val", CALIBRATION_IMAGES)
         _quantize_int8(out / ONNX_FILE, calibration)
         int8 = dict(
-            zip(OUTPUTS, _session(out / ONNX_FILE).run(None, {"image": images}), strict=True)
+            zip(OUTPUTS, onnx_session(out / ONNX_FILE).run(None, {"image": images}), strict=True)
         )
         agreement = _differences(reference, int8)
         quantization = {
@@ -308,7 +273,7 @@ def export_onnx(
         "model_state_version": model.state_version,
         "run": str(Path(run_dir)),
         "onnx_file": ONNX_FILE,
-        "sha256": _sha256(out / ONNX_FILE),
+        "sha256": file_sha256(out / ONNX_FILE),
         "input": {
             "name": "image",
             "shape": ["batch", size, size, channels],
@@ -331,60 +296,3 @@ def export_onnx(
     }
     atomic_write_text(out / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
     return {"out": str(out), **metadata}
-
-
-@dataclass
-class OnnxInspector(Inspector):
-    """An exported model run by ONNX Runtime (thread-safe; one session shared by all calls)."""
-
-    session: Any = None
-    metadata: dict[str, Any] | None = None
-
-    def score(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        scores, maps = [], []
-        for start in range(0, len(images), batch_size):
-            chunk = np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)
-            score, heat = self.session.run(["score", "anomaly_map"], {"image": chunk})
-            scores.append(score)
-            maps.append(heat)
-        return np.concatenate(scores), np.concatenate(maps)
-
-    def info(self) -> dict[str, Any]:
-        meta = self.metadata or {}
-        quantization = meta.get("quantization") or {}
-        return super().info() | {
-            "opset": meta.get("opset"),
-            "exported_with": meta.get("torch"),
-            "quantization": quantization.get("type", "none (float32)"),
-        }
-
-
-def onnx_inspector(folder: Path, threads: int | None = None) -> OnnxInspector:
-    """Open an export folder; the metadata must be ours, of this format version, and match
-    the graph file byte for byte (a swapped or truncated model.onnx is refused)."""
-    meta_path = folder / METADATA_FILE
-    try:
-        metadata = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{meta_path}: unreadable export metadata ({exc})") from exc
-    if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{meta_path}: not a {FORMAT} v{FORMAT_VERSION} export "
-            f"(format {metadata.get('format')!r} v{metadata.get('format_version')!r})"
-        )
-    graph = folder / metadata["onnx_file"]
-    if not graph.is_file() or _sha256(graph) != metadata["sha256"]:
-        raise CheckpointError(f"{graph}: missing or does not match its metadata checksum")
-    size = metadata["input"]["shape"][1]
-    return OnnxInspector(
-        model=metadata["model"],
-        image_size=int(size),
-        channels=int(metadata["input"]["shape"][3]),
-        image_threshold=float(metadata["image_threshold"]),
-        pixel_threshold=float(metadata["pixel_threshold"]),
-        map_range=(float(metadata["map_range"][0]), float(metadata["map_range"][1])),
-        run_dir=Path(metadata["run"]),
-        backend="onnx",
-        session=_session(graph, threads),
-        metadata=metadata,
-    )

@@ -539,6 +539,7 @@ class Autoencoder(Detector):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
+        self.check_fitted(self.is_fitted, "untrained networks")
         maps = self.anomaly_maps(images)
         scores = self._raw_scores(maps)
         if self.score_normalizer.fitted:

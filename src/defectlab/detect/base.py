@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from defectlab.base import Model
+from defectlab.base import Scorer
 
 
-class Detector(Model):
-    """A :class:`~defectlab.base.Model` whose training batches hold normal images only.
+class Detector(Scorer):
+    """A :class:`~defectlab.base.Scorer` whose training batches hold normal images only.
 
     ``predict`` returns higher scores and map values for more anomalous images/pixels; the
     scale is the detector's own, and thresholds are calibrated on normal validation images.

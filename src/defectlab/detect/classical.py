@@ -132,8 +132,7 @@ class CannyDiff(Detector):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
-        if self.frequency is None:
-            raise RuntimeError("canny: predict before fit")
+        self.check_fitted(self.frequency is not None, "no edge statistics")
         if images.shape[-2:] != self.frequency.shape[-2:]:
             raise ValueError(
                 f"canny: images of size {tuple(images.shape[-2:])} do not match the edge "
@@ -352,8 +351,7 @@ class GoldenTemplate(Detector):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
-        if self.template is None or self.std is None:
-            raise RuntimeError("template: predict before fit")
+        self.check_fitted(self.template is not None and self.std is not None, "no template")
         images = gaussian_blur(images.to(self.device).float(), self.config.blur_sigma)
         if images.shape[1:] != self.template.shape:
             raise ValueError(

@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from defectlab.base import ModelConfig, Prediction
+from defectlab.components.fusion import vote_ensemble
 from defectlab.data.loading import load_samples
 from defectlab.data.splits import Split
 from defectlab.detect.base import Detector
 from defectlab.errors import DataError
 from defectlab.registry import register
-from defectlab.segment.unet import vote_ensemble
 
 COMBINE = ("mean", "max", "route", "vote")
 THUMBNAIL = 16
@@ -109,7 +109,7 @@ class Ensemble(Detector):
         super().__init__(config, **kwargs)
         if len(self.config.runs) < 2:
             raise ValueError("an ensemble needs at least two trained runs: --set runs=RUN1,RUN2")
-        from defectlab.api import load_run  # the API loads runs; it imports this registry
+        from defectlab.runs import load_run  # runs load through the registry, which imports us
 
         runs = [load_run(run, str(self.device)) for run in self.config.runs]
         self.members = [run.model for run in runs]
@@ -164,8 +164,11 @@ class Ensemble(Detector):
 
     def route(self, images: torch.Tensor) -> torch.Tensor:
         """Index of the member each image goes to (route mode)."""
-        if self.centroids is None or self.descriptor_scale is None:
-            raise RuntimeError("ensemble: route before fit")
+        self.check_fitted(
+            self.centroids is not None and self.descriptor_scale is not None,
+            "no member centroids",
+            action="route",
+        )
         descriptor = image_type_descriptor(images.to(self.device)) / self.descriptor_scale
         return torch.cdist(descriptor, self.centroids).argmin(dim=1)
 
@@ -216,8 +219,7 @@ class Ensemble(Detector):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
-        if self.stats is None:
-            raise RuntimeError("ensemble: predict before fit")
+        self.check_fitted(self.stats is not None, "no member score statistics")
         size = (images.shape[-2], images.shape[-1])
         outputs = [
             Prediction(out.scores, _resize_maps(out.maps, size))

@@ -3,7 +3,7 @@
 The seed's recipe: map the features of normal images through a normalizing flow to
 N(0, I), train by maximum likelihood, classify by likelihood, segment by the gradient map.
 
-* **Features**: :class:`~defectlab.detect.features.LiteFeatures` (frozen ImageNet
+* **Features**: :class:`~defectlab.components.features.LiteFeatures` (frozen ImageNet
   EfficientNet-Lite ``backbone``: lite0, lite1 or lite2), one flow per chosen stage
   (``feature_blocks``; default the last stride-8 and stride-16 blocks; for Lite0 the stride-8
   and stride-16 stages, 40 and 112 channels).
@@ -43,8 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectlab.base import ModelConfig, Prediction
-from defectlab.detect.base import Detector
-from defectlab.detect.features import (
+from defectlab.components.features import (
     LiteFeatures,
     check_identity,
     check_image_size,
@@ -52,6 +51,7 @@ from defectlab.detect.features import (
     get_backbone,
     validate_blocks,
 )
+from defectlab.detect.base import Detector
 from defectlab.ops import gaussian_blur, top_fraction_mean
 from defectlab.registry import register
 
@@ -354,8 +354,7 @@ class Flow(Detector):
         return None
 
     def predict(self, images: torch.Tensor) -> Prediction:
-        if not self._trained:
-            raise RuntimeError("flow: predict before fit")
+        self.check_fitted(self._trained, "the flow is untrained")
         images = images.to(self.device)
         self.flows.eval()
         size = tuple(images.shape[-2:])

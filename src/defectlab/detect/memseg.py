@@ -10,7 +10,7 @@ network given the image and a normality reference):
 
 * **Memory** (first epoch): the patch features of ``patchmemory`` (frozen ImageNet
   EfficientNet-Lite ``backbone``, lite0 by default, its stride 8 and 16 blocks or
-  ``feature_blocks``, locally averaged; :class:`~defectlab.detect.patchmemory.PatchMemory` with
+  ``feature_blocks``, locally averaged; :class:`~defectlab.components.memory.PatchMemoryBank` with
   the same coreset and RAM budget) of a *memory fold*, a seeded share ``memory_share`` of the
   training images.
 * **Head** (every later epoch): on the other training images, defects are painted as for
@@ -48,15 +48,15 @@ from torch import nn
 
 from defectlab import distributed
 from defectlab.base import Prediction
+from defectlab.components.augment import AugmentSettings, augment_pairs
+from defectlab.components.features import check_image_size
+from defectlab.components.losses import segmentation_loss
+from defectlab.components.memory import MemoryBankConfig, PatchMemoryBank, seeded_fold
 from defectlab.detect.base import Detector
-from defectlab.detect.features import check_image_size
-from defectlab.detect.patchmemory import MemoryBankConfig, PatchMemory, seeded_fold
 from defectlab.detect.synthseg import PaintingConfig, paint_defects
 from defectlab.errors import TrainingError
 from defectlab.ops import top_fraction_mean
 from defectlab.registry import register
-from defectlab.segment.augment import AugmentSettings, augment_pairs
-from defectlab.segment.losses import segmentation_loss
 
 #: geometric augmentation only: brightness or blur would move every patch away from the
 #: memory and teach the head that distance means nothing
@@ -198,7 +198,7 @@ class MemSeg(Detector):
         if self.channels not in (1, 3):
             raise ValueError(f"memseg: images must have 1 or 3 channels, got {self.channels}")
         cfg = self.config
-        self.memory_bank = PatchMemory(
+        self.memory_bank = PatchMemoryBank(
             cfg.memory_bank_config(),
             image_size=self.image_size,
             channels=self.channels,
@@ -290,8 +290,7 @@ class MemSeg(Detector):
     # --- inference -----------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
-        if self.memory_bank.memory is None:
-            raise RuntimeError("memseg: predict before fit (no memory bank)")
+        self.check_fitted(self.memory_bank.memory is not None, "no memory bank")
         images = images.to(self.device).float()
         self.head.eval()
         monotone, logits = self.head(self.memory_bank.patch_distances(images), images)

@@ -73,8 +73,7 @@ class PixelStats(Detector):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
-        if self.mean is None or self.std is None:
-            raise RuntimeError("pixelstats: predict before fit")
+        self.check_fitted(self.mean is not None and self.std is not None, "no pixel statistics")
         images = gaussian_blur(images.to(self.device), self.config.blur_sigma)
         z = ((images - self.mean) / self.std).abs().mean(dim=1, keepdim=True)
         maps = gaussian_blur(z, self.config.map_sigma)[:, 0]

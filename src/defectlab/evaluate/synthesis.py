@@ -2,7 +2,7 @@
 realism statistics of generated masks.
 
 **Feature space.** Every image is embedded with the package's frozen ImageNet
-EfficientNet-Lite0 (:class:`~defectlab.detect.features.Lite0Features`, same weight file and
+EfficientNet-Lite0 (:class:`~defectlab.components.features.Lite0Features`, same weight file and
 input normalisation): stem, the 16 MBConv blocks, then the network's own head — 1×1 convolution
 320 → 1280, BatchNorm, ReLU6 — global-average-pooled to a **1280-d** vector, the input of
 Lite0's ImageNet classifier. The classifier (1280 → 1000 logits) gives the Inception-style
@@ -41,15 +41,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from defectlab.data.io import IMAGE_EXTENSIONS, ImageReadError, read_mask
-from defectlab.data.layouts import is_mask_name, load_dataset
-from defectlab.data.loading import iter_files, report_failures
-from defectlab.data.transforms import resize_image
-from defectlab.detect.features import (
+from defectlab.components.features import (
     MODEL_PACKAGE,
     Lite0Features,
     check_image_size,
 )
+from defectlab.data.io import IMAGE_EXTENSIONS, ImageReadError, read_mask
+from defectlab.data.layouts import is_mask_name, load_dataset
+from defectlab.data.loading import iter_files, report_failures
+from defectlab.data.transforms import resize_image
 from defectlab.errors import ConfigError, DataError
 
 __all__ = [

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from defectlab.base import Model
+from defectlab.base import Scorer
 
 
-class Segmenter(Model):
-    """A :class:`~defectlab.base.Model` whose training batches carry ``mask`` (B, H, W) float
+class Segmenter(Scorer):
+    """A :class:`~defectlab.base.Scorer` whose training batches carry ``mask`` (B, H, W) float
     {0, 1} next to ``image``. ``predict`` maps are defect probabilities in [0, 1]; scores
     are the image-level defect probability."""
 

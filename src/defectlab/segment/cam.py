@@ -1,7 +1,7 @@
 """Weakly supervised segmentation from image labels: class activation maps (``cam``).
 
 The model is an image classifier (the plain or Lite0 encoder of
-:mod:`defectlab.segment.networks` + global average/max pooling + a two-layer head) trained
+:mod:`defectlab.components.networks` + global average/max pooling + a two-layer head) trained
 with BCE on the batch ``label`` alone (0 normal, 1 defect); ``mask`` is never read, so it
 learns from exactly what a weak annotator gives. Training needs both classes: through
 :func:`defectlab.api.train` that means K-shot defect images (``data.defects_per_class=K``).
@@ -56,12 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectlab.base import Prediction
-from defectlab.config import check_choice
-from defectlab.errors import ConfigError
-from defectlab.registry import register
-from defectlab.segment.augment import augment_pairs
-from defectlab.segment.base import Segmenter
-from defectlab.segment.networks import (
+from defectlab.components.augment import augment_pairs
+from defectlab.components.networks import (
     Lite0Encoder,
     PlainEncoder,
     TrainableState,
@@ -69,7 +65,11 @@ from defectlab.segment.networks import (
     load_network_state,
     network_state,
 )
-from defectlab.segment.unet import EncoderTrainingConfig
+from defectlab.components.segmentation import EncoderTrainingConfig
+from defectlab.config import check_choice
+from defectlab.errors import ConfigError
+from defectlab.registry import register
+from defectlab.segment.base import Segmenter
 
 NORMALIZATIONS = ("probability", "minmax")
 REFINEMENTS = ("none", "guided")
@@ -309,6 +309,7 @@ class CAMSegmenter(Segmenter):
         return 0.5, self.config.peak_fraction
 
     def predict(self, images: torch.Tensor) -> Prediction:
+        self.check_fitted(self.is_fitted, "untrained networks")
         images = images.to(self.device).float()
         cam, probability = self.activation_maps(images)
         cam = self.refine(images, cam)[:, 0]

@@ -16,7 +16,7 @@ Encoders (``encoder=``):
   scratch on a CPU; w = 16 gives about 1.2 M parameters with the U-Net decoder, 1.0 M with
   UNet3+.
 * ``"lite0"`` — :class:`Lite0Encoder`, the ImageNet EfficientNet-Lite0 of
-  :mod:`defectlab.detect.features` (blocks 0, 2, 4, 10, 15: strides 2–32, grey replicated to
+  :mod:`defectlab.components.features` (blocks 0, 2, 4, 10, 15: strides 2–32, grey replicated to
   three channels). Frozen by default (its batch norms always stay in eval mode); with
   ``freeze_encoder=False`` its weights are fine-tuned and then stored in checkpoints.
 
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectlab.detect.features import Lite0Features, check_identity
+from defectlab.components.features import Lite0Features, check_identity
 from defectlab.errors import InputShapeError
 
 ARCHITECTURES = ("unet", "unet3plus")
@@ -109,7 +109,7 @@ class PlainEncoder(nn.Module):
 
 
 class Lite0Encoder(nn.Module):
-    """The pretrained EfficientNet-Lite0 of :class:`~defectlab.detect.features.Lite0Features`
+    """The pretrained EfficientNet-Lite0 of :class:`~defectlab.components.features.Lite0Features`
     at blocks :data:`LITE0_BLOCKS`; frozen unless ``freeze=False``.
 
     Lite0Features stays in eval mode even while training (pretrained batch-norm statistics

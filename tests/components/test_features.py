@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from defectlab.detect import features as feats
-from defectlab.detect.features import BLOCK_LAYOUT, Lite0Features, check_identity
+from defectlab.components import features as feats
+from defectlab.components.features import BLOCK_LAYOUT, Lite0Features, check_identity
+from defectlab.components.memory import PatchMemoryConfig
 from defectlab.detect.flow import Flow, FlowConfig
-from defectlab.detect.patchmemory import PatchMemory, PatchMemoryConfig
+from defectlab.detect.patchmemory import PatchMemory
 from defectlab.errors import CheckpointError, ConfigError, DataError
 from defectlab.runs import load_checkpoint, restore_model, save_checkpoint
 
