@@ -58,13 +58,39 @@ def cmd_inspect(args: argparse.Namespace) -> str:
     )
 
 
+def demo_inspection_input(run: Path) -> list[str]:
+    """The input folder of a batch inspection of ``run`` found beside it (``defectlab demo``
+    writes one), so ``app --run`` opens on those parts; empty when there is none."""
+    import json
+
+    for identity in sorted(run.resolve().parent.glob("*/inspection.json")):
+        try:
+            info = json.loads(identity.read_text())
+        except (OSError, ValueError):
+            continue
+        named = Path(str(info.get("run", "")))
+        candidates = {named.resolve(), (identity.parent.parent / named.name).resolve()}
+        if run.resolve() in candidates and Path(str(info.get("input", ""))).is_dir():
+            return [str(info["input"])]
+    return []
+
+
 def cmd_app(args: argparse.Namespace) -> str:
     from defectlab.app.web import run_app
 
     url = _db_url(args, args.run)
+    scan = list(args.scan or [])
+    if not scan and args.run:
+        scan = demo_inspection_input(Path(args.run))
+        if scan:
+            print(f"scanning {scan[0]}, where this run's batch inspection read its images")
+    for folder in scan:
+        if not Path(folder).is_dir():
+            raise ConfigError(f"{folder}: --scan names no folder")
     run_app(
         url,
         run=args.run,
+        scan=scan,
         host=args.host,
         port=args.port,
         files=args.files,
@@ -112,6 +138,13 @@ def register(sub: Any) -> None:
     p.add_argument("--run", help="trained run folder (registered as a model version)")
     p.add_argument("--db", help=DB_HELP)
     p.add_argument("--files", help="folder for masks and heat maps (default beside the db)")
+    p.add_argument(
+        "--scan",
+        action="append",
+        metavar="FOLDER",
+        help="a folder the app inspects at start and on its Scan button (repeatable; default: "
+        "the folder a batch inspection of --run beside it read, as `defectlab demo` writes)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get 413")

@@ -41,7 +41,7 @@ def utcnow() -> dt.datetime:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON}
+    """Declarative base of the workbench tables."""
 
 
 class ModelVersion(Base):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +172,10 @@ def ingest_folder(
     batch_size: int = 16,
     workers: int = 2,
     progress: bool = True,
+    on_progress: Callable[[int, int], Any] | None = None,
 ) -> dict[str, Any]:
-    """Inspect every image under ``input_path`` with ``version`` into the database."""
+    """Inspect every image under ``input_path`` with ``version`` into the database;
+    ``on_progress(done, total)`` follows it (the app's progress bar)."""
     if batch_size < 1 or workers < 1:
         raise ConfigError(f"batch size and workers must be at least 1 ({batch_size}, {workers})")
     input_path = Path(input_path)
@@ -210,6 +212,8 @@ def ingest_folder(
         file=sys.stderr,
     )
     added = flagged = 0
+    if on_progress:
+        on_progress(len(paths) - len(todo), len(paths))
     for batch_paths, images, bad in iter_files(todo, inspector.channels, batch_size, workers):
         failures += bad
         outcomes = score_images(inspector, images, batch_size=batch_size)
@@ -234,6 +238,8 @@ def ingest_folder(
                     added += 1
                     flagged += int(row.is_defect)
         bar.update(len(batch_paths) + len(bad))
+        if on_progress:
+            on_progress(bar.n, len(paths))
         bar.set_postfix(flagged=flagged, skipped=len(failures))
     bar.close()
     record_failures(db, failures)
