@@ -176,10 +176,34 @@ def ingest_folder(
 ) -> dict[str, Any]:
     """Inspect every image under ``input_path`` with ``version`` into the database;
     ``on_progress(done, total)`` follows it (the app's progress bar)."""
+    return ingest_paths(
+        db,
+        version,
+        list_input_images(Path(input_path)),
+        files,
+        inspector=inspector,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+        on_progress=on_progress,
+    )
+
+
+def ingest_paths(
+    db: Database,
+    version: ModelVersion,
+    paths: Sequence[Path],
+    files: Path,
+    *,
+    inspector: Inspector | None = None,
+    batch_size: int = 16,
+    workers: int = 2,
+    progress: bool = True,
+    on_progress: Callable[[int, int], Any] | None = None,
+) -> dict[str, Any]:
+    """Inspect these image files with ``version`` into the database (see the module)."""
     if batch_size < 1 or workers < 1:
         raise ConfigError(f"batch size and workers must be at least 1 ({batch_size}, {workers})")
-    input_path = Path(input_path)
-    paths = list_input_images(input_path)
     inspector = inspector or version_inspector(version)
     started = time.perf_counter()
     hashes: dict[Path, str] = {}
