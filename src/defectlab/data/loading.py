@@ -36,10 +36,6 @@ class LoadedImages:
     def labels(self) -> np.ndarray:
         return np.array([s.label for s in self.samples], dtype=np.int64)
 
-    @property
-    def has_masks(self) -> np.ndarray:
-        return np.array([s.mask_path is not None or s.label == 0 for s in self.samples])
-
 
 def _load_one(
     sample: Sample, size: int, channels: int, mask_threshold: int

@@ -1,4 +1,4 @@
-"""Fusion of trained detectors by their normal-score statistics (MISSION.md S2).
+"""Fusion of trained detectors by their normal-score statistics (the seed's S2 toolbox).
 
 Detectors score on unrelated scales (a z-score, a reconstruction error, a negative
 log-likelihood). The ensemble loads already trained runs, measures each member's image-score
