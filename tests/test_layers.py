@@ -18,7 +18,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("shared", ("components", "runs", "distributed")),
     ("models", ("detect", "segment", "synth")),
     ("workflows", ("training", "evaluate")),
-    ("interfaces", ("api", "deploy", "app")),
+    ("interfaces", ("api", "deploy", "app", "selection")),
     ("entry points", ("cli", "demo", "__main__")),
 )
 RANK = {group: rank for rank, (_, groups) in enumerate(LAYERS) for group in groups}
@@ -29,6 +29,8 @@ SIDEWAYS_FORBIDDEN = {
     ("deploy", "api"),
     ("deploy", "app"),
     ("api", "app"),
+    ("api", "selection"),
+    ("deploy", "selection"),
     ("components", "runs"),
     ("components", "distributed"),
 }
