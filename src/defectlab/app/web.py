@@ -702,12 +702,14 @@ def create_app(
                     updated_at=utcnow(),
                 )
             )
-            if done.rowcount != 1:
-                session.rollback()
+            if done.rowcount != 1:  # raising rolls the transaction back
+                now = session.execute(
+                    select(Review.reviewer, Review.revision).where(Review.id == current.id)
+                ).one()
                 raise HTTPException(
                     409,
-                    f"{current.reviewer} changed this review meanwhile (now revision "
-                    f"{current.revision}, you had {expected}); reload to see it",
+                    f"{now.reviewer} changed this review meanwhile (now revision "
+                    f"{now.revision}, you had {expected}); reload to see it",
                 )
             session.expire_all()
             return session.scalars(select(Review).where(Review.id == current.id)).one()
