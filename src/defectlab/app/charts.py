@@ -41,10 +41,12 @@ def histogram_svg(hist: dict[str, Any], lines: dict[str, float | None]) -> str:
         if value is None or not low <= value <= high:
             continue
         x = _x(value, low, high)
+        right = x > W / 2  # labels of lines in the right half end at the line
         parts.append(
             f'<line x1="{x:.1f}" y1="{PAD - 10}" x2="{x:.1f}" y2="{H - PAD}" '
-            f'class="line-{k}"/><text x="{x + 3:.1f}" y="{PAD - 12 + 12 * k}" '
-            f'class="label">{escape(name)} {value:.4g}</text>'
+            f'class="line-{k}"/><text x="{x - 3 if right else x + 3:.1f}" '
+            f'y="{PAD - 12 + 12 * k}" class="label" text-anchor="{"end" if right else "start"}">'
+            f"{escape(name)} {value:.4g}</text>"
         )
     parts.append(
         f'<text x="{PAD}" y="{H - 8}" class="label">{low:.4g}</text>'

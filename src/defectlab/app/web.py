@@ -528,14 +528,25 @@ def create_app(
             version = session.get(ModelVersion, inspection.model_version_id)
             review = session.scalars(select(Review).where(Review.image_id == image.id)).first()
             f["version"] = version.id
-            _, rows = queue_rows(session, wb, f)
+            # neighbours come from the whole ordered queue, so a part just reviewed keeps its
+            # place: "previous" goes back to it, "next" skips to the next part the filter keeps
+            _, rows = queue_rows(session, wb, f | {"reviewed": "any"}, limit=5000)
             ids = [r[0].id for r in rows]
+            wanted = {
+                "any": [True] * len(rows),
+                "todo": [r[2] is None for r in rows],
+                "done": [r[2] is not None for r in rows],
+            }[f["reviewed"]]
             classes = sorted(
                 c for c in session.scalars(select(Review.defect_class).distinct()).all() if c
             )
         position = ids.index(inspection_id) if inspection_id in ids else -1
         previous = ids[position - 1] if position > 0 else None
-        following = ids[position + 1] if 0 <= position < len(ids) - 1 else None
+        following = (
+            next((ids[i] for i in range(position + 1, len(ids)) if wanted[i]), None)
+            if position >= 0
+            else None
+        )
         return page(
             request,
             "review.html",
