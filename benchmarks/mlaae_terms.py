@@ -5,7 +5,8 @@ The seed's score is ``α‖x − x̂‖ + β Σᵢ ‖Eᵢ(x) − Eᵢ(x̂)‖``
 run this prints, on the run's own test split, the image AUROC of each term alone: the input
 (pixel or feature-map) residual, each level's absolute feature residual, each level's relative
 residual (``feature_residual="relative"``: divided by the image's own activation energy),
-the seed's sum, and two image statistics that explain what the terms pick up (mean
+the seed's sum, the sum with the run's term weights (``term_weighting``: t0 the input term,
+t1… the levels), and two image statistics that explain what the terms pick up (mean
 brightness, and the signed residual x̂ − x: does the autoencoder brighten defects?).
 
     .venv/bin/python benchmarks/mlaae_terms.py runs/bench/mlaae-elpv-128-s0
@@ -66,8 +67,13 @@ def main() -> None:
     rows = [(f"{kind} residual", pixel)]
     rows += [(f"level {i + 1} absolute feature residual", absolute[:, i]) for i in range(levels)]
     rows += [(f"level {i + 1} relative feature residual", relative[:, i]) for i in range(levels)]
+    weights = run.model.term_weights.cpu().numpy()
     rows += [
         (f"seed score: {kind} + Σ absolute levels", pixel + absolute.sum(axis=1)),
+        (
+            "weighted: " + " + ".join(f"{w:.3g}·t{i}" for i, w in enumerate(weights)),
+            pixel * weights[0] + (absolute * weights[1:]).sum(axis=1),
+        ),
         ("mean brightness", grey.mean(axis=(1, 2))),
     ]
     if kind == "pixels":

@@ -217,6 +217,11 @@ def test_predict_before_fit_and_bad_image_sizes() -> None:
         ({"feature_blocks": (10, 4)}, "strictly increasing"),
         ({"score_normalization": "zscore"}, "score_normalization must be one of"),
         ({"normalization_samples": 2}, "normalization_samples must be at least"),
+        ({"finetune_blocks": -1}, "finetune_blocks must be >= 0"),
+        ({"finetune_blocks": 12}, "finetune_blocks=12 exceeds the 11 backbone blocks"),
+        ({"features": "pixels", "finetune_blocks": 1}, "pretrained features only"),
+        ({"finetune_lr": 0.0}, "finetune_lr must be positive"),
+        ({"anchor_weight": -1.0}, "anchor_weight must be >= 0"),
     ],
 )
 def test_bad_configs_are_refused(overrides: dict, message: str) -> None:
@@ -457,5 +462,99 @@ def test_features_version_trains_evaluates_predicts_and_exports(tmp_path: Path) 
     )
     metrics = dl.evaluate(run.run_dir, root, tmp_path / "eval", device="cpu")
     assert 0.0 <= metrics["image_auroc"] <= 1.0
+    meta = export_onnx(run.run_dir, tmp_path / "export")
+    assert meta["check"]["score_within_tolerance"] and meta["check"]["anomaly_map_within_tolerance"]
+
+
+# --- fine-tuning the backbone's last block (finetune_blocks) ------------------------------------
+@pytest.fixture(scope="module")
+def tuned_run(tmp_path_factory) -> tuple[DeepSVDD, list[dict]]:
+    model = _feature_model(epochs=10, finetune_blocks=1, finetune_lr=1e-3)
+    return model, _feature_fit(model, tmp_path_factory.mktemp("dsvdd-tuned"))
+
+
+def test_finetuning_trains_a_copy_of_the_last_block_only(tuned_run) -> None:
+    model, history = tuned_run
+    assert model.tuned is not None and len(model.tuned) == 1 and not model.tuned.training
+    assert not any(p.requires_grad for p in model.backbone.parameters())  # the anchor
+    moved = model.anchor_penalty().item()
+    assert moved > 0 and history[-1]["anchor"] == pytest.approx(moved, rel=0.5)
+    frozen = _feature_model(epochs=10)
+    x = to_nchw(striped_normals(2, seed=3))
+    with torch.no_grad():  # the blocks before the tuned one are the frozen backbone's
+        first = model.backbone_maps(x)[0]
+        assert torch.equal(first, frozen.backbone(x)[0])
+
+
+def test_finetuning_keeps_the_collapse_guards(tuned_run, tmp_path: Path) -> None:
+    """The variance floor still holds the head's output spread with a trainable block, and
+    the anchor keeps the block near its pretrained weights (a larger anchor weight, less
+    drift)."""
+    model, _ = tuned_run
+    images = to_nchw(striped_normals(16, seed=5))
+    guarded = (model.head_output_std(images) / _initial_std(model)).min()
+    assert guarded >= 0.9 * model.config.variance_floor, guarded
+    pulled = _feature_model(epochs=10, finetune_blocks=1, finetune_lr=1e-3, anchor_weight=100.0)
+    _feature_fit(pulled, tmp_path / "pulled")
+    assert pulled.anchor_penalty().item() < 0.5 * model.anchor_penalty().item()
+
+
+def test_finetuned_state_round_trip(tuned_run, tmp_path: Path) -> None:
+    model, _ = tuned_run
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model)
+    clone = _feature_model(epochs=10, finetune_blocks=1, finetune_lr=1e-3)
+    restore_model(load_checkpoint(path, "deepsvdd"), clone, path)
+    x = to_nchw(with_square(striped_normals(4, seed=2), *SQUARE))
+    assert torch.equal(model.predict(x).scores, clone.predict(x).scores)
+    with pytest.raises(ValueError, match="this model's backbone is frozen"):
+        _feature_model(epochs=10).load_state_dict(model.state_dict())
+    with pytest.raises(ValueError, match="no fine-tuned backbone blocks"):
+        clone.load_state_dict(_feature_model(epochs=10).state_dict())
+
+
+def test_finetuned_resume_after_interruption_reproduces_the_run(
+    tmp_path: Path, monkeypatch
+) -> None:
+    def run(run_dir: Path, **kwargs) -> tuple[DeepSVDD, list[dict]]:
+        model = _feature_model(epochs=3, finetune_blocks=1, finetune_lr=1e-3)
+        history = fit(
+            model,
+            striped_normals(32),
+            run_dir=run_dir,
+            batch_size=8,
+            checkpoint_every=2,
+            progress=False,
+            **kwargs,
+        )
+        return model, history
+
+    reference, ref_history = run(tmp_path / "ref")
+    original = interrupt_on_call(monkeypatch, DeepSVDD, "training_step", 7)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run")
+    monkeypatch.setattr(DeepSVDD, "training_step", original)
+    resumed, history = run(tmp_path / "run", resume=True)
+    assert history == ref_history
+    x = to_nchw(striped_normals(4, seed=9))
+    assert torch.equal(resumed.predict(x).scores, reference.predict(x).scores)
+
+
+def test_finetuned_version_exports_to_onnx(tmp_path: Path) -> None:
+    import defectlab.api as dl
+    from defectlab.deploy.onnx import export_onnx
+
+    root = write_folder_dataset(tmp_path / "data", np.random.default_rng(3), 24, 6, FSIZE)
+    settings = ["model.epochs=3", "model.rep_dim=16", "model.head_width=32"]
+    settings += ["model.finetune_blocks=1"]
+    run = dl.train(
+        "deepsvdd",
+        root,
+        tmp_path / "run",
+        image_size=FSIZE,
+        device="cpu",
+        overrides=settings,
+        progress=False,
+    )
     meta = export_onnx(run.run_dir, tmp_path / "export")
     assert meta["check"]["score_within_tolerance"] and meta["check"]["anomaly_map_within_tolerance"]

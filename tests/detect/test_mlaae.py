@@ -295,6 +295,9 @@ def test_save_and_load_give_identical_scores(trained, tmp_path: Path) -> None:
         ({"embed_grid": 0}, "embed_grid must be at least 1"),
         ({"patch_size": 4}, "patch_size must be a positive odd"),
         ({"score_normalization": "zscore"}, "score_normalization must be one of"),
+        ({"term_weighting": "median"}, "term_weighting must be one of mean, inverse_variance"),
+        ({"holdout_share": 0.0}, "holdout_share must be in"),
+        ({"holdout_share": 0.5}, "holdout_share must be in"),
     ],
 )
 def test_bad_configs_are_refused(overrides: dict, message: str) -> None:
@@ -347,11 +350,13 @@ def test_seed_defaults_stay_with_input_pixels() -> None:
     )
     assert (features.adversarial_weight, features.grid, features.summed_levels) == (0.1, 8, (1, 2))
     assert MLAAEConfig(input="pixels", adv_weight=0.01).adversarial_weight == 0.01
+    assert (pixels.weighting, features.weighting) == ("mean", "inverse_variance")
 
 
 # --- input=features ----------------------------------------------------------------------------
 FSIZE = 64
-FEAT = SMALL | {"input": "features"}
+#: a third of the 32 training images held out, so that the term variances have 10 images
+FEAT = SMALL | {"input": "features", "holdout_share": 0.3}
 SQUARE = (36, 16, 12)
 
 
@@ -438,6 +443,44 @@ def test_features_terms_are_normalised_per_location_on_the_kept_images(feature_r
         assert torch.allclose(term.mean(dim=0), torch.ones_like(term[0]), atol=1e-4)
 
 
+def test_features_hold_out_a_fixed_share_of_the_training_images(feature_run) -> None:
+    model, _ = feature_run
+    held = model.held_out(torch.arange(32))
+    assert int(held.sum()) == len(model._holdout) == 10  # the same indices every epoch
+    assert torch.equal(model.held_out(torch.arange(32)), held)
+
+    def ordered(x: torch.Tensor) -> torch.Tensor:  # the batches come shuffled
+        return x[x.flatten(1).sum(dim=1).argsort()]
+
+    expected = to_nchw(striped_normals(32))[held]
+    assert torch.equal(ordered(model._holdout), ordered(expected))  # those images, each once
+    pixels = MLAAE(MLAAEConfig(**SMALL), image_size=SIZE)
+    assert not pixels.held_out(torch.arange(32)).any()  # the seed's version trains on all
+
+
+def test_features_terms_are_weighted_by_their_held_out_inverse_variance(feature_run) -> None:
+    model, _ = feature_run
+    pixel, levels = model.score_terms(model._holdout)
+    variance = torch.cat([pixel[:, None], levels], dim=1).double().var(dim=0)
+    assert torch.allclose(model.term_weights.double(), variance[0] / variance, rtol=1e-4)
+    assert model.term_weights[0] == 1
+    x = to_nchw(with_square(striped_normals(4, seed=2), *SQUARE))
+    pixel, levels = model.score_terms(x)
+    cfg = model.config
+    w = model.term_weights
+    expected = cfg.alpha * w[0] * pixel + cfg.beta * (w[1:] * levels).sum(dim=1)
+    assert torch.allclose(model.predict(x).scores, expected, rtol=1e-5)
+
+
+def test_features_refuse_too_few_held_out_images(tmp_path: Path) -> None:
+    model = _feature_model(epochs=2, holdout_share=0.1)  # 4 of 32 images
+    with pytest.raises(ValueError, match="holds out 4 of the 32 training images"):
+        _feature_fit(model, tmp_path / "run")
+    mean = _feature_model(epochs=2, holdout_share=0.1, term_weighting="mean")
+    _feature_fit(mean, tmp_path / "mean")
+    assert mean._holdout is None and torch.equal(mean.term_weights, torch.ones(3))
+
+
 def test_features_save_load_and_foreign_backbone(feature_run, tmp_path: Path) -> None:
     model, _ = feature_run
     path = tmp_path / "model.pt"
@@ -449,6 +492,7 @@ def test_features_save_load_and_foreign_backbone(feature_run, tmp_path: Path) ->
     assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
     pairs = zip(clone.position_norms, model.position_norms, strict=True)
     assert all(torch.equal(p, q) for p, q in pairs)
+    assert torch.equal(clone.term_weights, model.term_weights)
     state = model.state_dict()
     foreign = state | {"backbone": state["backbone"] | {"sha256": "0" * 64}}
     with pytest.raises(ValueError, match="EfficientNet-Lite0 weights"):
@@ -460,7 +504,7 @@ def test_features_save_load_and_foreign_backbone(feature_run, tmp_path: Path) ->
 def test_features_image_statistics_normaliser(tmp_path: Path) -> None:
     model = _feature_model(epochs=2, score_normalization="image_statistics")
     _feature_fit(model, tmp_path / "run")
-    assert model.score_normalizer.fitted and len(model._kept) == 32
+    assert model.score_normalizer.fitted and len(model._kept) == 32 - 10  # 10 held out
     x = to_nchw(striped_normals(6, seed=4))
     raw, _ = model._raw(x)
     expected = model.score_normalizer(raw, image_statistics(x))
@@ -491,7 +535,7 @@ def test_features_version_trains_evaluates_and_exports(tmp_path: Path) -> None:
     import defectlab.api as dl
     from defectlab.deploy.onnx import export_onnx
 
-    root = write_folder_dataset(tmp_path / "data", np.random.default_rng(3), 24, 6, FSIZE)
+    root = write_folder_dataset(tmp_path / "data", np.random.default_rng(3), 48, 6, FSIZE)
     settings = [f"model.{k}={v}" for k, v in FEAT.items()] + ["model.epochs=2"]
     settings += ["model.score_normalization=image_statistics", "model.normalization_samples=8"]
     run = dl.train(

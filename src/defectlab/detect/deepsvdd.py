@@ -3,7 +3,7 @@
 Two versions share the objectives, the centre pass, the map and the score:
 
 * ``features="lite0"`` (the default; ``lite1`` and ``lite2`` too, the backbones of
-  :mod:`defectlab.detect.features`): the PANDA-style variant (Reiss et al., CVPR 2021) on
+  :mod:`defectlab.components.features`): the PANDA-style variant (Reiss et al., CVPR 2021) on
   *pretrained* patch features. The frozen ImageNet backbone gives the stride-8 and
   stride-16 maps (``feature_blocks``, default the backbone's last of each), each averaged
   over a ``patch_size`` neighbourhood, the coarser one up-sampled, concatenated (as in
@@ -26,6 +26,13 @@ Two versions share the objectives, the centre pass, the map and the score:
   Mahalanobis-type detectors find their discriminative power, Kamoi & Kobayashi 2020). The
   logged ``std_ratio`` is the smallest ratio of an output dimension's current standard
   deviation to its floor.
+  ``finetune_blocks=k`` (PANDA's fine-tuning) also trains copies of the backbone's last k
+  blocks up to the last one used, with their own small learning rate (``finetune_lr``) and
+  an L2 pull back to the pretrained weights (``anchor_weight`` × Σ‖w − w₀‖²: elastic weight
+  consolidation with a uniform Fisher, L2-SP). The copies stay in eval mode (BatchNorm
+  statistics as pretrained), the centre still comes from the initial (pretrained) features,
+  and the variance floor still holds the head's output, so the fine-tuned block cannot
+  collapse the normal features either; the logged ``anchor`` is Σ‖w − w₀‖².
 * ``features="pixels"``: the seed's exact version below, a CNN learnt from the pixels.
 
 Both versions: the centre is fixed from the initial features (the centre pass below), the
@@ -75,6 +82,7 @@ So ``epochs`` must be at least ``pretrain_epochs + 2``. The decoder and both opt
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -84,9 +92,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectlab.base import ModelConfig, Prediction
-from defectlab.config import check_choice
-from defectlab.detect.base import Detector
-from defectlab.detect.features import (
+from defectlab.components.features import (
     BACKBONES,
     LiteFeatures,
     block_layout,
@@ -96,13 +102,15 @@ from defectlab.detect.features import (
     feature_channels,
     validate_blocks,
 )
+from defectlab.config import check_choice
+from defectlab.detect.base import Detector
 from defectlab.detect.nuisance import ScoreNormalizer, image_statistics
 from defectlab.ops import gaussian_blur, top_fraction_mean
 from defectlab.registry import register
 
 OBJECTIVES = ("one-class", "soft-boundary")
 SCORES = ("topk", "global")
-#: ``features`` values: a pretrained backbone of :mod:`defectlab.detect.features`, or
+#: ``features`` values: a pretrained backbone of :mod:`defectlab.components.features`, or
 #: "pixels" (the seed's CNN on the image)
 FEATURES = (*BACKBONES, "pixels")
 SCORE_NORMALIZATIONS = ("none", "image_statistics")
@@ -149,6 +157,15 @@ class DeepSVDDConfig(ModelConfig):
     variance_floor: float = 0.5
     #: features: weight of the floor's hinge penalty; above 1 the floor holds
     variance_weight: float = 10.0
+    #: features: how many of the backbone's last blocks (up to the last one used) are
+    #: fine-tuned with the head (PANDA); 0 = the backbone stays frozen
+    finetune_blocks: int = 0
+    #: features, finetune_blocks > 0: Adam learning rate of the fine-tuned blocks (small:
+    #: they start from ImageNet weights)
+    finetune_lr: float = 1e-4
+    #: features, finetune_blocks > 0: weight of the L2 pull of the fine-tuned weights back
+    #: to their pretrained values (EWC with a uniform Fisher, i.e. L2-SP), summed over weights
+    anchor_weight: float = 1.0
     #: Adam learning rate (both phases)
     lr: float = 1e-3
     #: Adam weight decay (L2 on the weights, the paper's regulariser), both phases
@@ -203,6 +220,24 @@ class DeepSVDDConfig(ModelConfig):
             validate_blocks(self.blocks, backbone_name=self.features)
         if self.patch_size < 1 or self.patch_size % 2 == 0:
             raise ValueError(f"patch_size must be a positive odd number, got {self.patch_size}")
+        if self.finetune_blocks < 0:
+            raise ValueError(f"finetune_blocks must be >= 0, got {self.finetune_blocks}")
+        if self.finetune_blocks > 0:
+            if self.features == "pixels":
+                raise ValueError(
+                    "finetune_blocks applies to pretrained features only (features=pixels "
+                    "trains its whole CNN already): set finetune_blocks=0"
+                )
+            if self.finetune_blocks > max(self.blocks) + 1:
+                raise ValueError(
+                    f"finetune_blocks={self.finetune_blocks} exceeds the "
+                    f"{max(self.blocks) + 1} backbone blocks up to the last one used "
+                    f"({max(self.blocks)})"
+                )
+        if self.finetune_lr <= 0:
+            raise ValueError(f"finetune_lr must be positive, got {self.finetune_lr}")
+        if self.anchor_weight < 0:
+            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
         if not 0 <= self.variance_floor < 1:
             raise ValueError(f"variance_floor must be in [0, 1), got {self.variance_floor}")
         if self.variance_floor > 0 and not self.variance_weight > 1:
@@ -295,6 +330,22 @@ def build_decoder(channels: int, cfg: DeepSVDDConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def build_tuned(backbone: LiteFeatures, count: int) -> nn.ModuleList:
+    """Trainable copies of the last ``count`` blocks of ``backbone`` (which ends at its last
+    used block), in eval mode for good: BatchNorm statistics and drop-connect stay as
+    pretrained, only the weights move."""
+    tuned = _EvalBlocks(copy.deepcopy(list(backbone.body[len(backbone.body) - count :])))
+    tuned.requires_grad_(True)
+    return tuned.eval()
+
+
+class _EvalBlocks(nn.ModuleList):
+    """Backbone blocks that stay in eval mode whatever ``train()`` asks."""
+
+    def train(self, mode: bool = True) -> _EvalBlocks:
+        return super().train(False)
+
+
 def patch_features(maps: list[torch.Tensor], patch_size: int) -> torch.Tensor:
     """Backbone maps, each averaged over a ``patch_size`` neighbourhood, up-sampled to the
     finest grid and concatenated: (B, Σ C_i, h, w)."""
@@ -358,6 +409,9 @@ class DeepSVDD(Detector):
         super().__init__(config, **kwargs)
         cfg = self.config
         self.backbone: LiteFeatures | None = None
+        #: finetune_blocks > 0: trainable copies of the backbone's last used blocks (eval
+        #: mode: BatchNorm statistics stay as pretrained); the frozen originals are the anchor
+        self.tuned: nn.ModuleList | None = None
         if cfg.features == "pixels":
             self.stride = 2**cfg.depth
             if self.image_size % self.stride != 0:
@@ -372,6 +426,8 @@ class DeepSVDD(Detector):
             if self.channels not in (1, 3):
                 raise ValueError(f"deepsvdd: images must have 1 or 3 channels, got {self.channels}")
             self.backbone = LiteFeatures(cfg.blocks, self.device, backbone=cfg.features)
+            if cfg.finetune_blocks > 0:
+                self.tuned = build_tuned(self.backbone, cfg.finetune_blocks)
             self.stride = block_layout(cfg.features)[cfg.blocks[0]][0]
             self.encoder = build_head(cfg.feature_dim, cfg).to(self.device)
         self.decoder = (
@@ -403,9 +459,42 @@ class DeepSVDD(Detector):
         caller sets the train/eval mode of the trained part (``encoder``)."""
         if self.backbone is None:
             return self.encoder(images)
+        if self.tuned is None:
+            with torch.no_grad():
+                frozen = patch_features(self.backbone(images), self.config.patch_size)
+            return self.encoder(frozen)
+        return self.encoder(patch_features(self.backbone_maps(images), self.config.patch_size))
+
+    def backbone_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's maps of the used blocks, the last ``finetune_blocks`` blocks run by
+        their trainable copies (the rest without gradient)."""
+        assert self.backbone is not None and self.tuned is not None
+        backbone, wanted = self.backbone, set(self.config.blocks)
+        start = len(backbone.body) - len(self.tuned)
+        out = []
         with torch.no_grad():
-            frozen = patch_features(self.backbone(images), self.config.patch_size)
-        return self.encoder(frozen)
+            x = backbone.stem(backbone.normalize(images))
+            for index in range(start):
+                x = backbone.body[index](x)
+                if index in wanted:
+                    out.append(x)
+        for index, block in enumerate(self.tuned, start=start):
+            x = block(x)
+            if index in wanted:
+                out.append(x)
+        return out
+
+    def anchor_penalty(self) -> torch.Tensor:
+        """Σ ‖w − w₀‖² over the fine-tuned weights, w₀ their pretrained values (0 if none)."""
+        if self.tuned is None or self.backbone is None:
+            return torch.zeros((), device=self.device)
+        start = len(self.backbone.body) - len(self.tuned)
+        pairs = zip(
+            self.tuned.parameters(),
+            nn.ModuleList(self.backbone.body[start:]).parameters(),
+            strict=True,
+        )
+        return torch.stack([((w - w0) ** 2).sum() for w, w0 in pairs]).sum()
 
     # --- training ------------------------------------------------------------------------------
     @property
@@ -422,6 +511,9 @@ class DeepSVDD(Detector):
 
     def setup_training(self, n_train: int) -> None:
         self._svdd_opt = self._adam(list(self.encoder.parameters()))
+        if self.tuned is not None:  # its own, smaller rate; no decay: the anchor pulls instead
+            group = {"params": list(self.tuned.parameters()), "weight_decay": 0.0}
+            self._svdd_opt.add_param_group(group | {"lr": self.config.finetune_lr})
         if self.decoder is not None:
             self._ae_opt = self._adam([*self.encoder.parameters(), *self.decoder.parameters()])
 
@@ -491,6 +583,10 @@ class DeepSVDD(Detector):
             loss = loss + self.config.variance_weight * guard
             ratio = (variance.detach().clamp_min(0).sqrt() / floor).min()
             logs = {"guard": guard.item(), "std_ratio": ratio.item()}
+        if self.tuned is not None:
+            anchor = self.anchor_penalty()
+            loss = loss + self.config.anchor_weight * anchor
+            logs["anchor"] = anchor.item()
         assert self._svdd_opt is not None
         self._svdd_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -626,6 +722,8 @@ class DeepSVDD(Detector):
             state["dist_scale"] = self.dist_scale.detach().cpu()
         if self.backbone is not None:
             state["backbone"] = self.backbone.identity()
+        if self.tuned is not None:
+            state["tuned"] = dict(self.tuned.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -637,6 +735,18 @@ class DeepSVDD(Detector):
                 )
             check_identity(self.name, dict(state["backbone"]), self.backbone.identity())
         _load_module(self.encoder, state["encoder"], "encoder")
+        if self.tuned is not None:
+            if state.get("tuned") is None:
+                raise ValueError(
+                    "deepsvdd: checkpoint has no fine-tuned backbone blocks, this model "
+                    f"fine-tunes {self.config.finetune_blocks} (finetune_blocks)"
+                )
+            _load_module(self.tuned, state["tuned"], "fine-tuned backbone block")
+        elif state.get("tuned") is not None:
+            raise ValueError(
+                "deepsvdd: checkpoint has fine-tuned backbone blocks, this model's backbone is "
+                "frozen (finetune_blocks=0)"
+            )
         self.radius = float(state["radius"])
         center = state.get("center")
         if center is not None and tuple(center.shape) != self.center_shape:

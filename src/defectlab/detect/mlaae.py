@@ -29,7 +29,16 @@ Two inputs (``input``):
   where the stride-2 transposed convolutions also reconstruct worst) weigh no more than
   the rest. The score is the seed's
   ``α‖f − f̂‖ + β Σᵢ ‖Eᵢ(f) − Eᵢ(f̂)‖`` over the two levels, normalised term by term as
-  below; the map is built the same way and up-sampled to the image. Defaults that differ
+  below and then weighted (``term_weighting="inverse_variance"``): a fixed share of the
+  training images (``holdout_share``, chosen by training index) is held out of training,
+  and at the end each mean-normalised term is weighted by the inverse of its variance over
+  those images, relative to the input term's (which keeps weight 1; α and β multiply on
+  top). If a defect raises every term by the same share of its normal mean, this is
+  Fisher's discriminant for independent terms: a term that varies a lot between normal
+  images carries less evidence per unit. The weights come from images the network never
+  trained on, because training images reconstruct better than new normal images and
+  would understate each term's spread. The map is built the same way and up-sampled to
+  the image. Defaults that differ
   from the pixel version because the reconstruction error of standardised features is about
   fifty times that of pixels in [0, 1]: ``adv_weight`` 0.1 instead of 0.003 (the same
   balance between the two losses), and ``embed_grid`` 8 (at 128 px E1 is 8×8: the codes
@@ -110,10 +119,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectlab.base import ModelConfig, Prediction
-from defectlab.config import check_choice
-from defectlab.detect.base import Detector
-from defectlab.detect.deepsvdd import patch_features
-from defectlab.detect.features import (
+from defectlab.components.features import (
     BACKBONES,
     LiteFeatures,
     block_layout,
@@ -123,6 +129,9 @@ from defectlab.detect.features import (
     feature_channels,
     validate_blocks,
 )
+from defectlab.config import check_choice
+from defectlab.detect.base import Detector
+from defectlab.detect.deepsvdd import patch_features
 from defectlab.detect.nuisance import ScoreNormalizer, image_statistics
 from defectlab.ops import gaussian_blur
 from defectlab.registry import register
@@ -142,6 +151,13 @@ MIN_NORMALIZATION_SAMPLES = 8
 #: defaults that depend on the input: (pixels, features)
 _ADV_WEIGHT = {"pixels": 0.003, "features": 0.1}
 _EMBED_GRID = {"pixels": 4, "features": 8}
+#: ``term_weighting``: "mean" (each term divided by its normal mean only, the seed) or
+#: "inverse_variance" (then weighted by the inverse of its variance on held-out normals)
+TERM_WEIGHTINGS = ("mean", "inverse_variance")
+_TERM_WEIGHTING = {"pixels": "mean", "features": "inverse_variance"}
+#: the held-out images are those whose training index i has frac(i · φ) < holdout_share
+#: (φ the golden ratio's fractional part: an even spread over any index range)
+_GOLDEN = 0.6180339887498949
 
 
 @dataclass
@@ -197,11 +213,26 @@ class MLAAEConfig(ModelConfig):
     #: training images (normalization_samples) instead of by the term's moving average alone;
     #: None: on for features, off for pixels (the seed)
     position_norm: bool | None = None
+    #: how the score's terms are weighed against each other (α, β multiply on top):
+    #: "inverse_variance" weighs each (mean-normalised) term by the inverse of its variance
+    #: over training images held out of training, "mean" leaves them at 1 each (the seed);
+    #: None: inverse_variance for features, mean for pixels
+    term_weighting: str | None = None
+    #: share of the training images (chosen by index) held out of training to estimate the
+    #: term variances (term_weighting=inverse_variance only)
+    holdout_share: float = 0.1
 
     def __post_init__(self) -> None:
         check_choice("input", self.input, INPUTS)
         check_choice("backbone", self.backbone, tuple(BACKBONES))
         check_choice("score_normalization", self.score_normalization, SCORE_NORMALIZATIONS)
+        if self.term_weighting is not None:
+            check_choice("term_weighting", self.term_weighting, TERM_WEIGHTINGS)
+        if not 0 < self.holdout_share < 0.5:
+            raise ValueError(
+                f"holdout_share must be in (0, 0.5): the share of training images held out to "
+                f"weigh the score's terms, got {self.holdout_share}"
+            )
         self.feature_blocks = tuple(int(b) for b in self.feature_blocks)
         validate_blocks(self.blocks, backbone_name=self.backbone)
         if self.patch_size < 1 or self.patch_size % 2 == 0:
@@ -278,6 +309,13 @@ class MLAAEConfig(ModelConfig):
     def per_position(self) -> bool:
         """``position_norm``, or its default for the input."""
         return self.position_norm if self.position_norm is not None else self.input == "features"
+
+    @property
+    def weighting(self) -> str:
+        """``term_weighting``, or its default for the input."""
+        if self.term_weighting is not None:
+            return self.term_weighting
+        return _TERM_WEIGHTING[self.input]
 
     @property
     def adversarial_weight(self) -> float:
@@ -517,6 +555,10 @@ class MLAAE(Detector):
         self._kept: torch.Tensor | None = None
         #: position_norm: each term's mean squared residual per location on the kept images
         self.position_norms: list[torch.Tensor] | None = None
+        #: weight of each score term [input, E1, …] (term_weighting; ones for "mean")
+        self.term_weights = torch.ones(1 + cfg.levels, device=self.device)
+        #: term_weighting=inverse_variance: the training images held out of training (CPU)
+        self._holdout: torch.Tensor | None = None
 
     # --- building blocks (public for tests and inspection) ------------------------------------
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
@@ -567,6 +609,16 @@ class MLAAE(Detector):
 
     # --- training ------------------------------------------------------------------------------
     def setup_training(self, n_train: int) -> None:
+        if n_train > 0 and self.config.weighting == "inverse_variance":
+            held = int(self.held_out(torch.arange(n_train)).sum())
+            if held < MIN_NORMALIZATION_SAMPLES:
+                raise ValueError(
+                    f"mlaae: term_weighting=inverse_variance holds out {held} of the "
+                    f"{n_train} training images (holdout_share={self.config.holdout_share}), "
+                    f"fewer than the {MIN_NORMALIZATION_SAMPLES} needed to estimate the term "
+                    "variances: raise holdout_share, train on more images or set "
+                    "term_weighting=mean"
+                )
         self.ae_optimizer = torch.optim.Adam(
             self.net.autoencoder_parameters(), lr=self.config.lr, betas=(0.5, 0.999)
         )
@@ -586,12 +638,31 @@ class MLAAE(Detector):
         new = images[:wanted].detach().float().cpu()
         self._kept = new if self._kept is None else torch.cat([self._kept, new])
 
+    def held_out(self, index: torch.Tensor) -> torch.Tensor:
+        """Which training indices (B,) are held out of training to weigh the score's terms
+        (``term_weighting=inverse_variance``): a fixed, evenly spread ``holdout_share`` of
+        them, the same in every epoch and after a resume."""
+        if self.config.weighting != "inverse_variance":
+            return torch.zeros(index.shape, dtype=torch.bool, device=index.device)
+        return torch.frac(index.double() * _GOLDEN) < self.config.holdout_share
+
     def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         if self.ae_optimizer is None or self.disc_optimizer is None:
             self.setup_training(0)
         assert self.ae_optimizer is not None and self.disc_optimizer is not None
         cfg = self.config
         images = batch["image"].to(self.device)
+        if "index" in batch:  # the trainer's batches: hold a fixed share out of training
+            held = self.held_out(batch["index"]).to(images.device)
+            if held.any():
+                if self._epochs_done == 0:
+                    new = images[held].detach().float().cpu()
+                    self._holdout = (
+                        new if self._holdout is None else torch.cat([self._holdout, new])
+                    )
+                images = images[~held]
+            if len(images) == 0:
+                return {}
         self._keep(images)
         if self.backbone is not None and self.feature_mean is None:
             self._set_standardisation(images)
@@ -668,6 +739,9 @@ class MLAAE(Detector):
                 sums = terms if sums is None else [a + b for a, b in zip(sums, terms, strict=True)]
             assert sums is not None
             self.position_norms = [(t / len(self._kept)).clamp_min(1e-10) for t in sums]
+        self.term_weights = torch.ones(1 + self.config.levels, device=self.device)
+        if self.config.weighting == "inverse_variance":
+            self.term_weights = self._inverse_variance_weights()
         if self.config.score_normalization != "image_statistics":
             return
         kept = self._kept
@@ -679,6 +753,26 @@ class MLAAE(Detector):
             )
         raw = torch.cat([self._raw(chunk.to(self.device))[0].cpu() for chunk in kept.split(16)])
         self.score_normalizer.fit(raw, image_statistics(kept))
+
+    def _inverse_variance_weights(self) -> torch.Tensor:
+        """Each term's weight: the input term's variance over the held-out images divided by
+        the term's own (so the input term keeps weight 1). If a defect raises every
+        mean-normalised term by the same share, Fisher's discriminant of independent terms
+        weighs each by the inverse of its normal variance: a term that varies a lot between
+        normal images says less per unit."""
+        held = self._holdout
+        if held is None or len(held) < MIN_NORMALIZATION_SAMPLES:
+            raise RuntimeError(
+                f"mlaae: term_weighting=inverse_variance needs at least "
+                f"{MIN_NORMALIZATION_SAMPLES} held-out training images, got "
+                f"{0 if held is None else len(held)}: raise holdout_share, train on more "
+                "images or set term_weighting=mean"
+            )
+        terms = torch.cat(
+            [torch.cat([p[:, None], f], dim=1) for p, f in map(self.score_terms, held.split(16))]
+        )
+        variance = terms.double().var(dim=0).clamp_min(1e-12)
+        return (variance[0] / variance).float().to(self.device)
 
     # --- inference -----------------------------------------------------------------------------
     def _level_residuals(
@@ -744,18 +838,26 @@ class MLAAE(Detector):
         pixel, _, levels = self.residuals(images)
         levels = [levels[i - 1] for i in cfg.summed_levels]
         pixel_term, feature_terms = self.residual_terms(pixel, levels)
-        scores = cfg.alpha * pixel_term + cfg.beta * feature_terms.sum(dim=1)
+        alpha, betas = cfg.alpha, [cfg.beta] * len(levels)
+        if cfg.weighting != "mean":
+            weights = self.term_weights
+            alpha = cfg.alpha * weights[0]
+            betas = [cfg.beta * weights[i] for i in cfg.summed_levels]
+            feature_terms = feature_terms * torch.stack(betas)[None]
+            scores = alpha * pixel_term + feature_terms.sum(dim=1)
+        else:
+            scores = cfg.alpha * pixel_term + cfg.beta * feature_terms.sum(dim=1)
         size = (self.image_size, self.image_size)
         maps = pixel.sqrt()[:, None]
         if maps.shape[-2:] != size:
             maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-        maps = cfg.alpha * maps[:, 0]
+        maps = alpha * maps[:, 0]
         if cfg.beta > 0:
-            for level in levels:
+            for level, beta in zip(levels, betas, strict=True):
                 up = F.interpolate(
                     level.sqrt()[:, None], size=size, mode="bilinear", align_corners=False
                 )
-                maps = maps + cfg.beta * up[:, 0]
+                maps = maps + beta * up[:, 0]
         maps = gaussian_blur(maps[:, None], cfg.map_sigma)[:, 0]
         return scores, maps
 
@@ -777,6 +879,7 @@ class MLAAE(Detector):
         }
         if self.position_norms is not None:
             state["position_norms"] = [n.detach().cpu() for n in self.position_norms]
+        state["term_weights"] = self.term_weights.detach().cpu()
         if self.backbone is not None:
             state["backbone"] = self.backbone.identity()
             if self.feature_mean is not None and self.feature_std is not None:
@@ -816,6 +919,17 @@ class MLAAE(Detector):
         self.position_norms = (
             [n.float().to(self.device) for n in position] if position is not None else None
         )
+        weights = state.get("term_weights")  # absent from checkpoints older than the weighting
+        if weights is not None and tuple(weights.shape) != tuple(self.norms.shape):
+            raise ValueError(
+                f"mlaae: term weights have shape {tuple(weights.shape)}, need "
+                f"{tuple(self.norms.shape)}"
+            )
+        self.term_weights = (
+            weights.float().to(self.device)
+            if weights is not None
+            else torch.ones(1 + self.config.levels, device=self.device)
+        )
 
     def training_state(self) -> dict[str, Any]:
         if self.ae_optimizer is None or self.disc_optimizer is None:
@@ -827,6 +941,8 @@ class MLAAE(Detector):
         }
         if self._kept is not None:
             state["kept"] = self._kept.clone()
+        if self._holdout is not None:
+            state["holdout"] = self._holdout.clone()
         return state
 
     def load_training_state(self, state: dict[str, Any]) -> None:
@@ -840,3 +956,5 @@ class MLAAE(Detector):
         self._epochs_done = int(state["epochs_done"])
         kept = state.get("kept")
         self._kept = kept.float().cpu() if kept is not None else None
+        holdout = state.get("holdout")
+        self._holdout = holdout.float().cpu() if holdout is not None else None
