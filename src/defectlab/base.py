@@ -118,14 +118,14 @@ class Model(ABC):
         """Restore what :meth:`training_state` saved."""
 
     # --- parts ---------------------------------------------------------------------------------
-    def networks(self) -> list[nn.Module]:
+    def all_networks(self) -> list[nn.Module]:
         """Every network the model holds, each once, including those of member models (e.g.
         an ensemble's runs): what export traces and distributed training synchronises.
         Found among the model's attributes (and lists, tuples, dicts of them); override when
         a network hides deeper."""
         return _parts_of(self, nn.Module)
 
-    def optimizers(self) -> list[torch.optim.Optimizer]:
+    def all_optimizers(self) -> list[torch.optim.Optimizer]:
         """Every optimiser the model holds, each once (distributed training averages the
         gradients they step on)."""
         return _parts_of(self, torch.optim.Optimizer)

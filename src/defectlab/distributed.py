@@ -264,7 +264,7 @@ def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _module_tensors(model: Model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    modules = model.networks()
+    modules = model.all_networks()
     parameters = _unique(p for m in modules for p in m.parameters())
     buffers = _unique(b for m in modules for b in m.buffers())
     return parameters, buffers
@@ -443,7 +443,7 @@ def sync_model(model: Model) -> GradientSync:
     Call after ``setup_training`` (and after loading a checkpoint to resume). Refuses a
     model without an optimiser: it has no gradients to average.
     """
-    optimizers = model.optimizers()
+    optimizers = model.all_optimizers()
     if not optimizers:
         raise ConfigError(
             f"{model.name} has no gradient training to distribute (no optimiser: it "

@@ -144,7 +144,7 @@ def test_int8_export_is_smaller_and_keeps_the_masks(
     assert int8["type"].startswith("int8") and int8["mask_agreement"] >= 0.99
     float_bytes = 4 * sum(
         p.numel()
-        for net in torch_inspector(runs["synth-unet"], "cpu").trained.model.networks()
+        for net in torch_inspector(runs["synth-unet"], "cpu").trained.model.all_networks()
         for p in net.parameters()
     )
     assert (tmp_path / "int8" / "model.onnx").stat().st_size < 0.5 * float_bytes

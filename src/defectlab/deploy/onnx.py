@@ -71,7 +71,7 @@ class InspectionGraph(nn.Module):
     def __init__(self, model: Model, calibration: dict[str, Any]) -> None:
         super().__init__()
         self.model = model
-        self.networks = nn.ModuleList(model.networks())
+        self.networks = nn.ModuleList(model.all_networks())
         self.networks.eval().requires_grad_(False)
         std = float(calibration.get("normal_score_std", 1.0)) or 1.0
         thresholds = {
