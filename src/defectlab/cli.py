@@ -128,6 +128,8 @@ def cmd_data_check(args: argparse.Namespace) -> tuple[str, int]:
 
 def cmd_train(args: argparse.Namespace) -> str:
     check_output_folder(args.out)
+    if args.model == "auto":  # label-free model selection: defectlab.selection
+        return _train_auto(args)
     run = api.train(
         args.model,
         args.data,
@@ -157,6 +159,24 @@ def cmd_train(args: argparse.Namespace) -> str:
         f"{chosen}trained {run.config.model} → {run.run_dir} (image threshold "
         f"{run.image_threshold:.4g}, pixel threshold {run.pixel_threshold:.4g})"
     )
+
+
+def _train_auto(args: argparse.Namespace) -> str:
+    from defectlab import selection
+
+    if args.resume or args.distributed:
+        raise ConfigError("--model auto trains its candidates afresh: drop --resume/--distributed")
+    chosen = selection.select(
+        args.data,
+        args.out,
+        category=args.category,
+        image_size=args.image_size,
+        device=args.device,
+        seed=args.seed,
+        overrides=args.set,
+    )
+    print(f"model=auto → {chosen.chosen}: {chosen.reason}")
+    return chosen.summary()
 
 
 def cmd_predict(args: argparse.Namespace) -> str:
@@ -350,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser("train", help="train a detector or segmenter into a run directory")
-    p.add_argument("--model", required=True, help="a name from `defectlab models`")
+    p.add_argument(
+        "--model", required=True, help="a name from `defectlab models`, or auto (label-free choice)"
+    )
     p.add_argument("--data", required=True, help="dataset folder, or 'elpv'")
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--category", help="MVTec AD category")
