@@ -110,7 +110,9 @@ def recalibrate(files: Path, parts: list[Reviewed], current: ModelVersion) -> di
         masks = [_mask(files, p, h.shape) for p, h in zip(masked, heats, strict=True)]
         flat_masks = np.concatenate([m.ravel() for m in masks])
         flat_heats = np.concatenate([h.ravel() for h in heats])
-        dice, pixel_threshold = best_dice_threshold(flat_masks, flat_heats)
+        dice, pixel_threshold = best_dice_threshold(  # images of any size: one long row
+            flat_masks.reshape(1, 1, -1), flat_heats.reshape(1, 1, -1)
+        )
         result |= {"pixel_threshold": pixel_threshold, "val_dice": dice}
     return result
 
@@ -452,7 +454,8 @@ def recalibrate_outputs(
         heats = [outputs[i][1] for i in keep]
         masks = [_mask(files, parts[i], h.shape) for i, h in zip(keep, heats, strict=True)]
         dice, pixel_threshold = best_dice_threshold(
-            np.concatenate([m.ravel() for m in masks]), np.concatenate([h.ravel() for h in heats])
+            np.concatenate([m.ravel() for m in masks]).reshape(1, 1, -1),
+            np.concatenate([h.ravel() for h in heats]).reshape(1, 1, -1),
         )
         result |= {"pixel_threshold": pixel_threshold, "val_dice": dice}
     return result
