@@ -633,7 +633,9 @@ def create_app(
         heat = _load_heat(wb, inspection)
         span = max(version.map_high - version.map_low, 1e-12)
         level = np.clip((heat - version.map_low) / span, 0, 1)
-        alpha = np.clip(255 * 1.5 * level, 0, 255).astype(np.uint8)  # normal areas stay clear
+        # the middle of the range is the pixel threshold: clear below a quarter of the range
+        # (normal texture), half-opaque at the threshold, opaque at twice its excess
+        alpha = np.clip(255 * (level - 0.25) / 0.75, 0, 255).astype(np.uint8)
         return _png(np.dstack([colormap_rgb(level), alpha]))
 
     @app.get("/files/outline/{inspection_id}.png")
