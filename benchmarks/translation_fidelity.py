@@ -41,7 +41,7 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def train_autoencoder(model, images: torch.Tensor, steps: int, seed: int) -> float:
     """L1 of a freshly trained content encoder + G_X (same settings as ``model``)."""
-    from defectlab.synth.gan_parts import ResidualEncoder, UpDecoder
+    from defectlab.components.gan_layers import ResidualEncoder, UpDecoder
 
     cfg = model.config
     torch.manual_seed(seed)

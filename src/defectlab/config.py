@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,6 +173,28 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     """Model configs validate their string options with this, naming the field."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+#: range rules of :func:`check_fields`: name → (test that a value fails, what it must be)
+_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "at_least_one": (lambda v: v < 1, "must be at least 1"),
+    "positive": (lambda v: v <= 0, "must be positive"),
+    "nonnegative": (lambda v: v < 0, "must be >= 0"),
+    "half_open_unit": (lambda v: not 0 <= v < 1, "must be in [0, 1)"),
+    "open_unit": (lambda v: not 0 < v < 1, "must be in (0, 1)"),
+}
+
+
+def check_fields(config: object, **rules: Sequence[str]) -> None:
+    """Range checks of model config fields, rule by rule in the order given (rules: the keys
+    of ``_FIELD_RULES``), so every config words its errors alike; the first failure raises a
+    ValueError that names the field."""
+    for rule, keys in rules.items():
+        fails, requirement = _FIELD_RULES[rule]
+        for key in keys:
+            value = getattr(config, key)
+            if fails(value):
+                raise ValueError(f"{key} {requirement}, got {value}")
 
 
 def restore_tuples(d: dict[str, Any]) -> dict[str, Any]:

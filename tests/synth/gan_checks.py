@@ -1,5 +1,5 @@
 """Checks every GAN synthesizer must pass, written once: CrossGAN and MaskGAN share their
-training loop, checkpoints and sample grids (:class:`defectlab.synth.gan_parts.GANSynthesizer`),
+training loop, checkpoints and sample grids (:class:`defectlab.synth.gan.GANSynthesizer`),
 so their tests must hold them to the same standard."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import cv2
 import pytest
 import torch
 
-from defectlab.synth.gan_parts import GANSynthesizer
+from defectlab.synth.gan import GANSynthesizer
 
 
 class Interrupted(Exception):

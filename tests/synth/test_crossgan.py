@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from defectlab import api
+from defectlab.base import Scorer
 from defectlab.errors import ConfigError, TrainingError
 from defectlab.runs import load_checkpoint, save_checkpoint
 from defectlab.synth.crossgan import CrossGAN, CrossGANConfig, kl_divergence
 from defectlab.synth.cyclegan import CycleGAN
-from defectlab.synth.gan_parts import MaskRule, difference_mask
+from defectlab.synth.translation import MaskRule, difference_mask
 from defectlab.training import fit
 from tests.synth.gan_checks import (
     assert_resume_reproduces_the_uninterrupted_run,
@@ -268,7 +269,7 @@ def test_state_round_trip_gives_identical_samples(tmp_path: Path, channels: int)
 
 
 def reference_mask(generated: np.ndarray, source: np.ndarray, k: float, floor: float):
-    """The documented rule, written out independently of gan_parts."""
+    """The documented rule, written out independently of synth.translation."""
     diff = np.abs(generated - source).mean(axis=2).astype(np.float32)
     diff = cv2.GaussianBlur(diff, (0, 0), 1.0, borderType=cv2.BORDER_REFLECT)
     threshold = max(diff.mean() + k * diff.std(), floor)
@@ -346,9 +347,9 @@ def test_other_sizes_are_resized_and_wrong_channels_refused() -> None:
         model.synthesize(np.zeros((SIZE, SIZE, 3), np.float32), np.random.default_rng(0))
 
 
-def test_predict_is_refused() -> None:
-    with pytest.raises(ConfigError, match="synthesizer"):
-        make().predict(torch.zeros(1, 1, SIZE, SIZE))
+def test_a_synthesizer_has_no_predict() -> None:
+    model = make()
+    assert not isinstance(model, Scorer) and not hasattr(model, "predict")
 
 
 @pytest.mark.parametrize(

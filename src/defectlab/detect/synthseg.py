@@ -3,7 +3,7 @@
 ``synth-unet`` and ``synth-unet3plus`` are the segmenters of :mod:`defectlab.segment.unet`
 (same network, loss, augmentation, TTA and scores) trained on normal images only: at every
 training step a share ``synth_share`` of the batch gets defects painted by the
-:class:`~defectlab.synth.procedural.ProceduralSynthesizer`, with their exact masks, and the
+:class:`~defectlab.components.painting.ProceduralPainter`, with their exact masks, and the
 network learns to find them; untouched images teach it that normal surfaces hold no defect.
 The anomaly map is the defect probability, the image score the combination of the
 classification head and the map of :class:`~defectlab.segment.unet.SegmenterConfig`.
@@ -32,10 +32,10 @@ import torch
 
 from defectlab import distributed
 from defectlab.base import ModelConfig
+from defectlab.components.painting import ProceduralConfig, ProceduralPainter
+from defectlab.components.segmentation import SegmentationModel, SegmenterConfig
 from defectlab.detect.base import Detector
 from defectlab.registry import register
-from defectlab.segment.unet import SegmentationModel, SegmenterConfig
-from defectlab.synth.procedural import ProceduralConfig, ProceduralSynthesizer
 
 
 def _lerp(a: tuple[float, float], b: tuple[float, float], t: float) -> tuple[float, float]:
@@ -127,7 +127,7 @@ def paint_defects(
     masks = torch.zeros(images.shape[0], *images.shape[-2:])
     if len(chosen) == 0:
         return images, masks.to(images.device)
-    synthesizer = ProceduralSynthesizer(config.procedural_config(level))
+    synthesizer = ProceduralPainter(config.procedural_config(level))
     painted = images.detach().cpu().float().clone()
     for i in chosen:
         source = painted[i].permute(1, 2, 0).numpy()

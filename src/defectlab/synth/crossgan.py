@@ -24,7 +24,7 @@ Networks (``w = width``, images in [-1, 1]; module names are the keys of ``self.
         the seed)
 
 One training step on paired normal ``x`` and defect ``y`` (see
-:class:`~defectlab.synth.gan_parts.TranslationGAN` for how a batch is paired):
+:class:`~defectlab.synth.translation.TranslationGAN` for how a batch is paired):
 
 * stage 1 (forward translation): ``z_x, z_y = E^c(x), E^c(y)``; ``a_y ~ N(μ(y), σ²(y))``
   (reparameterised); ``u = G_Y(z_x, a_y)`` (defect version of x), ``v = G_X(z_y)``
@@ -50,7 +50,7 @@ Image range: networks work in [-1, 1] (inputs ``2x − 1``); both generators end
 Synthesis (:meth:`CrossGAN.synthesize`): ``G_Y(E^c(x), a)`` with ``a`` drawn from N(0, I) by
 the sample's rng (``detail="prior"``) or ``a = μ`` of a real defect example given through
 :meth:`use_defect_examples`, one chosen per sample by the rng (``detail="encode"``). The mask is
-the shared difference rule of :mod:`defectlab.synth.gan_parts`. ``detail`` and the mask
+the shared difference rule of :mod:`defectlab.synth.translation`. ``detail`` and the mask
 settings can change after training (:meth:`configure_synthesis`).
 
 Optimisers: one Adam per network — seven, where the seed counts six (it lists two content
@@ -67,22 +67,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectlab.errors import ConfigError
-from defectlab.registry import register
-from defectlab.synth.gan_parts import (
-    GANConfig,
+from defectlab.components.gan_layers import (
     MultiScaleDiscriminator,
     ResidualBlock,
     ResidualEncoder,
-    TranslationGAN,
     UpBlock,
     UpDecoder,
-    adversarial_loss,
-    check_choices,
-    check_fields,
     frozen,
     to_image_conv,
 )
+from defectlab.components.gan_losses import adversarial_loss
+from defectlab.config import check_choice, check_fields
+from defectlab.errors import ConfigError
+from defectlab.registry import register
+from defectlab.synth.translation import GANConfig, TranslationGAN
 
 DETAIL_MODES = ("prior", "encode")
 
@@ -117,7 +115,7 @@ class CrossGANConfig(GANConfig):
                 "latent_weight",
             ),
         )
-        check_choices(self, {"detail": DETAIL_MODES})
+        check_choice("detail", self.detail, DETAIL_MODES)
 
 
 class ContentDiscriminator(nn.Module):

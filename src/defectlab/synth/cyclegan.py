@@ -1,12 +1,12 @@
 """CycleGAN baseline for normal → defect translation (the seed's comparison method).
 
 Two ResNet generators — ``defect_generator`` G: X → Y and ``normal_generator`` F: Y → X, each
-:class:`~defectlab.synth.gan_parts.ResidualEncoder` (``res_blocks`` residual blocks) followed
-by :class:`~defectlab.synth.gan_parts.UpDecoder` — and the same multi-scale PatchGAN
-discriminators, optimiser recipe, batch pairing, collapse check, sample grids and mask rule as
-CrossGAN (:mod:`defectlab.synth.gan_parts`), so a comparison isolates the method. With the
-defaults (width 32, 3 residual blocks) the generators hold about 2.3 M parameters against
-CrossGAN's 2.0 M of encoders and generators (``parameter_counts()``).
+:class:`~defectlab.components.gan_layers.ResidualEncoder` (``res_blocks`` residual blocks)
+followed by :class:`~defectlab.components.gan_layers.UpDecoder` — and the same multi-scale
+PatchGAN discriminators, optimiser recipe, batch pairing, collapse check, sample grids and mask
+rule as CrossGAN (:mod:`defectlab.synth.translation`), so a comparison isolates the method;
+``res_blocks=3`` keeps the generators near CrossGAN's parameter budget
+(``parameter_counts()``; ``docs/models/crossgan.md``).
 
 Losses (Zhu et al. 2017): least-squares adversarial loss by default (``gan_loss``),
 ``cycle_weight·(L1(F(G(x)), x) + L1(G(F(y)), y))`` (10) and
@@ -29,18 +29,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectlab.registry import register
-from defectlab.synth.base import Synthesizer
-from defectlab.synth.gan_parts import (
-    GANConfig,
+from defectlab.base import Synthesizer
+from defectlab.components.gan_layers import (
     MultiScaleDiscriminator,
     ResidualEncoder,
-    TranslationGAN,
     UpDecoder,
-    adversarial_loss,
-    check_fields,
     frozen,
 )
+from defectlab.components.gan_losses import adversarial_loss
+from defectlab.config import check_fields
+from defectlab.registry import register
+from defectlab.synth.translation import GANConfig, TranslationGAN
 
 GENERATORS = ("defect_generator", "normal_generator")
 DISCRIMINATORS = ("normal_discriminator", "defect_discriminator")

@@ -2,39 +2,9 @@
 
 A normal image and Gaussian noise give a defect **mask** (stage 1); the normal image and that
 mask give the **defect image** (stage 2), painted inside the mask only. The mask is the label
-by construction: outside it the output *is* the input.
-
-Networks (``w = width``, images in [-1, 1], masks in [0, 1]; names are the keys of
-``self.nets``; the design's wording in brackets)::
-
-    mask_generator  [stage-1 generator, encoder-decoder]:
-        ResidualEncoder(C, w, mask_blocks): conv7×7 w, conv4×4/2 2w, conv4×4/2 4w (IN, ReLU),
-        residual blocks → (4w, H/4, W/4)  [intermediate defect features]
-        ⊕ noise: ``noise_channels`` Gaussian maps drawn on a ``noise_grid``² grid, bilinearly
-          up-sampled to H/4 (smooth, spatially varying: they move and reshape the defect)
-        ⊕ class embedding tiled (``class_conditional`` only)
-        conv3×3 4w + IN + ReLU, residual block, 2 × [bilinear ×2, conv3×3, IN, ReLU]
-        [up-sample], conv7×7 → ``n_masks`` channels, sigmoid [normalise] → soft masks
-    region_discriminator      [stage-1 region level]: multi-scale PatchGAN on masks 2m − 1
-    masked_image_discriminator [stage-1 image level]: multi-scale PatchGAN on image ⊙ mask
-        (real defect image ⊙ its real mask vs normal image ⊙ generated mask)
-    defect_generator [stage-2 generator]:
-        encoder: ResidualEncoder(C + 1, w, image_blocks) on [x ⊙ (1 − m), m]
-        decoder: two ModulationBlocks [feature-modulation blocks, SPADE-like: each
-          normalisation is a parameter-free instance norm followed by per-pixel γ, β that
-          two convolutions predict from the mask (and class map)], at H/4 → 2w and at
-          H/2 → w, each followed by bilinear ×2
-        defect_focus [defect-focus module]: a sigmoid gate conv3×3([h, m]) re-weights the
-          features per pixel and channel, then conv7×7 + Tanh → foreground F
-        output: m·F + (1 − m)·x
-    image_discriminator       [stage-2 image level]: multi-scale PatchGAN on whole images
-    defect_region_discriminator [stage-2 region level]: multi-scale PatchGAN on
-        [image ⊙ mask, mask]: the defect regions cut out with their masks
-
-With ``class_conditional`` every generator gets a learned class embedding and every
-discriminator one-hot class maps as extra input channels (a conditional GAN). The classes are
-``defect_classes``, which :func:`defectlab.api.train` fills with the sorted defect types of
-the training split and feeds per image as ``batch["defect_class"]``.
+by construction: outside it the output *is* the input. The networks are in
+:mod:`~defectlab.synth.maskgan.networks`, the losses in :mod:`~defectlab.synth.maskgan.losses`,
+the object region and the mask rule in :mod:`~defectlab.synth.maskgan.masks`.
 
 **Stage-2 input.** The generator sees the normal image with the mask region blanked
 (``x ⊙ (1 − m)``, plus ``m``): whatever it paints there replaces the normal texture anyway,
@@ -42,26 +12,8 @@ and the hole is what lets it learn from the few real defects by reconstruction (
 without learning to copy its input. The seed's "features of the normal image" are the
 features of the part around the defect.
 
-**Boundary-aware loss** (:func:`object_region`, :func:`boundary_loss`). The object of a
-normal image is found by the rule ``object_rule``:
-
-* ``otsu``: grey (mean over channels) thresholded at Otsu's level; ``fixed``: at
-  ``object_threshold`` (grey in [0, 1]). ``object_polarity`` says which side is the object:
-  ``bright``, ``dark``, or ``auto`` — the side covering less of the 1-px image border (a part
-  lies inside its background). A 3×3 opening then closing removes threshold speckle;
-* ``frame``: the whole image — for images with no clear object, such as magnetic-tile crops
-  that fill the frame;
-* ``auto`` (default): ``otsu`` when Otsu's separability η = σ²_between / σ²_total is at least
-  ``object_min_separation`` (a clearly two-level image: part and background), else
-  ``frame``. η is about 0.64 for a unimodal Gaussian texture and 0.75 for a uniform one,
-  near 1 for a part on a plain background (default threshold 0.85).
-
-Every rule then removes a border margin of ``object_margin`` px. The loss is the mean over
-masks of each mask's share outside the object, ``Σ m · (1 − object) / (Σ m + 1)``: zero
-when the generated masks lie inside the object, near 1 when a mask lies outside it.
-
 **Training** (one step, on a batch paired as in
-:class:`~defectlab.synth.gan_parts.GANSynthesizer`: ``n = max(#normal, #defect)`` of each,
+:class:`~defectlab.synth.gan.GANSynthesizer`: ``n = max(#normal, #defect)`` of each,
 the smaller kind topped up from a rolling buffer; defect images with an empty mask carry no
 shape and are left out; each fake takes the class of the real defect it is paired with):
 
@@ -71,9 +23,8 @@ shape and are left out; each fake takes the class of the real defect it is paire
   ``adv_weight·(both adversarial terms) + boundary_weight·boundary_loss(m_g, object(x))
   + diversity_weight·mode_seeking_loss``. The last term (:func:`mode_seeking_loss`, after
   MSGAN, Mao et al. 2019; not in the seed) draws a second noise ``z'`` for the same images
-  and penalises ``1 / (mean|m_g(z) − m_g(z')| / mean|z − z'| + ε)``: without it, after 500
-  steps at 128 px two of the augmentation benchmark's three seeds gave one mask whatever
-  the noise;
+  and penalises ``1 / (mean|m_g(z) − m_g(z')| / mean|z − z'| + ε)``: without it the mask
+  generator can collapse to one mask whatever the noise (``docs/models/maskgan.md``);
 * stage 2 (``joint`` or ``image``): the fake ``ŷ = m·F + (1 − m)·x`` uses the real masks of
   the paired defects (``image``) or stage 1's masks binarised at ``mask_threshold``
   (``joint``; an empty one is replaced by the paired real mask). Discriminators: image level
@@ -108,41 +59,39 @@ mask's share outside the object region.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from defectlab import distributed
-from defectlab.data.io import to_uint8
+from defectlab.base import SynthSample
+from defectlab.components.gan_layers import MultiScaleDiscriminator, frozen, to_image
+from defectlab.config import check_choice, check_fields
 from defectlab.data.transforms import resize_image, resize_mask
 from defectlab.errors import ConfigError, TrainingError
 from defectlab.registry import register
-from defectlab.synth.base import SynthSample
-from defectlab.synth.gan_parts import (
-    GANSynthesizer,
-    GANTrainingConfig,
-    MultiScaleDiscriminator,
-    ResidualBlock,
-    ResidualEncoder,
-    adversarial_loss,
-    check_choices,
-    check_fields,
-    frozen,
-    to_image,
-    to_image_conv,
+from defectlab.synth.gan import GANSynthesizer, GANTrainingConfig
+from defectlab.synth.maskgan.losses import (
+    MASKGAN_LOSSES,
+    boundary_loss,
+    gan_loss,
+    mode_seeking_loss,
 )
+from defectlab.synth.maskgan.masks import (
+    OBJECT_RULES,
+    POLARITIES,
+    ObjectRule,
+    binarize_mask,
+    object_region,
+)
+from defectlab.synth.maskgan.networks import DefectPainter, MaskGenerator, compose, tile_code
 
 STAGES = ("joint", "mask", "image")
-MASKGAN_LOSSES = ("bce", "hinge", "lsgan")
-OBJECT_RULES = ("auto", "otsu", "fixed", "frame")
-POLARITIES = ("auto", "bright", "dark")
 
 #: stage → (generator, discriminators)
 STAGE_NETWORKS = {
@@ -151,304 +100,15 @@ STAGE_NETWORKS = {
 }
 
 
-# --- object region and the boundary-aware loss -----------------------------------------------
-
-
-@dataclass(frozen=True)
-class ObjectRule:
-    """How :func:`object_region` finds the part in a normal image (module docstring)."""
-
-    rule: str = "auto"
-    threshold: float = 0.5
-    polarity: str = "auto"
-    margin: int = 4
-    min_separation: float = 0.85
-
-    def describe(self) -> str:
-        core = {
-            "auto": f"otsu if eta>={self.min_separation:g} else frame",
-            "otsu": "otsu",
-            "fixed": f"grey>{self.threshold:g}",
-            "frame": "frame",
-        }[self.rule]
-        return f"{core} polarity={self.polarity} margin={self.margin}"
-
-
-def _otsu(grey: np.ndarray) -> tuple[int, float]:
-    """Otsu's threshold of a uint8 image and its separability η = σ²_between / σ²_total."""
-    hist = np.bincount(grey.ravel(), minlength=256).astype(np.float64) / grey.size
-    levels = np.arange(256, dtype=np.float64)
-    total_var = float(((levels - (levels * hist).sum()) ** 2 * hist).sum())
-    if total_var <= 0:
-        return 0, 0.0
-    w0 = np.cumsum(hist)
-    m0 = np.cumsum(levels * hist)
-    mean = m0[-1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = (mean * w0 - m0) ** 2 / (w0 * (1 - w0))
-    between = np.nan_to_num(between, nan=0.0, posinf=0.0)
-    level = int(np.argmax(between))
-    return level, float(between[level] / total_var)
-
-
-def object_region(image: np.ndarray, rule: ObjectRule) -> np.ndarray:
-    """Bool (H, W) object mask of a normal image (H, W[, C]) in [0, 1]: where defects may go."""
-    array = np.nan_to_num(np.asarray(image, np.float32))
-    grey = array.mean(axis=2) if array.ndim == 3 else array
-    kind = rule.rule
-    level = rule.threshold
-    if kind in ("auto", "otsu"):
-        otsu_level, separation = _otsu(to_uint8(np.clip(grey, 0, 1)))
-        level = (otsu_level + 0.5) / 255.0  # grey > level ⇔ uint8 grey > Otsu's level
-        if kind == "auto":
-            kind = "otsu" if separation >= rule.min_separation else "frame"
-    if kind == "frame":
-        region = np.ones(grey.shape, bool)
-    else:
-        bright = grey > level
-        polarity = rule.polarity
-        if polarity == "auto":
-            border = np.concatenate([bright[0], bright[-1], bright[1:-1, 0], bright[1:-1, -1]])
-            polarity = "dark" if border.mean() > 0.5 else "bright"
-        region = (bright if polarity == "bright" else ~bright).astype(np.uint8)
-        kernel = np.ones((3, 3), np.uint8)
-        region = cv2.morphologyEx(region, cv2.MORPH_OPEN, kernel)
-        region = cv2.morphologyEx(region, cv2.MORPH_CLOSE, kernel).astype(bool)
-    if rule.margin > 0:
-        region[: rule.margin] = region[-rule.margin :] = False
-        region[:, : rule.margin] = region[:, -rule.margin :] = False
-    return region
-
-
-def boundary_loss(masks: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-    """Mean over masks of the share of each mask's mass outside the object:
-    ``Σ m · (1 − object) / (Σ m + 1)``.
-
-    ``masks`` (B, K, H, W) soft masks, ``regions`` (B, 1, H, W) object masks (0/1). Zero when
-    every mask lies inside its object; it pulls masks onto the part, not the background.
-    A share, not a mean over all pixels: a mean over pixels makes a small mask entirely on
-    the background cost almost nothing (on magnetic tile a thin strip along the border
-    cost next to nothing against the adversarial loss, and the generator parked every mask
-    there). The +1 pixel keeps an empty mask at zero instead of 0/0."""
-    outside = (masks * (1.0 - regions)).sum(dim=(2, 3))
-    return (outside / (masks.sum(dim=(2, 3)) + 1.0)).mean()
-
-
-def mode_seeking_loss(
-    masks: torch.Tensor,
-    other_masks: torch.Tensor,
-    noise: torch.Tensor,
-    other_noise: torch.Tensor,
-    eps: float = 1e-2,
-) -> torch.Tensor:
-    """MSGAN's mode-seeking term: ``1 / (mean|m − m'| / mean|z − z'| + eps)`` for the masks
-    ``m``, ``m'`` one generator gave the same images under the noises ``z``, ``z'``. Small when
-    different noise gives different masks, ``1 / eps`` when it gives the same mask (a
-    collapsed generator); ``eps`` (MSGAN: 1e-5) bounds the penalty so that a collapsed start
-    cannot blow up the step."""
-    ratio = (masks - other_masks).abs().mean() / (noise - other_noise).abs().mean()
-    return 1.0 / (ratio + eps)
-
-
-def binarize_mask(soft: np.ndarray, threshold: float, min_area: int) -> np.ndarray:
-    """The sampling mask rule: ``soft ≥ threshold``, then 8-connected components smaller
-    than ``min_area`` pixels removed (a few stray pixels are not a defect)."""
-    mask = (np.asarray(soft) >= threshold).astype(np.uint8)
-    if min_area > 1 and mask.any():
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-        keep = np.zeros(n, bool)
-        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_area
-        mask = keep[labels].astype(np.uint8)
-    return mask.astype(bool)
-
-
-# --- losses ----------------------------------------------------------------------------------
-
-
-def gan_loss(
-    logits: torch.Tensor | Sequence[torch.Tensor], real: bool, kind: str, discriminator: bool
-) -> torch.Tensor:
-    """Adversarial loss, mean over discriminator scales. ``hinge``: the discriminator takes
-    ``relu(1 − D)`` on real and ``relu(1 + D)`` on fake, the generator ``−D``; ``bce``
-    (non-saturating) and ``lsgan`` are :func:`~defectlab.synth.gan_parts.adversarial_loss`
-    with target 1 (real) or 0 (fake)."""
-    if kind != "hinge":
-        return adversarial_loss(logits, 1.0 if real else 0.0, kind)
-    maps = [logits] if isinstance(logits, torch.Tensor) else list(logits)
-    if not discriminator:
-        return torch.stack([-m.mean() for m in maps]).mean()
-    sign = -1.0 if real else 1.0
-    return torch.stack([F.relu(1.0 + sign * m).mean() for m in maps]).mean()
-
-
-# --- networks --------------------------------------------------------------------------------
-
-
-def _up(c_in: int, c_out: int) -> nn.Module:
-    """Bilinear ×2 → conv3×3 → IN → ReLU. Instance norm, not batch norm: sampling one image in
-    eval mode then behaves exactly as training does."""
-    return nn.Sequential(
-        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-        nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode="reflect"),
-        nn.InstanceNorm2d(c_out, affine=True),
-        nn.ReLU(inplace=True),
-    )
-
-
-def _tile(code: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return code[:, :, None, None].expand(-1, -1, *like.shape[2:])
-
-
-class MaskGenerator(nn.Module):
-    """Stage 1: normal image + noise (+ class) → ``n_masks`` soft masks in [0, 1]."""
-
-    def __init__(
-        self,
-        channels: int,
-        width: int,
-        blocks: int,
-        noise_channels: int,
-        n_masks: int,
-        n_classes: int,
-        class_dim: int,
-        norm: str = "instance",
-    ) -> None:
-        super().__init__()
-        self.encoder = ResidualEncoder(channels, width, blocks, norm)
-        self.class_embedding = nn.Embedding(n_classes, class_dim) if n_classes else None
-        extra = noise_channels + (class_dim if n_classes else 0)
-        self.fuse = nn.Sequential(
-            nn.Conv2d(4 * width + extra, 4 * width, 3, padding=1, padding_mode="reflect"),
-            nn.InstanceNorm2d(4 * width, affine=True),
-            nn.ReLU(inplace=True),
-            ResidualBlock(4 * width, "instance"),
-        )
-        self.decoder = nn.Sequential(
-            _up(4 * width, 2 * width),
-            _up(2 * width, width),
-            nn.Conv2d(width, n_masks, 7, padding=3, padding_mode="reflect"),
-        )
-
-    def forward(
-        self, images: torch.Tensor, noise: torch.Tensor, classes: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        features = self.encoder(images)
-        noise = F.interpolate(noise, size=features.shape[2:], mode="bilinear", align_corners=False)
-        parts = [features, noise]
-        if self.class_embedding is not None:
-            parts.append(_tile(self.class_embedding(classes), features))
-        return torch.sigmoid(self.decoder(self.fuse(torch.cat(parts, dim=1))))
-
-
-class FeatureModulation(nn.Module):
-    """SPADE-like normalisation: parameter-free instance norm, then per-pixel γ, β predicted
-    from the condition (mask, class map) resized to the features: ``norm(h)·(1 + γ) + β``.
-    The mask decides, pixel by pixel, how the decoder's features are scaled and shifted."""
-
-    def __init__(self, channels: int, cond_channels: int, hidden: int) -> None:
-        super().__init__()
-        self.norm = nn.InstanceNorm2d(channels, affine=False)
-        self.shared = nn.Sequential(
-            nn.Conv2d(cond_channels, hidden, 3, padding=1), nn.ReLU(inplace=True)
-        )
-        self.gamma = nn.Conv2d(hidden, channels, 3, padding=1)
-        self.beta = nn.Conv2d(hidden, channels, 3, padding=1)
-
-    def forward(self, features: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        cond = F.interpolate(cond, size=features.shape[2:], mode="area")
-        hidden = self.shared(cond)
-        return self.norm(features) * (1 + self.gamma(hidden)) + self.beta(hidden)
-
-
-class ModulationBlock(nn.Module):
-    """SPADE residual block: [modulation → LeakyReLU → conv3×3] × 2, plus a modulated 1×1
-    shortcut; ``c_in`` → ``c_out`` channels at the same resolution."""
-
-    def __init__(self, c_in: int, c_out: int, cond_channels: int, hidden: int) -> None:
-        super().__init__()
-        self.mod1 = FeatureModulation(c_in, cond_channels, hidden)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, padding_mode="reflect")
-        self.mod2 = FeatureModulation(c_out, cond_channels, hidden)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, padding_mode="reflect")
-        self.shortcut_mod = FeatureModulation(c_in, cond_channels, hidden)
-        self.shortcut = nn.Conv2d(c_in, c_out, 1, bias=False)
-
-    def forward(self, features: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        dx = self.conv1(F.leaky_relu(self.mod1(features, cond), 0.2))
-        dx = self.conv2(F.leaky_relu(self.mod2(dx, cond), 0.2))
-        return self.shortcut(self.shortcut_mod(features, cond)) + dx
-
-
-class DefectFocus(nn.Module):
-    """The defect-focus module: a sigmoid gate from the features and the mask re-weights
-    every feature per pixel, so the foreground is built from what the mask points at; then
-    conv7×7 + Tanh → the defect foreground F (image channels, [-1, 1])."""
-
-    def __init__(self, width: int, channels: int, cond_channels: int) -> None:
-        super().__init__()
-        self.gate = nn.Sequential(
-            nn.Conv2d(width + cond_channels, width, 3, padding=1, padding_mode="reflect"),
-            nn.Sigmoid(),
-        )
-        self.to_foreground = to_image_conv(width, channels)
-
-    def forward(self, features: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        gate = self.gate(torch.cat([features, cond], dim=1))
-        return self.to_foreground(features * gate)
-
-
-class DefectPainter(nn.Module):
-    """Stage 2: (normal image, mask, class) → defect foreground F. Compose with
-    :func:`compose`."""
-
-    def __init__(
-        self,
-        channels: int,
-        width: int,
-        blocks: int,
-        n_classes: int,
-        class_dim: int,
-        norm: str = "instance",
-    ) -> None:
-        super().__init__()
-        self.encoder = ResidualEncoder(channels + 1, width, blocks, norm)
-        self.class_embedding = nn.Embedding(n_classes, class_dim) if n_classes else None
-        cond = 1 + (class_dim if n_classes else 0)
-        self.modulation = nn.ModuleList(
-            [
-                ModulationBlock(4 * width, 2 * width, cond, width),
-                ModulationBlock(2 * width, width, cond, width),
-            ]
-        )
-        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
-        self.defect_focus = DefectFocus(width, channels, cond)
-
-    def forward(
-        self, images: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        features = self.encoder(torch.cat([images * (1 - masks), masks], dim=1))
-        cond = masks
-        if self.class_embedding is not None:
-            cond = torch.cat([masks, _tile(self.class_embedding(classes), masks)], dim=1)
-        for block in self.modulation:
-            features = self.up(block(features, cond))
-        return self.defect_focus(features, cond)
-
-
-def compose(images: torch.Tensor, masks: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
-    """``m·F + (1 − m)·x``: the differentiable fusion used in training (soft masks allowed)."""
-    return masks * foreground + (1 - masks) * images
-
-
 # --- config ----------------------------------------------------------------------------------
 
 
 @dataclass
 class MaskGANConfig(GANTrainingConfig):
-    """MaskGAN settings; the module docstring explains each group. The training settings
-    (epochs, width, Adam and its step decay, discriminators, pairing buffer, collapse watch,
-    sample grids) are :class:`~defectlab.synth.gan_parts.GANTrainingConfig`'s, with MaskGAN's
-    own defaults below."""
+    """MaskGAN settings; the docstrings of this package's modules explain each group. The
+    training settings (epochs, width, Adam and its step decay, discriminators, pairing buffer,
+    collapse watch, sample grids) are :class:`~defectlab.synth.gan.GANTrainingConfig`'s, with
+    MaskGAN's own defaults below."""
 
     gan_losses: ClassVar[tuple[str, ...]] = MASKGAN_LOSSES
 
@@ -513,10 +173,9 @@ class MaskGANConfig(GANTrainingConfig):
             ),
             open_unit=("mask_threshold", "object_threshold", "object_min_separation"),
         )
-        check_choices(
-            self,
-            {"stage": STAGES, "object_rule": OBJECT_RULES, "object_polarity": POLARITIES},
-        )
+        check_choice("stage", self.stage, STAGES)
+        check_choice("object_rule", self.object_rule, OBJECT_RULES)
+        check_choice("object_polarity", self.object_polarity, POLARITIES)
         if len(set(self.defect_classes)) != len(self.defect_classes):
             raise ValueError(f"defect_classes has duplicates: {self.defect_classes}")
         if (
@@ -563,7 +222,7 @@ class Pair(NamedTuple):
 class MaskGAN(GANSynthesizer):
     """See the module docstring for networks, losses, training and sampling; pairing, the
     optimiser recipe, collapse detection, grids and state come from
-    :class:`~defectlab.synth.gan_parts.GANSynthesizer`."""
+    :class:`~defectlab.synth.gan.GANSynthesizer`."""
 
     name: ClassVar[str] = "maskgan"
     description: ClassVar[str] = (
@@ -691,7 +350,7 @@ class MaskGAN(GANSynthesizer):
         if not k:
             return inputs
         one_hot = F.one_hot(classes.long(), k).to(inputs.dtype)
-        return torch.cat([inputs, _tile(one_hot, inputs)], dim=1)
+        return torch.cat([inputs, tile_code(one_hot, inputs)], dim=1)
 
     @staticmethod
     def masked(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

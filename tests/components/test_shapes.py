@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from defectlab.synth.shapes import PATCH_SHAPES, SHAPES, perlin_noise
+from defectlab.components.shapes import PATCH_SHAPES, SHAPES, perlin_noise
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
