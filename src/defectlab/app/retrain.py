@@ -208,7 +208,12 @@ def train_segmenter(
 
     data = out / "reviewed-data"
     counts = export_dataset(files, parts, data)
-    per_class = min(v for k, v in counts.items() if k != "normal")
+    if counts.get("normal", 0) < 2:
+        raise DataError(
+            "training a segmenter needs at least 2 reviewed normal parts outside the hold-out "
+            "(review some of the audit sample)"
+        )
+    per_class = max(v for k, v in counts.items() if k != "normal")  # every reviewed defect
     synth = out / "procedural"
     if synth.exists():
         shutil.rmtree(synth)
@@ -329,7 +334,12 @@ def retrain(
         if part.label == 1 and part.mask_file:
             with_masks[part.defect_class] = with_masks.get(part.defect_class, 0) + 1
     classes = {p.defect_class for p in train_side if p.label == 1}
-    enough = bool(classes) and all(with_masks.get(c, 0) >= min_per_class for c in classes)
+    normals = sum(1 for p in train_side if p.label == 0)
+    enough = (
+        bool(classes)
+        and all(with_masks.get(c, 0) >= min_per_class for c in classes)
+        and normals >= 2  # the segmenter's own split and the painted defects need normals
+    )
     run_dir, kind = Path(base.run_dir), "recalibrated"
     if enough:
         folder = Path(out) if out else Path(base.run_dir).parent / f"retrained-from-v{base.id}"
