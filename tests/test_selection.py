@@ -173,3 +173,15 @@ def test_bad_settings_are_config_errors() -> None:
         selection.split_overrides(["selection.rule=best"])
     config, shared = selection.split_overrides(["data.image_size=64", "selection.ensemble=false"])
     assert shared == ["data.image_size=64"] and config.ensemble is False
+
+
+def test_budget_stops_new_candidates(data: Path, tmp_path: Path) -> None:
+    budget = [
+        "selection.candidates=pixelstats,pixelstats:blur_sigma=2",
+        "selection.budget_seconds=1e-6",
+    ]
+    chosen = selection.select(data, tmp_path / "b", image_size=32, overrides=budget, progress=False)
+    assert [c.status for c in chosen.candidates] == ["trained", "skipped: over budget"]
+    assert chosen.chosen == "pixelstats"
+    with (tmp_path / "b" / selection.SELECTION_CSV).open(newline="") as f:
+        assert [r["synthetic_auroc"] for r in csv.DictReader(f)][1] == ""

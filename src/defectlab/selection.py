@@ -343,7 +343,8 @@ def select(
         )
     bar.close()
     trained = [s for s in scored if s.synthetic_auroc is not None]
-    if config.ensemble and config.rule == "synthetic" and len(trained) >= 2:
+    in_budget = time.perf_counter() - started <= config.budget_seconds
+    if config.ensemble and config.rule == "synthetic" and len(trained) >= 2 and in_budget:
         first, second = sorted(trained, key=lambda s: -(s.synthetic_auroc or 0.0))[:2]
         members = ",".join(str(s.run_dir.resolve()) for s in (first, second) if s.run_dir)
         name = f"ensemble-{first.name}+{second.name}"
