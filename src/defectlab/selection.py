@@ -64,9 +64,9 @@ class SelectionConfig:
     #: candidates as ``model[:key=value/key=value]``, trained in this order
     candidates: tuple[str, ...] = (
         FIXED_DEFAULT,
-        "patchmemory:backbone=lite1",
         "flow:backbone=lite0",
         "pixelstats",
+        "template",
     )
     #: wall-time budget in seconds: no new candidate starts after it (the first always runs)
     budget_seconds: float = 3600.0
