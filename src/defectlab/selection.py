@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 from defectlab import api
 from defectlab.components.painting import SHAPES, ProceduralConfig, ProceduralPainter
-from defectlab.config import apply_overrides
+from defectlab.config import DataConfig, apply_overrides
 from defectlab.data.io import write_csv
+from defectlab.data.layouts import Sample
 from defectlab.errors import ConfigError, DataError
 from defectlab.evaluate.metrics import auroc, pixel_auroc
 from defectlab.runs import (
@@ -272,6 +273,37 @@ def _painted_validation(
     return np.stack([s.image for s in samples]), np.stack([s.mask for s in samples])
 
 
+class ValidationSet:
+    """The split's normal validation images, clean and painted, loaded as each candidate's
+    resolved data settings load them (size, channels); painted with the same seed, cached
+    per setting."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        shapes: tuple[str, ...],
+        copies: int,
+        seed: int,
+        progress: bool = False,
+    ) -> None:
+        self.samples, self.shapes, self.copies, self.seed = samples, shapes, copies, seed
+        self.progress = progress
+        self.paths: list[Path] = []
+        self._cache: dict[tuple[Any, Any], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def arrays(self, data: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Clean images, painted copies and their masks at ``data``'s size and channels."""
+        key = (data.image_size, data.channels)
+        if key not in self._cache:
+            val = api.load_images(self.samples, data, "loading validation images", self.progress)
+            if not len(val.samples):
+                raise DataError(f"{data.path}: no readable normal validation image to score on")
+            self.paths = [Path(s.path) for s in val.samples]
+            painted, masks = _painted_validation(val.images, self.shapes, self.copies, self.seed)
+            self._cache[key] = (val.images, painted, masks)
+        return self._cache[key]
+
+
 def select(
     data: str | Path,
     out: str | Path,
@@ -313,12 +345,8 @@ def select(
             f"1 validation image to compare candidates; the split has {n_train} and {n_val} "
             "(add normal images, or train one model with --model patchmemory)"
         )
-    base = api.resolve_auto_settings(base, split)
-    val = api.load_images(split["val"], base.data, "loading validation images", progress)
-    if not len(val.samples):
-        raise DataError(f"{base.data.path}: no readable normal validation image to score on")
-    painted, masks = _painted_validation(
-        val.images, shapes, config.paints_per_image, base.train.seed
+    validation = ValidationSet(
+        split["val"], shapes, config.paints_per_image, base.train.seed, progress
     )
 
     scored: list[Scored] = []
@@ -338,7 +366,7 @@ def select(
                 data,
                 [*shared, *candidate.settings],
                 (category, image_size, device, seed),
-                (val.images, painted, masks),
+                validation,
             )
         )
     bar.close()
@@ -357,16 +385,16 @@ def select(
                 data,
                 [*shared, f"runs={members}"],
                 (category, image_size, device, seed),
-                (val.images, painted, masks),
+                validation,
             )
         )
-    winner, reason = _choose(scored, config, shapes, len(val.samples))
+    winner, reason = _choose(scored, config, shapes, len(validation.paths))
     _keep(winner, out, reason)
     rows = [s.row(winner.name) for s in scored]
     write_csv(out / SELECTION_CSV, rows)
     run_logger(out).info("model=auto → %s: %s", winner.name, reason)
     return Selection(
-        load_run(out, device), winner.name, reason, scored, shapes, [s.path for s in val.samples]
+        load_run(out, device), winner.name, reason, scored, shapes, list(validation.paths)
     )
 
 
@@ -378,7 +406,7 @@ def _train_and_score(
     data: str | Path,
     overrides: list[str],
     options: tuple[str | None, int | None, str, int | None],
-    images: tuple[np.ndarray, np.ndarray, np.ndarray],
+    validation: ValidationSet,
 ) -> Scored:
     category, image_size, device, seed = options
     started = time.perf_counter()
@@ -394,7 +422,7 @@ def _train_and_score(
         progress=False,
     )
     seconds = time.perf_counter() - started
-    result = score_run(run, *images)
+    result = score_run(run, *validation.arrays(run.config.data))
     # an ensemble's size is its own file and its members'
     members = [Path(r) for r in run.config.model_config.get("runs", ())]
     return Scored(
