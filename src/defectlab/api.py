@@ -52,12 +52,13 @@ from defectlab.data.layouts import (
 from defectlab.data.loading import (
     LoadedImages,
     choose_channels,
+    choose_image_size,
     list_input_images,
     report_failures,
 )
-from defectlab.data.run_data import dataset_split, load_images
+from defectlab.data.run_data import dataset_split, load_images, load_training_images
 from defectlab.data.splits import Split
-from defectlab.data.transforms import resize_image, resize_map
+from defectlab.data.transforms import resize_image, resize_map, score_tiled
 from defectlab.errors import ConfigError, DataError
 from defectlab.evaluate.metrics import (
     EVAL_MAX_SIDE,
@@ -121,18 +122,103 @@ def build_config(
     return RunConfig(model, data_cfg, train_cfg, calibration, asdict(model_cfg))
 
 
+#: input side for ``data.image_size=auto`` per pretrained backbone: EfficientNet-Lite0/1/2's
+#: ImageNet input (224, 240, 260 px) at the nearest multiple of 32 the feature stages take
+BACKBONE_WORKING_SIZE = {"lite0": 224, "lite1": 256, "lite2": 256}
+
+
+def pretrained_backbone(config: RunConfig) -> str | None:
+    """The pretrained backbone a run's model computes its features with (``lite0``, ...), or
+    None for a model that learns from pixels: the backbone decides ``data.image_size=auto``."""
+    settings = config.model_config
+    if "features" in settings:  # deepsvdd: features=lite0|lite1|lite2|pixels
+        value = settings["features"]
+        return value if value in BACKBONE_WORKING_SIZE else None
+    if settings.get("input") == "pixels":  # mlaae: input=pixels
+        return None
+    value = settings.get("backbone")
+    return value if value in BACKBONE_WORKING_SIZE else None
+
+
 def resolve_auto_settings(config: RunConfig, split: Split) -> RunConfig:
     """``config`` with its ``"auto"`` data settings decided from the split's training images,
-    each recorded in ``config.resolved`` with the reason (``data.channels``: RGB when the
-    images are colour, see :func:`~defectlab.data.loading.choose_channels`)."""
-    if config.data.channels != "auto":
-        return config
-    choice = choose_channels([s.path for s in split["train"]], workers=config.data.workers)
-    return replace(
-        config,
-        data=replace(config.data, channels=choice.channels),
-        resolved=config.resolved
-        | {"data.channels": {"value": choice.channels, "reason": choice.reason}},
+    each recorded in ``config.resolved`` with the reason: ``data.channels`` (RGB when the
+    images are colour, :func:`~defectlab.data.loading.choose_channels`), ``data.image_size``
+    and ``data.tile`` (from the images' sizes and the model's backbone,
+    :func:`~defectlab.data.loading.choose_image_size`)."""
+    data, resolved = config.data, dict(config.resolved)
+    paths = [s.path for s in split["train"]]
+    if data.channels == "auto":
+        choice = choose_channels(paths, workers=data.workers)
+        data = replace(data, channels=choice.channels)
+        resolved["data.channels"] = {"value": choice.channels, "reason": choice.reason}
+    if data.image_size == "auto" or data.tile != "off":
+        backbone = pretrained_backbone(config)
+        sized = choose_image_size(
+            paths,
+            data.image_size,
+            data.tile,
+            BACKBONE_WORKING_SIZE[backbone] if backbone else None,
+            config.model,
+            workers=data.workers,
+        )
+        data = replace(data, image_size=sized.image_size, tile=sized.tile)
+        if sized.size_reason:
+            resolved["data.image_size"] = {"value": sized.image_size, "reason": sized.size_reason}
+        if sized.tile_reason:
+            resolved["data.tile"] = {"value": sized.tile, "reason": sized.tile_reason}
+    if data.tile == "on" and trainable_class(config.model).learns_from_area_ratios:
+        raise ConfigError(
+            f"{config.model} learns one area ratio per image, not per tile: use data.tile=off"
+        )
+    return replace(config, data=data, resolved=resolved)
+
+
+#: tiles per model call when whole images are scored as stitched tiles
+TILE_BATCH = 32
+
+
+def predict_loaded(
+    model: Model,
+    loaded: LoadedImages,
+    data: DataConfig,
+    *,
+    progress: bool = False,
+    native_maps: bool = False,
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
+    """Scores (N,) and model-grid maps (N, S, S) of loaded images as their run scores them:
+    whole images at ``data.image_size``, or with ``data.tile="on"`` each image read again at
+    native resolution and scored as stitched tiles
+    (:func:`~defectlab.data.transforms.score_tiled`, one image at a time), its map resampled
+    to the model grid. With ``native_maps`` also each stitched map at the evaluation grid
+    (:func:`~defectlab.evaluate.metrics.evaluation_size`), for pixel metrics; otherwise None."""
+    if data.tile != "on":
+        scores, maps = predict_arrays(model, loaded.images, progress=progress)
+        return scores, maps, None
+    size = int(data.image_size)
+    scores, maps, natives = [], [], []
+
+    def tiles(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return predict_arrays(model, batch, TILE_BATCH)
+
+    with image_limits(max_pixels=data.max_pixels, min_side=data.min_side):
+        for sample in tqdm(
+            loaded.samples,
+            desc="predicting tiles",
+            disable=not progress,
+            leave=False,
+            file=sys.stderr,
+        ):
+            image = read_image(sample.path, int(data.channels))
+            score, heat = score_tiled(tiles, image, size, TILE_BATCH)
+            scores.append(score)
+            maps.append(resize_map(heat, (size, size)))
+            if native_maps:
+                natives.append(resize_map(heat, evaluation_size(heat.shape)))
+    return (
+        np.array(scores, np.float32),
+        np.stack(maps),
+        natives if native_maps else None,
     )
 
 
@@ -238,6 +324,7 @@ def _calibrate(
     method: str,
     val_defect: LoadedImages | None = None,
     area_labels: tuple[np.ndarray, np.ndarray] | None = None,
+    data: DataConfig | None = None,
 ) -> dict[str, Any]:
     """Thresholds from the normal validation images (quantiles); with ``method="f1"`` the
     F1-optimal image threshold and Dice-optimal pixel threshold over normal + defect
@@ -245,8 +332,15 @@ def _calibrate(
     area of ``area_labels`` (training images, their area ratios); with ``method="model"`` the
     model's own ``decision_thresholds``. The normal-score
     statistics always come from normal images only. ``method`` is the resolved
-    :func:`calibration_method`."""
-    scores, maps = predict_arrays(model, val.images)
+    :func:`calibration_method`. With ``data`` (a run's data settings) images are scored
+    as the run scores them (:func:`predict_loaded`: stitched tiles when it tiles)."""
+
+    def predict(loaded: LoadedImages) -> tuple[np.ndarray, np.ndarray]:
+        if data is None:
+            return predict_arrays(model, loaded.images)
+        return predict_loaded(model, loaded, data)[:2]
+
+    scores, maps = predict(val)
     calibration: dict[str, Any] = {
         "method": method,
         "image_threshold": calibrate_threshold(scores, config.image_quantile),
@@ -278,7 +372,7 @@ def _calibrate(
         return calibration
     if val_defect is None or not len(val_defect.samples):
         raise DataError("calibration.method=f1: the split holds no validation defect images")
-    defect_scores, defect_maps = predict_arrays(model, val_defect.images)
+    defect_scores, defect_maps = predict(val_defect)
     labels = np.r_[np.zeros(len(scores), int), np.ones(len(defect_scores), int)]
     f1, threshold = best_threshold(labels, np.r_[scores, defect_scores])
     calibration |= {
@@ -454,7 +548,7 @@ def _train_into(
             f"{config.model} learns from defect examples too: set data.defects_per_class "
             "to hold out K defect images per type for training"
         )
-    train_data = load_images(train_samples, config.data, "loading train images", progress)
+    train_data = load_training_images(train_samples, config.data, "loading train images", progress)
     val_data = load_images(split["val"], config.data, "loading validation images", progress)
     val_defect = None
     if method == "f1":
@@ -487,11 +581,13 @@ def _train_into(
             method,
             val_defect,
             (train_data.images, weak_labels["area_ratio"]) if weak_labels else None,
+            config.data,
         )
     )
     if context is not None:
         calibration = dist.broadcast_object(calibration)
     if main:
+        tiled = config.data.tile == "on"
         save_checkpoint(
             run_dir / MODEL_FILE, net, calibration=calibration, run_config=config.to_dict()
         )
@@ -503,7 +599,10 @@ def _train_into(
             "model": config.model,
             "dataset": dataset.summary(),
             "split": split.name,
-            "n_train": len(train_data.samples),
+            "n_train": (
+                len({s.path for s in train_data.samples}) if tiled else len(train_data.samples)
+            ),
+            "n_train_tiles": len(train_data.images) if tiled else None,
             "n_train_synthetic": sum(
                 s.defect_type.startswith("synthetic:") for s in train_data.samples
             ),
@@ -531,7 +630,7 @@ def predict(
     *,
     device: str = "auto",
     backend: str = "torch",
-    tile: bool = False,
+    tile: bool | None = None,
     batch_size: int = 16,
     workers: int = 2,
     overlays: bool = True,
@@ -540,7 +639,8 @@ def predict(
     """Inspect an image file or a folder with a trained run (``backend="torch"``) or its ONNX
     export (``backend="onnx"``): ``results.jsonl``, ``scores.csv``, a mask (and overlay) PNG
     per image. Streams with bounded memory and resumes an interrupted call; see
-    :func:`defectlab.deploy.batch.inspect_folder`."""
+    :func:`defectlab.deploy.batch.inspect_folder`. ``tile=None`` scores as the run was
+    trained (stitched native-resolution tiles when it trained on tiles)."""
     from defectlab.deploy.backends import open_inspector
     from defectlab.deploy.batch import inspect_folder
 
@@ -572,13 +672,16 @@ def native_pixel_metrics(
     has_mask: np.ndarray,
     pixel_threshold: float | None,
     mask_threshold: int = 127,
+    native_maps: Sequence[np.ndarray] | None = None,
 ) -> dict[str, float | None]:
     """Pixel AUROC, AUPRO and Dice of model-resolution ``maps`` against the masks at their
     native resolution (:func:`~defectlab.evaluate.metrics.evaluation_size`), one image at a
     time: each mask is read again from its file and each map resized bilinearly to it, so
     only one full-resolution image is held at once. Normal images count as all normal,
-    defect images without a mask are left out."""
+    defect images without a mask are left out. ``native_maps`` (one per image, any size:
+    stitched tile maps) are used instead of ``maps`` where given."""
     accumulator = PixelMetricAccumulator.for_maps(maps, pixel_threshold)
+    source = maps if native_maps is None else native_maps
     for i, sample in enumerate(loaded.samples):
         if sample.label == DEFECT and not has_mask[i]:
             continue
@@ -586,7 +689,7 @@ def native_pixel_metrics(
             mask = evaluation_mask(read_mask(sample.mask_path, mask_threshold))
         else:
             mask = np.zeros(evaluation_size(loaded.original_sizes[i]), bool)
-        accumulator.add(mask, resize_map(maps[i], mask.shape))
+        accumulator.add(mask, resize_map(source[i], mask.shape))
     return accumulator.result()
 
 
@@ -633,7 +736,9 @@ def evaluate(
         raise DataError(f"{data_cfg.path}: test split needs both normal and defect images")
     loaded = load_images(test, data_cfg, "loading test images", progress)
     predict_started = time.perf_counter()
-    scores, maps = predict_arrays(run.model, loaded.images, progress=progress)
+    scores, maps, native_maps = predict_loaded(
+        run.model, loaded, data_cfg, progress=progress, native_maps=True
+    )
     predict_seconds = time.perf_counter() - predict_started
     if on_predictions is not None:
         on_predictions(loaded, scores, maps)
@@ -652,7 +757,7 @@ def evaluate(
     if any_masks:
         model_grid = {f"{k}_model_resolution": metrics[k] for k in ("pixel_auroc", "aupro", "dice")}
         metrics |= native_pixel_metrics(
-            loaded, maps, has_mask, run.pixel_threshold, data_cfg.mask_threshold
+            loaded, maps, has_mask, run.pixel_threshold, data_cfg.mask_threshold, native_maps
         )
         metrics |= model_grid
     metrics |= {
@@ -662,7 +767,8 @@ def evaluate(
         "model": run.config.model,
         "run": str(run.run_dir),
         "n_skipped": len(loaded.failures),
-        # model time only (images already decoded and resized), at the run's image size
+        "tile": data_cfg.tile,
+        # model time (tiled runs: with decoding each image again), at the run's image size
         "images_per_second": round(len(scores) / predict_seconds, 2) if predict_seconds else None,
     }
     write_json(out / "metrics.json", metrics)
@@ -708,6 +814,11 @@ def evaluate(
             "data": str(data_cfg.path),
             "split": split.name,
             "image size": run.config.data.image_size,
+            "tiling": (
+                f"on: native-resolution {run.config.data.image_size} px tiles, maps stitched"
+                if data_cfg.tile == "on"
+                else "off"
+            ),
             "defectlab": environment_info()["defectlab"],
             "torch": torch.__version__,
         },
@@ -822,11 +933,7 @@ def make_synthesizer(
     settings = sections.pop("model", {})
     if sections:  # data., train. or calibration. keys: synthesis reads none of them
         section, names = next(iter(sections.items()))
-        valid = (
-            cls.synthesis_fields
-            if cls.needs_training
-            else [f.name for f in fields(cls.Config)]
-        )
+        valid = cls.synthesis_fields if cls.needs_training else [f.name for f in fields(cls.Config)]
         raise ConfigError(
             f"--set {section + '.' + next(iter(names))!r}: synth takes no {section} settings; "
             f"{method} settings: {', '.join(valid)} (size and channels: --image-size, --channels)"

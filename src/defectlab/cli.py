@@ -308,6 +308,29 @@ def cmd_serve(args: argparse.Namespace) -> str:
     return f"stopped serving {args.run} on http://{args.host}:{args.port}"
 
 
+#: ``--tile`` values → the ``tile`` argument of predict and serve (None: as the run trained)
+TILE_FLAGS = {"auto": None, "on": True, "off": False}
+
+
+def _tile_flag(text: str) -> bool | None:
+    if text not in TILE_FLAGS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(TILE_FLAGS)}, got {text!r}")
+    return TILE_FLAGS[text]
+
+
+def _add_tile(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tile",
+        nargs="?",
+        type=_tile_flag,
+        const=True,
+        default=None,
+        metavar="auto|on|off",
+        help="score images as overlapping native-resolution model-size tiles, maps stitched "
+        "(--tile alone: on); auto (default): as the run was trained (data.tile)",
+    )
+
+
 def _add_max_pixels(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-pixels",
@@ -404,9 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", required=True, help="an image file or a folder (searched recursively)"
     )
     p.add_argument("--out", required=True)
-    p.add_argument(
-        "--tile", action="store_true", help="score large images as overlapping model-size tiles"
-    )
+    _add_tile(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="image decoding/writing threads")
     p.add_argument(
@@ -473,9 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
-    p.add_argument(
-        "--tile", action="store_true", help="score large images as overlapping model-size tiles"
-    )
+    _add_tile(p)
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get 413")
     p.add_argument(
         "--max-concurrency", type=int, default=2, help="inferences running at once (threads)"

@@ -19,6 +19,8 @@ from defectlab.errors import ConfigError
 
 #: values of ``data.channels``
 CHANNELS: tuple[int | str, ...] = ("auto", 1, 3)
+#: values of ``data.tile``
+TILE_MODES: tuple[str, ...] = ("auto", "on", "off")
 
 
 @dataclass
@@ -26,7 +28,14 @@ class DataConfig:
     path: str = ""
     layout: str = "auto"
     category: str | None = None
-    image_size: int = 128
+    #: the model input side in pixels, or "auto": decided from the training images and the
+    #: model at train time (a pretrained backbone's working size, 128 for pixel models) and
+    #: stored resolved in the run's config with the reason
+    image_size: int | str = "auto"
+    #: "on": train on overlapping native-resolution tiles of image_size and score whole
+    #: images by stitching tile maps; "off": resize whole images; "auto": "on" when an
+    #: auto-sized run's training images are at least twice its input (long side)
+    tile: str = "auto"
     #: 1 (grey), 3 (RGB) or "auto": decided from the training images at train time (RGB
     #: when they are colour), and stored resolved in the run's config with the reason
     channels: int | str = "auto"
@@ -69,8 +78,20 @@ class DataConfig:
                 f"data.channels must be one of {', '.join(map(str, CHANNELS))}; "
                 f"got {self.channels!r}"
             )
-        if self.image_size < 16:
+        if isinstance(self.image_size, str):
+            value = self.image_size.strip()
+            if not (value == "auto" or value.isdigit()):
+                raise ConfigError(f"data.image_size: cannot read {value!r} as int (pixels) or auto")
+            self.image_size = value if value == "auto" else int(value)
+        if self.image_size != "auto" and self.image_size < 16:
             raise ConfigError(f"data.image_size must be at least 16, got {self.image_size}")
+        if isinstance(self.tile, bool):  # a JSON or Python true/false
+            self.tile = "on" if self.tile else "off"
+        self.tile = {"true": "on", "false": "off"}.get(str(self.tile).lower(), str(self.tile))
+        if self.tile not in TILE_MODES:
+            raise ConfigError(
+                f"data.tile must be one of {', '.join(TILE_MODES)}; got {self.tile!r}"
+            )
         if not 0 <= self.mask_threshold < 255:
             raise ConfigError(f"data.mask_threshold must be in [0, 255), got {self.mask_threshold}")
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from defectlab.config import DataConfig
 from defectlab.data.io import image_limits
 from defectlab.data.layouts import Dataset, LayoutOptions, Sample, load_dataset
-from defectlab.data.loading import LoadedImages, load_samples
+from defectlab.data.loading import LoadedImages, load_samples, load_tiles
 from defectlab.data.splits import Split, make_split
 
 
@@ -64,4 +64,28 @@ def load_images(
             workers=data.workers,
             desc=desc,
             progress=progress,
+        )
+
+
+def load_training_images(
+    samples: Sequence[Sample],
+    data: DataConfig,
+    desc: str = "loading train images",
+    progress: bool = False,
+) -> LoadedImages:
+    """The images a run trains on: with ``data.tile="on"`` overlapping native-resolution
+    tiles of ``data.image_size`` (:func:`~defectlab.data.loading.load_tiles`, sampled by
+    ``data.split_seed`` beyond the tile budget), else whole images as :func:`load_images`."""
+    if data.tile != "on":
+        return load_images(samples, data, desc, progress)
+    with image_limits(max_pixels=data.max_pixels, min_side=data.min_side):
+        return load_tiles(
+            samples,
+            int(data.image_size),
+            int(data.channels),
+            data.mask_threshold,
+            workers=data.workers,
+            desc=desc,
+            progress=progress,
+            seed=data.split_seed,
         )

@@ -4,7 +4,9 @@ Batch inspection (:mod:`defectlab.deploy.batch`), the HTTP service
 (:mod:`defectlab.deploy.serve`) and the inference benchmark talk to an :class:`Inspector`
 only, so a model exported to ONNX is a drop-in for its PyTorch run. An inspector scores
 images already at its input size; :func:`score_images` takes full-resolution images,
-resizes (or tiles) them with the same code for both backends and maps the heat back.
+resizes (or tiles) them with the same code for both backends and maps the heat back. A run
+trained on tiles (``data.tile=on``) says so (:attr:`Inspector.tiled`, the export's metadata)
+and is scored as stitched tiles by default.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from defectlab.data.transforms import extract_tiles, resize_image, resize_map, stitch_tiles
+from defectlab.data.transforms import resize_image, resize_map, score_tiled
 from defectlab.errors import CheckpointError, ConfigError
 
 BACKENDS = ("torch", "onnx")
@@ -38,7 +40,9 @@ class Inspector(ABC):
     """A loaded model with its calibrated decision rule.
 
     ``map_range`` is the heat-map display range (normal median → twice the pixel
-    threshold's excess); ``run_dir`` is the training run the model came from.
+    threshold's excess); ``run_dir`` is the training run the model came from; ``tiled``:
+    the model was trained on native-resolution tiles of ``image_size`` and scores whole
+    images as stitched tiles.
     """
 
     model: str
@@ -50,6 +54,7 @@ class Inspector(ABC):
     run_dir: Path
 
     backend: str = "torch"
+    tiled: bool = False
 
     @abstractmethod
     def score(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -66,6 +71,7 @@ class Inspector(ABC):
             "defectlab": __version__,
             "image_size": self.image_size,
             "channels": self.channels,
+            "tiled": self.tiled,
             "image_threshold": self.image_threshold,
             "pixel_threshold": self.pixel_threshold,
             "run": str(self.run_dir),
@@ -99,6 +105,7 @@ def torch_inspector(run_dir: str | Path, device: str = "auto") -> TorchInspector
         map_range=run.map_range,
         run_dir=run.run_dir,
         backend="torch",
+        tiled=run.config.data.tile == "on",
         trained=run,
     )
 
@@ -124,15 +131,26 @@ def find_export(path: Path) -> Path:
     )
 
 
+def use_tiles(inspector: Inspector, tile: bool | None) -> bool:
+    """Whether images are scored as tiles: ``tile`` when given, else as the model was trained."""
+    return inspector.tiled if tile is None else bool(tile)
+
+
 def score_images(
-    inspector: Inspector, images: Sequence[np.ndarray], *, tile: bool = False, batch_size: int = 32
+    inspector: Inspector,
+    images: Sequence[np.ndarray],
+    *,
+    tile: bool | None = None,
+    batch_size: int = 32,
 ) -> list[tuple[float, np.ndarray]]:
     """Score full-resolution (H, W, C) images; each gets its score and a heat map at its own
     size. Without tiling all images go through the model in one batched call (resized to
-    the model size); with tiling each image is cut into overlapping model-size tiles whose
-    maps are stitched, and its score is the highest tile score."""
+    the model size); with tiling (``tile=None``: as the model was trained) each image is cut
+    into overlapping native-resolution model-size tiles, ``batch_size`` per model call, whose
+    maps are stitched (:func:`~defectlab.data.transforms.score_tiled`, the loop evaluate
+    uses too), and its score is the highest tile score."""
     size = inspector.image_size
-    if not tile:
+    if not use_tiles(inspector, tile):
         if not images:
             return []
         scores, maps = inspector.score(
@@ -142,12 +160,10 @@ def score_images(
             (float(score), resize_map(heat, image.shape[:2]))
             for score, heat, image in zip(scores, maps, images, strict=True)
         ]
-    results = []
-    for image in images:
-        tiles, positions = extract_tiles(image, size, overlap=size // 4)
-        scores, maps = inspector.score(tiles, batch_size)
-        results.append((float(scores.max()), stitch_tiles(maps, positions, image.shape[:2])))
-    return results
+    return [
+        score_tiled(lambda tiles: inspector.score(tiles, batch_size), image, size, batch_size)
+        for image in images
+    ]
 
 
 # --- ONNX Runtime ------------------------------------------------------------------------------
@@ -223,6 +239,7 @@ def onnx_inspector(folder: Path, threads: int | None = None) -> OnnxInspector:
         map_range=(float(metadata["map_range"][0]), float(metadata["map_range"][1])),
         run_dir=Path(metadata["run"]),
         backend="onnx",
+        tiled=bool((metadata.get("tiling") or {}).get("enabled", False)),
         session=onnx_session(graph, threads),
         metadata=metadata,
     )

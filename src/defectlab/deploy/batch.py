@@ -31,7 +31,7 @@ from defectlab.data.io import (
     write_png,
 )
 from defectlab.data.loading import iter_files, list_input_images, report_failures
-from defectlab.deploy.backends import Inspector, score_images
+from defectlab.deploy.backends import Inspector, score_images, use_tiles
 from defectlab.errors import ConfigError, DataError
 from defectlab.evaluate.visualize import heatmap_overlay, mask_outline
 
@@ -115,7 +115,7 @@ def inspect_folder(
     input_path: str | Path,
     out: str | Path,
     *,
-    tile: bool = False,
+    tile: bool | None = None,
     batch_size: int = 16,
     workers: int = 2,
     overlays: bool = True,
@@ -126,8 +126,10 @@ def inspect_folder(
     Per image: a row in ``results.jsonl`` and ``scores.csv`` (score, decision at the
     calibrated threshold, predicted defect area, size), ``masks/<name>.png`` at the image's
     own size and, with ``overlays``, ``overlays/<name>.png`` (heat map + mask outline).
-    Unreadable files are reported, listed in ``skipped.csv`` and skipped.
+    Unreadable files are reported, listed in ``skipped.csv`` and skipped. ``tile=None``
+    scores as the model was trained (stitched tiles for a run trained on tiles).
     """
+    tile = use_tiles(inspector, tile)
     if batch_size < 1 or workers < 1:
         raise ConfigError(f"batch size and workers must be at least 1 ({batch_size}, {workers})")
     input_path, out = Path(input_path), Path(out)

@@ -40,6 +40,7 @@ from torch import nn
 from defectlab import __version__
 from defectlab.base import Model
 from defectlab.data.io import atomic_path, atomic_write_text
+from defectlab.data.transforms import tile_overlap
 from defectlab.deploy.backends import (
     FORMAT,
     FORMAT_VERSION,
@@ -99,7 +100,7 @@ def _split_images(run: Any, part: str, n: int) -> tuple[np.ndarray, str]:
     """Up to ``n`` images of one split part of the run's own data, spread over the part (the
     test part holds normal and defect images: real inputs exercise the model's real value
     ranges), or seeded synthetic images when the data is no longer readable."""
-    from defectlab.data.run_data import load_images
+    from defectlab.data.run_data import load_images, load_training_images
     from defectlab.data.splits import Split
     from defectlab.errors import DefectlabError
 
@@ -107,6 +108,10 @@ def _split_images(run: Any, part: str, n: int) -> tuple[np.ndarray, str]:
     try:
         samples = Split.load(run.run_dir / "split.json")[part]
         samples = samples[:: max(1, len(samples) // n)][:n]
+        if config.tile == "on":  # the graph sees tiles: check it on native-resolution ones
+            tiles = load_training_images(samples, config, f"loading {part} tiles").images
+            tiles = tiles[:: max(1, len(tiles) // n)][:n]
+            return tiles, f"{len(tiles)} tiles of {part} images of {config.path}"
         loaded = load_images(samples, config, f"loading {part} images", progress=False)
         return loaded.images, f"{len(loaded.images)} {part} images of {config.path}"
     except (DefectlabError, OSError, KeyError):
@@ -282,11 +287,28 @@ def export_onnx(
             "range": [0.0, 1.0],
             "preprocessing": (
                 f"decode; convert to {channels} channel(s); scale to [0, 1] by the bit depth; "
-                f"resize to {size}x{size} (area when shrinking, bilinear when growing) — "
-                "defectlab.data.io.read_image + defectlab.data.transforms.resize_image"
+                + (
+                    f"cut into {size}x{size} tiles at native resolution (see tiling) — "
+                    "defectlab.data.io.read_image + defectlab.data.transforms.score_tiled"
+                    if inspector.tiled
+                    else f"resize to {size}x{size} (area when shrinking, bilinear when "
+                    "growing) — defectlab.data.io.read_image + "
+                    "defectlab.data.transforms.resize_image"
+                )
             ),
         },
         "outputs": list(OUTPUTS),
+        # a tiled run's graph takes one tile: both backends cut and stitch with the same code
+        "tiling": {
+            "enabled": inspector.tiled,
+            "tile": size,
+            "overlap": tile_overlap(size),
+            "rule": (
+                "overlapping native-resolution tiles (images smaller than a tile mirrored "
+                "out), maps averaged where tiles overlap, image score = highest tile score — "
+                "defectlab.data.transforms.score_tiled"
+            ),
+        },
         "image_threshold": inspector.image_threshold,
         "pixel_threshold": inspector.pixel_threshold,
         "map_range": [low, high],

@@ -70,7 +70,7 @@ from defectlab.data.io import (
     decode_image,
     to_uint8,
 )
-from defectlab.deploy.backends import Inspector, open_inspector, score_images
+from defectlab.deploy.backends import Inspector, open_inspector, score_images, use_tiles
 from defectlab.errors import ConfigError, DataError, OutputError
 from defectlab.evaluate.visualize import heatmap_overlay, mask_outline, png_base64
 
@@ -516,14 +516,16 @@ def create_app(
     max_upload_bytes: int = 20 * 2**20,
     max_concurrency: int = 2,
     max_queue: int = 64,
-    tile: bool = False,
+    tile: bool | None = None,
     max_batch: int = 8,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     api_keys: Sequence[str] = (),
 ) -> FastAPI:
     """The inspection service around an already loaded model (see the module docstring for
     what the limits guard against). ``max_batch=1`` turns micro-batching off; with
-    ``api_keys`` every request but ``/health`` needs one of them."""
+    ``api_keys`` every request but ``/health`` needs one of them. ``tile=None`` scores
+    as the model was trained (stitched tiles for a run trained on tiles)."""
+    tile = use_tiles(inspector, tile)
     if any(not key or key != key.strip() for key in api_keys):
         raise ConfigError("API keys must be non-empty and without surrounding spaces")
     for name, value, least in (
@@ -614,7 +616,7 @@ def serve(
     device: str = "auto",
     host: str = "127.0.0.1",
     port: int = 8000,
-    tile: bool = False,
+    tile: bool | None = None,
     max_upload_bytes: int = 20 * 2**20,
     max_concurrency: int = 2,
     max_queue: int = 64,
