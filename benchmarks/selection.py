@@ -8,7 +8,9 @@ is scored on procedural defects painted onto the normal validation share; the z-
 is evaluated on the real test share, and the script reports per candidate the synthetic-
 validation AUROC and the real test AUROC, and the Spearman rank correlation between the two
 over the candidates (with and without the ensemble). Each dataset runs in its own process;
-a finished selection folder and a finished evaluation are reused.
+a finished selection folder and a finished evaluation are reused, and with ``--reuse-runs``
+the runs of ``benchmarks/detection.py`` with exactly a candidate's settings, size, seed and
+split are scored instead of retrained (the selection checks that they match).
 
     .venv/bin/python benchmarks/selection.py --out runs/bench-selection --write-docs
 
@@ -66,6 +68,13 @@ def run_one(args: argparse.Namespace) -> list[dict[str, Any]]:
     # the benchmark measures the synthetic rule whatever auto's default rule is
     overrides = ["selection.rule=synthetic"]
     overrides += [f"selection.candidates={','.join(args.candidates)}"] if args.candidates else []
+    reuse = {}
+    if args.reuse_runs is not None:  # benchmarks/detection.py's runs of the same candidates
+        for spec in args.candidates or selection.SelectionConfig().candidates:
+            model = spec.partition(":")[0]
+            run = args.reuse_runs / f"{model}-{name}-{args.image_size}-s{args.seed}"
+            if (run / api.MODEL_FILE).exists():
+                reuse[spec] = run
     if not (out / selection.SELECTION_CSV).exists():
         chosen = selection.select(
             dataset,
@@ -75,6 +84,7 @@ def run_one(args: argparse.Namespace) -> list[dict[str, Any]]:
             device=args.device,
             overrides=overrides,
             progress=False,
+            reuse=reuse,
         )
         print(chosen.summary(), file=sys.stderr)
     else:
@@ -103,7 +113,7 @@ def run_one(args: argparse.Namespace) -> list[dict[str, Any]]:
                     )
                 },
             }
-            if entry["status"] == "trained":
+            if entry["status"] in ("trained", "reused"):
                 run_dir = Path(entry["run"])
                 done = run_dir / "eval" / "metrics.json"
                 if done.exists():  # a finished evaluation of this run is reused
@@ -143,6 +153,12 @@ def main() -> None:
         "--candidates", nargs="*", default=[], help="candidate specs (default: auto's own)"
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bench-selection"))
+    parser.add_argument(
+        "--reuse-runs",
+        type=Path,
+        help="benchmarks/detection.py --out folder: its runs of the same candidates, size, "
+        "seed and split are scored instead of retrained (checked by defectlab.selection)",
+    )
     add_write_docs(parser, "selection")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -159,6 +175,8 @@ def main() -> None:
         command += ["--device", args.device, "--out", str(args.out)]
         if args.candidates:
             command += ["--candidates", *args.candidates]
+        if args.reuse_runs is not None:
+            command += ["--reuse-runs", str(args.reuse_runs)]
         rows = job_rows(command, f"selection on {dataset}")
         if rows:
             by_dataset[Path(dataset).name] = rows

@@ -185,3 +185,27 @@ def test_budget_stops_new_candidates(data: Path, tmp_path: Path) -> None:
     assert chosen.chosen == "pixelstats"
     with (tmp_path / "b" / selection.SELECTION_CSV).open(newline="") as f:
         assert [r["synthetic_auroc"] for r in csv.DictReader(f)][1] == ""
+
+
+def test_reused_runs_are_scored_not_retrained(chosen: Any, data: Path, tmp_path: Path) -> None:
+    first, second = chosen.candidates[:2]  # pixelstats, the tiny patchmemory
+    again = selection.select(
+        data,
+        tmp_path / "reuse",
+        image_size=32,
+        overrides=[*OPTIONS, "selection.ensemble=false"],
+        progress=False,
+        reuse={"pixelstats": first.run_dir},
+    )
+    assert [c.status for c in again.candidates] == ["reused", "trained"]
+    assert again.candidates[0].synthetic_auroc == first.synthetic_auroc
+    assert again.candidates[0].run_dir == first.run_dir
+    with pytest.raises(ConfigError, match="cannot reuse it for pixelstats: it differs in model"):
+        selection.select(
+            data,
+            tmp_path / "wrong",
+            image_size=32,
+            overrides=OPTIONS,
+            progress=False,
+            reuse={"pixelstats": second.run_dir},
+        )

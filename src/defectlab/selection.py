@@ -20,9 +20,11 @@ and ``calibration.`` settings go to every candidate; model settings belong to a 
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -32,9 +34,10 @@ from tqdm import tqdm
 
 from defectlab import api
 from defectlab.components.painting import SHAPES, ProceduralConfig, ProceduralPainter
-from defectlab.config import DataConfig, apply_overrides
+from defectlab.config import DataConfig, RunConfig, apply_overrides
 from defectlab.data.io import write_csv
 from defectlab.data.layouts import Sample
+from defectlab.data.splits import Split
 from defectlab.errors import ConfigError, DataError
 from defectlab.evaluate.metrics import auroc, pixel_auroc
 from defectlab.runs import (
@@ -314,9 +317,13 @@ def select(
     seed: int | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     progress: bool = True,
+    reuse: Mapping[str, str | Path] | None = None,
 ) -> Selection:
     """Train the candidates into ``out/candidates/``, score each on painted normal
-    validation images, and make ``out`` the winner's run (see the module docstring)."""
+    validation images, and make ``out`` the winner's run (see the module docstring).
+
+    ``reuse`` maps a candidate spec to a run already trained with exactly its settings on
+    the same split (checked; e.g. a benchmark's runs): it is scored instead of retrained."""
     out = Path(out)
     started = time.perf_counter()
     config, shared = split_overrides(overrides)
@@ -357,6 +364,11 @@ def select(
         if scored and time.perf_counter() - started > config.budget_seconds:
             scored.append(Scored(candidate.name, candidate.spec, None, "skipped: over budget"))
             continue
+        if candidate.spec in (reuse or {}):
+            existing = Path((reuse or {})[candidate.spec])
+            _check_reusable(existing, candidate, base, split)
+            scored.append(_score_existing(existing, candidate.spec, candidate.name, validation))
+            continue
         scored.append(
             _train_and_score(
                 candidate.model,
@@ -395,6 +407,51 @@ def select(
     run_logger(out).info("model=auto → %s: %s", winner.name, reason)
     return Selection(
         load_run(out, device), winner.name, reason, scored, shapes, list(validation.paths)
+    )
+
+
+def _check_reusable(run_dir: Path, candidate: Candidate, base: RunConfig, split: Split) -> None:
+    """Refuse a run to reuse unless it is ``candidate`` trained on ``split`` at ``base``'s
+    data settings."""
+    stored = RunConfig.from_dict(read_json(run_dir / "config.json"))
+    wanted = api.build_config(
+        candidate.model,
+        base.data.path,
+        image_size=base.data.image_size,
+        overrides=list(candidate.settings),
+    )
+    same_model = stored.model == candidate.model and json.dumps(
+        stored.model_config, sort_keys=True, default=list
+    ) == json.dumps(wanted.model_config, sort_keys=True, default=list)
+    same_data = stored.data.image_size == base.data.image_size
+    theirs = Split.load(run_dir / "split.json")
+    same_split = all(
+        [str(x.path) for x in theirs[part]] == [str(x.path) for x in split[part]]
+        for part in ("train", "val", "test")
+    )
+    if not (same_model and same_data and same_split):
+        raise ConfigError(
+            f"{run_dir}: cannot reuse it for {candidate.spec}: it differs in "
+            + ", ".join(
+                w
+                for w, ok in (("model", same_model), ("size", same_data), ("split", same_split))
+                if not ok
+            )
+        )
+
+
+def _score_existing(run_dir: Path, spec: str, name: str, validation: ValidationSet) -> Scored:
+    run = load_run(run_dir)
+    result = score_run(run, *validation.arrays(run.config.data))
+    seconds = read_json(run_dir / "metrics.json").get("train_seconds")
+    return Scored(
+        name,
+        spec,
+        run_dir,
+        "reused",
+        train_seconds=seconds,
+        size_mb=_run_size_mb(run_dir),
+        **result,
     )
 
 
