@@ -322,3 +322,46 @@ def test_review_page_neighbours_follow_the_queue(station) -> None:
     assert f'data-next="/review/{items[2]["inspection_id"]}?' in page
     scores = [i["score"] for i in items]
     assert scores == sorted(scores, reverse=True)
+
+
+def _follow(client: TestClient, job: dict, timeout: float = 300) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while job["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        job = client.get(f"/api/jobs/{job['id']}").json()
+    return job
+
+
+def test_scan_and_retrain_run_as_jobs_with_progress(
+    db_url: str, trained_run: Path, parts: tuple[Path, dict], tmp_path: Path
+) -> None:
+    folder, truth = parts
+    app = create_app(db_url, run=trained_run, files=tmp_path / "files", scan=[folder])
+    wb = app.state.workbench
+    token = wb.first_token
+    with TestClient(app) as client:
+        job = client.post("/api/scan", headers=auth(token)).json()
+        assert job["kind"] == "scan"
+        job = _follow(client, job)
+        assert job["state"] == "done" and job["done"] == job["total"] == len(truth)
+        assert f"{len(truth)} new" in job["message"]
+        failed = _follow(client, client.post("/api/retrain", headers=auth(token)).json())
+        assert failed["state"] == "failed" and "review more parts" in failed["message"]
+        for item in client.get("/api/queue?view=all&reviewed=any").json()["items"]:
+            name = Path(
+                client.app.state.workbench.db.sessions().get(Image, item["image_id"]).path
+            ).name
+            verdict = "normal" if truth[name] is None else "defect"
+            client.post(
+                f"/api/reviews/{item['image_id']}",
+                json={"verdict": verdict, "revision": 0},
+                headers=auth(token),
+            )
+        done = _follow(client, client.post("/api/retrain", headers=auth(token)).json())
+        assert done["state"] == "done", done
+        assert "recalibrated" in done["message"], done["message"]
+        versions = client.get("/versions").text
+        assert "v2 ← v1" in versions and "candidate" in versions
+    wb.db.close()

@@ -236,8 +236,9 @@ def ingest_paths(
         file=sys.stderr,
     )
     added = flagged = 0
+    finished = len(paths) - len(todo)  # tqdm counts nothing when disabled
     if on_progress:
-        on_progress(len(paths) - len(todo), len(paths))
+        on_progress(finished, len(paths))
     for batch_paths, images, bad in iter_files(todo, inspector.channels, batch_size, workers):
         failures += bad
         outcomes = score_images(inspector, images, batch_size=batch_size)
@@ -262,8 +263,9 @@ def ingest_paths(
                     added += 1
                     flagged += int(row.is_defect)
         bar.update(len(batch_paths) + len(bad))
+        finished += len(batch_paths) + len(bad)
         if on_progress:
-            on_progress(bar.n, len(paths))
+            on_progress(finished, len(paths))
         bar.set_postfix(flagged=flagged, skipped=len(failures))
     bar.close()
     record_failures(db, failures)
