@@ -76,9 +76,11 @@ def test_state_round_trip_and_mask_rule(tmp_path: Path) -> None:
     model = make(3, mask_k=1.0)
     batch = batch_of(surfaces(2, 2, 3), [0, 0, 1, 1])
     model.training_step(batch)
+    model.is_fitted = True  # one step by hand, not through fit(); saved with the checkpoint
     save_checkpoint(tmp_path / "m.pt", model)
     loaded = make(3, mask_k=1.0, seed=5)
     loaded.load_state_dict(load_checkpoint(tmp_path / "m.pt")["state"])
+    loaded.is_fitted = True  # the state alone; load_run restores the flag
     source = surfaces(1, 0, 3, seed=5)[0]
     a = model.synthesize(source, np.random.default_rng(0))
     b = loaded.synthesize(source, np.random.default_rng(1))  # deterministic: no detail code

@@ -91,6 +91,7 @@ def trained(channels: int = 1, steps: int = 2, **overrides: object) -> MaskGAN:
     batch = batch_of(2, 2, channels)
     for _ in range(steps):
         model.training_step(batch)
+    model.is_fitted = True  # trained by hand, step by step, not through fit()
     return model
 
 
@@ -307,6 +308,7 @@ def test_state_round_trip_gives_identical_samples(tmp_path: Path, channels: int)
     save_checkpoint(tmp_path / "model.pt", model)
     loaded = make(channels, seed=9, mask_threshold=0.3)
     loaded.load_state_dict(load_checkpoint(tmp_path / "model.pt")["state"])  # weights_only
+    loaded.is_fitted = True  # the state alone; load_run restores the flag
     source = parts(1, 0, channels, seed=5)[0][0]
     a = list(model.generate([source], 3, seed=4))
     b = list(loaded.generate([source], 3, seed=4))

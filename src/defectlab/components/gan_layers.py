@@ -19,6 +19,12 @@ from defectlab.data.io import to_uint8
 
 #: normalisations of :class:`ResidualEncoder` (``encoder_norm`` of the GAN configs)
 ENCODER_NORMS = ("instance", "batch", "none")
+#: generator outputs (``generator`` of the translation GANs): a whole image, or an image and
+#: a soft attention map that confines the edit (:class:`AttentionOutput`)
+GENERATOR_KINDS = ("full", "residual_attention")
+#: initial bias of the attention logit: sigmoid(-3) ≈ 0.05, so an untrained generator edits
+#: little and training starts near the identity
+ATTENTION_INIT_BIAS = -3.0
 
 
 # --- layers ----------------------------------------------------------------------------------
@@ -68,6 +74,51 @@ def to_image_conv(width: int, channels: int) -> nn.Module:
     )
 
 
+class AttentionOutput(nn.Module):
+    """Final 7×7 conv to the image channels (Tanh) plus one attention channel (sigmoid):
+    returns ``(image, attention)``, the image in [-1, 1] and the map in (0, 1), (B, 1, H, W)."""
+
+    def __init__(self, width: int, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.conv = nn.Conv2d(width, channels + 1, 7, padding=3, padding_mode="reflect")
+        with torch.no_grad():
+            self.conv.bias[channels:].fill_(ATTENTION_INIT_BIAS)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.conv(h)
+        return torch.tanh(out[:, : self.channels]), torch.sigmoid(out[:, self.channels :])
+
+
+def output_layer(width: int, channels: int, kind: str) -> nn.Module:
+    """The generator's last layer for ``generator=kind``: an image, or image + attention."""
+    if kind == "residual_attention":
+        return AttentionOutput(width, channels)
+    return to_image_conv(width, channels)
+
+
+def attention_blend(
+    source: torch.Tensor, image: torch.Tensor, attention: torch.Tensor
+) -> torch.Tensor:
+    """``a·image + (1 − a)·source``: a convex combination, so the result stays in the images'
+    range without clipping, and where ``a`` is exactly 0 it is the source, bit for bit."""
+    return attention * image + (1 - attention) * source
+
+
+def attention_priors(maps: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparsity (mean of ``a``) and total variation (mean absolute difference of neighbours)
+    of attention maps, averaged over the maps: small, compact edits are preferred."""
+    sparsity = torch.stack([m.mean() for m in maps]).mean()
+    tv = torch.stack(
+        [
+            (m[..., 1:, :] - m[..., :-1, :]).abs().mean()
+            + (m[..., :, 1:] - m[..., :, :-1]).abs().mean()
+            for m in maps
+        ]
+    ).mean()
+    return sparsity, tv
+
+
 def _conv_norm_relu(c_in: int, c_out: int, kernel: int, stride: int, norm: str) -> nn.Module:
     padding = (kernel - 1) // 2 if stride == 1 else 1
     return nn.Sequential(
@@ -97,13 +148,14 @@ class ResidualEncoder(nn.Sequential):
 
 
 class UpDecoder(nn.Sequential):
-    """Two up-sampling blocks, one conv, Tanh: (4w, H/4, W/4) → image. CrossGAN's G_X."""
+    """Two up-sampling blocks, one conv, Tanh: (4w, H/4, W/4) → image (``kind="full"``) or
+    (image, attention) (``"residual_attention"``). CrossGAN's G_X."""
 
-    def __init__(self, channels: int, width: int) -> None:
+    def __init__(self, channels: int, width: int, kind: str = "full") -> None:
         super().__init__(
             UpBlock(4 * width, 2 * width),
             UpBlock(2 * width, width),
-            to_image_conv(width, channels),
+            output_layer(width, channels, kind),
         )
 
 

@@ -47,6 +47,13 @@ One training step on paired normal ``x`` and defect ``y`` (see
 
 Image range: networks work in [-1, 1] (inputs ``2x − 1``); both generators end in Tanh.
 
+Localised edits (``generator="residual_attention"``; ``"full"`` is the seed's design above):
+G_Y and G_X also output an attention map ``m`` (sigmoid) and every image they produce is
+``m·G + (1 − m)·source``, the source being the image whose content code they decode (``x`` for
+``u``, ``y`` for ``v``, ``u`` for ``x̂``, ``v`` for ``ŷ``); the generator loss adds the sparsity
+and TV priors on every map, and synthesis takes the mask from G_Y's map
+(:mod:`defectlab.synth.translation`). Everything else, losses included, is unchanged.
+
 Synthesis (:meth:`CrossGAN.synthesize`): ``G_Y(E^c(x), a)`` with ``a`` drawn from N(0, I) by
 the sample's rng (``detail="prior"``) or ``a = μ`` of a real defect example given through
 :meth:`use_defect_examples`, one chosen per sample by the rng (``detail="encode"``). The mask is
@@ -73,8 +80,9 @@ from defectlab.components.gan_layers import (
     ResidualEncoder,
     UpBlock,
     UpDecoder,
+    attention_blend,
     frozen,
-    to_image_conv,
+    output_layer,
 )
 from defectlab.components.gan_losses import adversarial_loss
 from defectlab.config import check_choice, check_fields
@@ -178,18 +186,19 @@ class DetailResidualBlock(nn.Module):
 
 
 class DefectGenerator(nn.Module):
-    """G_Y(content, detail): two residual blocks, two up-sampling blocks, one conv (+Tanh)."""
+    """G_Y(content, detail): two residual blocks, two up-sampling blocks, one conv (+Tanh);
+    with ``kind="residual_attention"`` the last conv also gives an attention map."""
 
-    def __init__(self, channels: int, width: int, dim: int) -> None:
+    def __init__(self, channels: int, width: int, dim: int, kind: str = "full") -> None:
         super().__init__()
         self.blocks = nn.ModuleList(DetailResidualBlock(4 * width, dim) for _ in range(2))
         self.up = nn.Sequential(
             UpBlock(4 * width, 2 * width),
             UpBlock(2 * width, width),
-            to_image_conv(width, channels),
+            output_layer(width, channels, kind),
         )
 
-    def forward(self, content: torch.Tensor, detail: torch.Tensor) -> torch.Tensor:
+    def forward(self, content: torch.Tensor, detail: torch.Tensor) -> Any:
         for block in self.blocks:
             content = block(content, detail)
         return self.up(content)
@@ -224,8 +233,8 @@ class CrossGAN(TranslationGAN):
         return {
             "content_encoder": ResidualEncoder(c, w, cfg.content_blocks, cfg.encoder_norm),
             "detail_encoder": DetailEncoder(c, w, cfg.detail_dim),
-            "defect_generator": DefectGenerator(c, w, cfg.detail_dim),
-            "normal_generator": UpDecoder(c, w),
+            "defect_generator": DefectGenerator(c, w, cfg.detail_dim, cfg.generator),
+            "normal_generator": UpDecoder(c, w, cfg.generator),
             "content_discriminator": ContentDiscriminator(w),
             "normal_discriminator": MultiScaleDiscriminator(c, w, cfg.disc_layers, cfg.disc_scales),
             "defect_discriminator": MultiScaleDiscriminator(c, w, cfg.disc_layers, cfg.disc_scales),
@@ -245,11 +254,39 @@ class CrossGAN(TranslationGAN):
         code = mean + torch.exp(0.5 * logvar) * self.randn(*mean.shape)
         return code, kl_divergence(mean, logvar)
 
-    def to_defect(self, content: torch.Tensor, detail: torch.Tensor) -> torch.Tensor:
-        return self.nets["defect_generator"](content, detail)
+    def _edit(
+        self, out: Any, source: torch.Tensor | None, maps: list[torch.Tensor] | None
+    ) -> torch.Tensor:
+        """A generator's output as an image: itself (``generator="full"``) or blended into
+        ``source`` by its attention map, which is appended to ``maps`` (for the priors)."""
+        if not self.config.attention:
+            return out
+        if source is None:
+            raise ValueError("generator=residual_attention edits a source image: pass source")
+        image, attention = out
+        if maps is not None:
+            maps.append(attention)
+        return attention_blend(source, image, attention)
 
-    def to_normal(self, content: torch.Tensor) -> torch.Tensor:
-        return self.nets["normal_generator"](content)
+    def to_defect(
+        self,
+        content: torch.Tensor,
+        detail: torch.Tensor,
+        source: torch.Tensor | None = None,
+        maps: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """G_Y: the defect version of the image whose content code is ``content``
+        (``source``: that image, needed by ``generator="residual_attention"``)."""
+        return self._edit(self.nets["defect_generator"](content, detail), source, maps)
+
+    def to_normal(
+        self,
+        content: torch.Tensor,
+        source: torch.Tensor | None = None,
+        maps: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """G_X: the defect-free version (``source`` as for :meth:`to_defect`)."""
+        return self._edit(self.nets["normal_generator"](content), source, maps)
 
     # --- training ------------------------------------------------------------------------------
     def train_pairs(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -257,18 +294,20 @@ class CrossGAN(TranslationGAN):
         kind = cfg.gan_loss
         d_content, d_normal, d_defect = (nets[n] for n in DISCRIMINATORS)
 
+        # attention maps of the generator-side images (residual_attention only), for priors
+        maps: list[torch.Tensor] = []
         # stage 1: forward translation
         z_x, z_y = self.content(torch.cat([x, y])).split([len(x), len(y)])
         a_y, kl = self.sample_detail(y)
-        u = self.to_defect(z_x, a_y)
-        v = self.to_normal(z_y)
+        u = self.to_defect(z_x, a_y, x, maps)
+        v = self.to_normal(z_y, y, maps)
         a_r = self.randn(len(x), cfg.detail_dim) if cfg.latent_weight > 0 else None
-        u_r = self.to_defect(z_x, a_r) if a_r is not None else None
+        u_r = self.to_defect(z_x, a_r, x, maps) if a_r is not None else None
         # stage 2: backward (cross) reconstruction, no content discriminator
         z_u, z_v = self.content(torch.cat([u, v])).split([len(u), len(v)])
         a_u, kl_u = self.sample_detail(u)
-        x_hat = self.to_normal(z_u)
-        y_hat = self.to_defect(z_v, a_u)
+        x_hat = self.to_normal(z_u, u, maps)
+        y_hat = self.to_defect(z_v, a_u, v, maps)
 
         # discriminators on detached codes and images
         c_loss = adversarial_loss(d_content(z_x.detach()), 1.0, "bce") + adversarial_loss(
@@ -303,8 +342,8 @@ class CrossGAN(TranslationGAN):
             )
             losses: dict[str, float] = {}
             if cfg.self_recon_weight > 0:
-                self_recon = F.l1_loss(self.to_normal(z_x), x) + F.l1_loss(
-                    self.to_defect(z_y, a_y), y
+                self_recon = F.l1_loss(self.to_normal(z_x, x, maps), x) + F.l1_loss(
+                    self.to_defect(z_y, a_y, y, maps), y
                 )
                 loss = loss + cfg.self_recon_weight * self_recon
                 losses["self_recon"] = self_recon.item()
@@ -312,6 +351,10 @@ class CrossGAN(TranslationGAN):
                 latent = F.l1_loss(self.detail(u_r)[0], a_r)
                 loss = loss + cfg.latent_weight * latent
                 losses["latent"] = latent.item()
+            if maps:
+                prior, values = self.attention_loss(maps)
+                loss = loss + prior
+                losses.update(values)
             self.step_optimizers(GENERATOR_SIDE, loss)
 
         return {
@@ -329,16 +372,16 @@ class CrossGAN(TranslationGAN):
     def sample_rows(self, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
         """Like the seed's Figure 3: x → u → x̂ and y → v → ŷ (detail codes = means)."""
         z_x, z_y = self.content(x), self.content(y)
-        u = self.to_defect(z_x, self.detail(y)[0])
-        v = self.to_normal(z_y)
-        x_hat = self.to_normal(self.content(u))
-        y_hat = self.to_defect(self.content(v), self.detail(u)[0])
+        u = self.to_defect(z_x, self.detail(y)[0], x)
+        v = self.to_normal(z_y, y)
+        x_hat = self.to_normal(self.content(u), u)
+        y_hat = self.to_defect(self.content(v), self.detail(u)[0], v)
         return [[x, u, x_hat], [y, v, y_hat]]
 
     # --- synthesis -----------------------------------------------------------------------------
     def translate(
         self, x: torch.Tensor, rng: np.random.Generator
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
         mode = self.config.detail
         example = -1
         if mode == "encode":
@@ -352,7 +395,9 @@ class CrossGAN(TranslationGAN):
         else:
             prior = rng.standard_normal(self.config.detail_dim).astype(np.float32)
             code = torch.from_numpy(prior)[None].to(self.device)
-        return self.to_defect(self.content(x), code), {"detail": mode, "detail_example": example}
+        out = self.nets["defect_generator"](self.content(x), code)
+        image, attention = out if self.config.attention else (out, None)
+        return image, attention, {"detail": mode, "detail_example": example}
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

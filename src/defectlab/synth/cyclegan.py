@@ -14,6 +14,10 @@ Losses (Zhu et al. 2017): least-squares adversarial loss by default (``gan_loss`
 first on detached fakes of the current batch (no history pool of old fakes), then the
 generators against the updated, frozen discriminators.
 
+``generator="residual_attention"``: both generators also output an attention map ``m`` and
+return ``m·G(x) + (1 − m)·x``; the same sparsity and TV priors as CrossGAN's are added, and the
+mask comes from the map (:mod:`defectlab.synth.translation`).
+
 Synthesis: ``G(x)``; one output per normal image (CycleGAN has no detail code, so
 ``detail="none"`` in the record), the mask from the aligned difference.
 """
@@ -34,6 +38,7 @@ from defectlab.components.gan_layers import (
     MultiScaleDiscriminator,
     ResidualEncoder,
     UpDecoder,
+    attention_blend,
     frozen,
 )
 from defectlab.components.gan_losses import adversarial_loss
@@ -64,10 +69,15 @@ class CycleGANConfig(GANConfig):
 
 
 class ResnetGenerator(nn.Sequential):
-    """Down-sample twice, residual blocks, up-sample twice, conv + Tanh."""
+    """Down-sample twice, residual blocks, up-sample twice, conv + Tanh (and an attention map
+    with ``kind="residual_attention"``)."""
 
-    def __init__(self, channels: int, width: int, blocks: int, norm: str = "instance") -> None:
-        super().__init__(ResidualEncoder(channels, width, blocks, norm), UpDecoder(channels, width))
+    def __init__(
+        self, channels: int, width: int, blocks: int, norm: str = "instance", kind: str = "full"
+    ) -> None:
+        super().__init__(
+            ResidualEncoder(channels, width, blocks, norm), UpDecoder(channels, width, kind)
+        )
 
 
 @register
@@ -89,22 +99,38 @@ class CycleGAN(TranslationGAN):
     def build_networks(self) -> dict[str, nn.Module]:
         cfg, c, w = self.config, self.channels, self.config.width
         return {
-            "defect_generator": ResnetGenerator(c, w, cfg.res_blocks, cfg.encoder_norm),
-            "normal_generator": ResnetGenerator(c, w, cfg.res_blocks, cfg.encoder_norm),
+            "defect_generator": ResnetGenerator(
+                c, w, cfg.res_blocks, cfg.encoder_norm, cfg.generator
+            ),
+            "normal_generator": ResnetGenerator(
+                c, w, cfg.res_blocks, cfg.encoder_norm, cfg.generator
+            ),
             "normal_discriminator": MultiScaleDiscriminator(c, w, cfg.disc_layers, cfg.disc_scales),
             "defect_discriminator": MultiScaleDiscriminator(c, w, cfg.disc_layers, cfg.disc_scales),
         }
 
-    def to_defect(self, x: torch.Tensor) -> torch.Tensor:
-        return self.nets["defect_generator"](x)
+    def _edit(self, name: str, x: torch.Tensor, maps: list[torch.Tensor] | None) -> torch.Tensor:
+        """Generator ``name`` on ``x``: its image, or with ``generator="residual_attention"``
+        its image blended into ``x`` by its attention map (appended to ``maps``)."""
+        out = self.nets[name](x)
+        if not self.config.attention:
+            return out
+        image, attention = out
+        if maps is not None:
+            maps.append(attention)
+        return attention_blend(x, image, attention)
 
-    def to_normal(self, y: torch.Tensor) -> torch.Tensor:
-        return self.nets["normal_generator"](y)
+    def to_defect(self, x: torch.Tensor, maps: list[torch.Tensor] | None = None) -> torch.Tensor:
+        return self._edit("defect_generator", x, maps)
+
+    def to_normal(self, y: torch.Tensor, maps: list[torch.Tensor] | None = None) -> torch.Tensor:
+        return self._edit("normal_generator", y, maps)
 
     def train_pairs(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         cfg, kind = self.config, self.config.gan_loss
         d_normal, d_defect = (self.nets[n] for n in DISCRIMINATORS)
-        u, v = self.to_defect(x), self.to_normal(y)
+        maps: list[torch.Tensor] = []  # attention maps (residual_attention), for the priors
+        u, v = self.to_defect(x, maps), self.to_normal(y, maps)
 
         x_loss = adversarial_loss(d_normal(x), 1.0, kind) + adversarial_loss(
             d_normal(v.detach()), 0.0, kind
@@ -118,13 +144,19 @@ class CycleGAN(TranslationGAN):
             adv = adversarial_loss(d_defect(u), 1.0, kind) + adversarial_loss(
                 d_normal(v), 1.0, kind
             )
-            cycle = F.l1_loss(self.to_normal(u), x) + F.l1_loss(self.to_defect(v), y)
+            cycle = F.l1_loss(self.to_normal(u, maps), x) + F.l1_loss(self.to_defect(v, maps), y)
             loss = cfg.adv_weight * adv + cfg.cycle_weight * cycle
             losses: dict[str, float] = {}
             if cfg.identity_weight > 0:
-                identity = F.l1_loss(self.to_defect(y), y) + F.l1_loss(self.to_normal(x), x)
+                identity = F.l1_loss(self.to_defect(y, maps), y) + F.l1_loss(
+                    self.to_normal(x, maps), x
+                )
                 loss = loss + cfg.identity_weight * identity
                 losses["identity"] = identity.item()
+            if maps:
+                prior, values = self.attention_loss(maps)
+                loss = loss + prior
+                losses.update(values)
             self.step_optimizers(GENERATORS, loss)
         return {
             "cycle": cycle.item(),
@@ -145,5 +177,7 @@ class CycleGAN(TranslationGAN):
 
     def translate(
         self, x: torch.Tensor, rng: np.random.Generator
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        return self.to_defect(x), {"detail": "none", "detail_example": -1}
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        out = self.nets["defect_generator"](x)
+        image, attention = out if self.config.attention else (out, None)
+        return image, attention, {"detail": "none", "detail_example": -1}

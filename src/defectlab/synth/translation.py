@@ -19,6 +19,17 @@ with its source normal image ``x``, so the defect is where they differ:
    removal of 8-connected components smaller than ``mask_min_area`` pixels.
 
 The record of each sample states the rule, ``t`` and the mask area.
+
+**Localised edits** (``generator="residual_attention"``). The generators output an image
+``G`` and a soft attention map ``a`` in (0, 1); the translation is ``a·G + (1 − a)·x``. This
+form was chosen over ``x + a·r``: a convex combination of two in-range images stays in range,
+so no clipping (and no dead gradient) is needed. Training adds ``attention_sparsity_weight ·
+mean(a)`` and ``attention_tv_weight · TV(a)`` over every map the generator step produces. At
+synthesis the mask comes from the map, not from a difference (:func:`attention_mask`):
+``a > attention_threshold``, then the same opening and minimum area as above; the map is
+zeroed outside the mask and the blend is done in [0, 1] image space, so every pixel outside
+the mask is the source's, bit for bit, and the mask is exactly the support of the edit.
+``generator="full"`` keeps the seed's whole-image generators and the difference rule.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ import numpy as np
 import torch
 
 from defectlab.base import SynthSample
-from defectlab.components.gan_layers import to_image
+from defectlab.components.gan_layers import GENERATOR_KINDS, attention_priors, to_image
 from defectlab.config import check_choice, check_fields
 from defectlab.data.transforms import resize_image
 from defectlab.synth.gan import GANSynthesizer, GANTrainingConfig
@@ -79,17 +90,39 @@ def difference_mask(
         threshold = float(rule.level)
     else:
         threshold = max(float(diff.mean() + rule.k * diff.std()), float(rule.min_diff))
-    mask = (diff > threshold).astype(np.uint8)
-    if rule.open_radius > 0:
-        size = 2 * rule.open_radius + 1
+    return clean_mask(diff > threshold, rule.open_radius, rule.min_area), threshold
+
+
+def clean_mask(mask: np.ndarray, open_radius: int, min_area: int) -> np.ndarray:
+    """Opening with an elliptical ``2·open_radius + 1`` kernel (0 = off), then removal of
+    8-connected components smaller than ``min_area`` pixels; bool (H, W)."""
+    mask = np.asarray(mask).astype(np.uint8)
+    if open_radius > 0:
+        size = 2 * open_radius + 1
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
-    if rule.min_area > 1 and mask.any():
+    if min_area > 1 and mask.any():
         n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
         keep = np.zeros(n, bool)
-        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= rule.min_area
+        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_area
         mask = keep[labels].astype(np.uint8)
-    return mask.astype(bool), threshold
+    return mask.astype(bool)
+
+
+def attention_mask(attention: np.ndarray, threshold: float, rule: MaskRule) -> np.ndarray:
+    """Bool (H, W) mask of an attention map (H, W): ``a > threshold``, cleaned with the
+    rule's opening and minimum area (its difference settings do not apply)."""
+    return clean_mask(np.asarray(attention) > threshold, rule.open_radius, rule.min_area)
+
+
+def localised_edit(
+    source: np.ndarray, generated: np.ndarray, attention: np.ndarray, mask: np.ndarray
+) -> np.ndarray:
+    """``a·G + (1 − a)·x`` in [0, 1] image space with ``a`` zeroed outside ``mask``: pixels
+    outside the mask are ``source``'s exactly. ``source``/``generated`` (H, W, C),
+    ``attention``/``mask`` (H, W)."""
+    a = np.where(mask, attention, 0).astype(np.float32)[:, :, None]
+    return a * generated + (1 - a) * source
 
 
 # --- translators -------------------------------------------------------------------------------
@@ -108,16 +141,37 @@ class GANConfig(GANTrainingConfig):
     mask_blur: float = 1.0
     mask_open: int = 1
     mask_min_area: int = 8
+    #: "full": the seed's generators output a whole image (mask from the difference);
+    #: "residual_attention": an image and an attention map a, output a·G + (1 − a)·x, the
+    #: mask from a (module docstring)
+    generator: str = "full"
+    #: priors on the attention maps (residual_attention only): weight of mean(a) and of TV(a)
+    attention_sparsity_weight: float = 1.0
+    attention_tv_weight: float = 1.0
+    #: synthesis: mask = a > attention_threshold (then opening and minimum area)
+    attention_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_fields(
             self,
             positive=("mask_k",),
-            nonnegative=("mask_min_diff", "mask_blur", "mask_open", "mask_min_area"),
+            nonnegative=(
+                "mask_min_diff",
+                "mask_blur",
+                "mask_open",
+                "mask_min_area",
+                "attention_sparsity_weight",
+                "attention_tv_weight",
+            ),
         )
         check_choice("mask_rule", self.mask_rule, MASK_RULES)
-        check_fields(self, open_unit=("mask_level",))
+        check_choice("generator", self.generator, GENERATOR_KINDS)
+        check_fields(self, open_unit=("mask_level", "attention_threshold"))
+
+    @property
+    def attention(self) -> bool:
+        return self.generator == "residual_attention"
 
     @property
     def mask(self) -> MaskRule:
@@ -150,6 +204,7 @@ class TranslationGAN(GANSynthesizer):
         "mask_blur",
         "mask_open",
         "mask_min_area",
+        "attention_threshold",
     )
 
     def __init__(self, config: GANConfig | None = None, **kwargs: Any) -> None:
@@ -159,8 +214,17 @@ class TranslationGAN(GANSynthesizer):
     @abstractmethod
     def translate(
         self, x: torch.Tensor, rng: np.random.Generator
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Defect version (1, C, H, W) in [-1, 1] of normal ``x`` and what to record."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        """The generator's output for normal ``x`` (1, C, H, W) in [-1, 1] — the defect
+        version itself (``generator="full"``) or the image G before blending — its attention
+        map (1, 1, H, W) (None for ``"full"``) and what to record."""
+
+    def attention_loss(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted sparsity + TV priors of the step's attention maps and their values."""
+        sparsity, tv = attention_priors(maps)
+        cfg = self.config
+        loss = cfg.attention_sparsity_weight * sparsity + cfg.attention_tv_weight * tv
+        return loss, {"attention_mean": sparsity.item(), "attention_tv": tv.item()}
 
     def _pair(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
         images = batch["image"].to(self.device, torch.float32)
@@ -178,21 +242,32 @@ class TranslationGAN(GANSynthesizer):
 
     @torch.no_grad()
     def synthesize(self, image: np.ndarray, rng: np.random.Generator) -> SynthSample:
-        """Translate one normal image into a defect image; the mask is :func:`difference_mask`
-        of the result and the (model-size) source. Images of another size are resized to the
-        model's size first, and the sample is returned at that size."""
+        """Translate one normal image into a defect image. The mask is :func:`difference_mask`
+        of the result and the (model-size) source (``generator="full"``), or the thresholded
+        attention map, outside which the source is copied exactly (``"residual_attention"``).
+        Images of another size are resized to the model's size first, and the sample is
+        returned at that size."""
+        self.check_fitted(self.is_fitted, "untrained networks", action="synthesize")
         source = self._as_model_input(image, "the normal image")
         self.nets.eval()
-        generated, record = self.translate(self._to_tensor(source), rng)
+        generated, attention, record = self.translate(self._to_tensor(source), rng)
         out = to_image(generated[0])
         rule = self.config.mask
-        mask, threshold = difference_mask(out, source, rule)
+        if attention is None:
+            mask, threshold = difference_mask(out, source, rule)
+            description = rule.describe()
+        else:
+            threshold = self.config.attention_threshold
+            a = attention[0, 0].cpu().numpy()
+            mask = attention_mask(a, threshold, rule)
+            out = localised_edit(source, out, a, mask)
+            description = f"a>{threshold:g} open={rule.open_radius} min_area={rule.min_area}"
         if image.ndim == 2:
             out = out[:, :, 0]
         record = {
             "method": self.name,
             **record,
-            "mask_rule": rule.describe(),
+            "mask_rule": description,
             "mask_threshold": round(threshold, 6),
             "mask_area": int(mask.sum()),
             "resized": tuple(image.shape[:2]) != (self.image_size, self.image_size),
