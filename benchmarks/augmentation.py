@@ -1,15 +1,19 @@
-"""Augmentation benchmark (the seed's table): does synthetic data help a K-shot U-Net?
+"""Augmentation benchmark v2 (the seed's table): does synthetic data help a K-shot U-Net?
 
 On magnetic tile, split MT-K-shot v1 (``data.defects_per_class=K``, ``data.split_seed=SEED``;
 every run writes its split to ``split.json``): K training defects per type carry masks, the
-remaining defect images are the held-out test set. The same U-Net (same epochs) is trained on:
+remaining defect images are the held-out test set. The same U-Net (same epochs; the Lite0
+encoder by default, ``--unet-set``) is trained on:
 
 * ``none`` — the K real defects + the split's normal training images;
 * ``procedural`` — + N procedural (image, mask) pairs painted on the split's normal training
   images (never on test images);
+* ``copy-paste`` — + N pairs made by pasting the K real training defects' mask components
+  onto those normal images (:mod:`defectlab.synth.copypaste`; exact masks);
 * ``cyclegan``, ``crossgan``, ``maskgan`` — + N pairs from that generator, itself trained on
   the same K-shot split (``--gen-epochs``; generator-only options from ``--gen-set``) and
-  applied to the split's normal training images.
+  applied to the split's normal training images. ``--translation-set`` options go to
+  CycleGAN and CrossGAN only (e.g. ``model.generator=residual_attention``).
 
 Synthetic pairs enter U-Net training through ``data.extra_pairs``; they never enter
 ``split.json``. Extra pairs mean more images per epoch, so an augmented row takes more
@@ -17,7 +21,8 @@ iterations at equal epochs.
 
 Metrics over the held-out real defect images (reusing ``benchmarks/weak_supervision.py``):
 Dice and IoU micro at the run's calibrated pixel threshold and at the oracle best-Dice
-threshold (peeks at the test masks: a reference only), pixel AUROC and pixel AP. With
+threshold (peeks at the test masks: a reference only), pixel AUROC and pixel AP; image AUROC
+of the U-Net's image score over the held-out defect and normal test images. With
 ``--kid``, each generator's Lite0-KID against the held-out real defect images (EfficientNet-
 Lite0 features, not Inception). ``mask_diversity`` is the mean 1 − IoU between the synthetic
 masks (0 when a generator gives one mask for every noise; the real masks of magnetic tile
@@ -33,7 +38,8 @@ the same ``OUT`` for other (row, K, seed) cells are kept, so a table can be buil
 a time.
 
     .venv/bin/python benchmarks/augmentation.py --k 5 20 --seeds 0 1 2 --image-size 128 \\
-        --n-synthetic 200 --epochs-scale 1.0 --gen-epochs 100 --kid --out runs/augmentation
+        --n-synthetic 200 --epochs-scale 1.0 --gen-epochs 100 --kid \\
+        --translation-set model.generator=residual_attention --out runs/augmentation-v2
 """
 
 from __future__ import annotations
@@ -64,8 +70,9 @@ from _common import (
     write_section,
 )
 
-ROWS = ("none", "procedural", "cyclegan", "crossgan", "maskgan")
+ROWS = ("none", "procedural", "copy-paste", "cyclegan", "crossgan", "maskgan")
 GENERATORS = ("cyclegan", "crossgan", "maskgan")
+TRANSLATORS = ("cyclegan", "crossgan")
 COLUMNS = (
     "dice",
     "iou",
@@ -73,6 +80,7 @@ COLUMNS = (
     "iou_oracle",
     "pixel_auroc_defect",
     "pixel_ap",
+    "image_auroc",
     "kid",
     "mask_diversity",
     "dice_whole_image",
@@ -117,6 +125,9 @@ def synthetic_folder(
     if (out / "manifest.csv").exists():
         print(f"reusing synthetic pairs {out}", file=sys.stderr)
         return out
+    if row == "copy-paste":
+        write_copy_paste(args, k, seed, normals, out)
+        return out
     run = None
     if row in GENERATORS:
         run = generator_run(args, row, cell)
@@ -124,6 +135,7 @@ def synthetic_folder(
             *split_overrides(args, k, seed),
             f"model.epochs={args.gen_epochs}",
             *args.gen_set,
+            *(args.translation_set if row in TRANSLATORS else []),
         ]
         gen_args = argparse.Namespace(**{**vars(args), "seed": seed})
         train_or_reuse(gen_args, row, args.data, run, options)
@@ -138,6 +150,49 @@ def synthetic_folder(
         progress=False,
     )
     return out
+
+
+def write_copy_paste(args: argparse.Namespace, k: int, seed: int, normals: Path, out: Path) -> None:
+    """N copy-paste pairs: the split's K real training defects (images and masks at the
+    benchmark size) pasted onto its normal training images, written like ``defectlab synth``."""
+    from defectlab import api
+    from defectlab.data.io import list_images, read_image, to_uint8, write_csv, write_png
+    from defectlab.data.loading import load_samples
+    from defectlab.data.transforms import resize_image
+    from defectlab.synth.copypaste import CopyPaste
+
+    config = api.build_config(
+        "unet",
+        args.data,
+        image_size=args.image_size,
+        seed=seed,
+        overrides=split_overrides(args, k, seed),
+    )
+    split = dataset_split(config.data)
+    data = config.data
+    defects = [s for s in split["train_defect"] if s.mask_path is not None]
+    loaded = load_samples(defects, args.image_size, 1, data.mask_threshold, progress=False)
+    synthesizer = CopyPaste.from_examples(
+        list(loaded.images), list(loaded.masks), types=[s.defect_type for s in loaded.samples]
+    )
+    paths = list_images(normals)[: args.n_synthetic]
+    images = [resize_image(read_image(p, 1), args.image_size) for p in paths]
+    rows = []
+    for i, (source, sample) in enumerate(synthesizer.generate(images, args.n_synthetic, seed)):
+        image_name, mask_name = f"images/{i:06d}.png", f"masks/{i:06d}.png"
+        write_png(out / image_name, to_uint8(sample.image))
+        write_png(out / mask_name, sample.mask.astype("uint8") * 255)
+        rows.append(
+            {
+                "index": i,
+                "image": image_name,
+                "mask": mask_name,
+                "source": str(paths[source]),
+                "seed": seed,
+                **sample.record,
+            }
+        )
+    write_csv(out / "manifest.csv", rows)
 
 
 def kid_against(real: list[Path], fake: Path, device: str) -> float:
@@ -155,7 +210,7 @@ def run_job(args: argparse.Namespace, row: str, k: int, seed: int) -> dict[str, 
     from defectlab import api
     from defectlab.data.layouts import NORMAL
     from defectlab.data.splits import Split
-    from defectlab.evaluate.metrics import average_precision, dice_iou
+    from defectlab.evaluate.metrics import auroc, average_precision, dice_iou
     from defectlab.evaluate.synthesis import mask_diversity, synthetic_masks
 
     cell = f"k{k}-{args.image_size}-s{seed}"
@@ -172,13 +227,17 @@ def run_job(args: argparse.Namespace, row: str, k: int, seed: int) -> dict[str, 
         synth = synthetic_folder(args, row, k, seed, normal_folder, cell)
         extra = [f"data.extra_pairs={synth}"]
     run_dir = args.out / f"unet-{row}-{cell}-e{args.epochs_scale:g}-n{args.n_synthetic}"
-    unet_options = [*options, f"model.epochs={unet_epochs(args)}", *extra]
+    unet_options = [*options, f"model.epochs={unet_epochs(args)}", *args.unet_set, *extra]
     seed_args = argparse.Namespace(**{**vars(args), "seed": seed})
     train_seconds = train_or_reuse(seed_args, "unet", args.data, run_dir, unet_options)
     run = api.load_run(run_dir, args.device)
     trained_split = Split.load(run_dir / "split.json")
     test = held_out(trained_split, run.config)
-    _, maps = api.predict_arrays(run.model, test.images)
+    scores, maps = api.predict_arrays(run.model, test.images)
+    normal_test = held_out(trained_split, run.config, defects=False)
+    normal_scores, _ = api.predict_arrays(run.model, normal_test.images)
+    image_labels = np.r_[np.ones(len(scores)), np.zeros(len(normal_scores))]
+    image_auroc = auroc(image_labels, np.r_[np.asarray(scores), np.asarray(normal_scores)])
     types = [s.defect_type for s in test.samples]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     kid = None
@@ -210,6 +269,8 @@ def run_job(args: argparse.Namespace, row: str, k: int, seed: int) -> dict[str, 
         "peak_rss_mb": peak_rss_mb(),
         **segmentation_metrics(test.masks, maps, run.pixel_threshold, types),
         "pixel_ap": average_precision(test.masks.ravel(), maps.ravel()),
+        "image_auroc": image_auroc,
+        "n_test_normal": len(normal_scores),
         "kid": kid,
         "mask_diversity": spread,
         "dice_whole_image": whole_image,
@@ -227,6 +288,10 @@ def child_command(args: argparse.Namespace, row: str, k: int, seed: int) -> list
         command += ["--set", option]
     for option in args.gen_set:
         command += ["--gen-set", option]
+    for option in args.translation_set:
+        command += ["--translation-set", option]
+    for option in args.unet_set:
+        command += ["--unet-set", option]
     return command
 
 
@@ -321,6 +386,20 @@ def main() -> None:
         help="options for the generators only (e.g. model.disc_scales=2 at 64 px)",
     )
     parser.add_argument(
+        "--translation-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="options for CycleGAN and CrossGAN only (e.g. model.generator=residual_attention)",
+    )
+    parser.add_argument(
+        "--unet-set",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="options for the U-Net only (default: model.encoder=lite0)",
+    )
+    parser.add_argument(
         "--jobs",
         type=int,
         default=1,
@@ -330,6 +409,8 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     add_write_docs(parser, "augmentation")
     args = parser.parse_args()
+    if args.unet_set is None:
+        args.unet_set = ["model.encoder=lite0"]
     if min(args.k) < 1:
         parser.error("--k must be at least 1: the U-Net and generators learn from defects")
     if args.epochs_scale <= 0 or min(args.n_synthetic, args.gen_epochs, args.jobs) < 1:
