@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 from _common import DEFAULT_DATA, add_write_docs, fmt_number, markdown_table, write_section
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from defectlab import api
 from defectlab.app.db import Database, Image, Inspection, ModelVersion, Review
@@ -144,9 +144,9 @@ def main() -> None:
     parser.add_argument("--model", default="patchmemory", help="the normal-only model")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--n", type=int, nargs="+", default=[10, 20, 40])
-    parser.add_argument("--audit", type=int, default=10, help="audit-sample parts reviewed")
-    parser.add_argument("--k", type=int, default=3, help="masks per class before a U-Net trains")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--audit", type=int, default=30, help="audit-sample parts reviewed")
+    parser.add_argument("--k", type=int, default=3, help="masks a class needs to train the U-Net")
+    parser.add_argument("--epochs", type=int, default=20)
     add_write_docs(parser, "review_loop")
     args = parser.parse_args()
     work = Path(args.work)
@@ -166,6 +166,11 @@ def main() -> None:
     files = work / "workbench-files"
     base = register_version(db, work / "base")
     ingest_folder(db, base, work / "stream", files)
+    with db.transaction() as session:  # a rerun starts again from no reviews
+        session.execute(delete(Review))
+        later = select(ModelVersion.id).where(ModelVersion.id != base.id)
+        session.execute(delete(Inspection).where(Inspection.model_version_id.in_(later)))
+        session.execute(delete(ModelVersion).where(ModelVersion.id != base.id))
     test = parts["test_normal"] + parts["test_defect"]
     started = time.perf_counter()
     rows = [
@@ -217,8 +222,8 @@ def main() -> None:
                 f"Each round reviews the top-N flagged stream parts plus {args.audit} audit "
                 f"parts with their real labels and masks; one review in 4 is the retrain's own "
                 f"hold-out. A Lite0 U-Net ({args.epochs} epochs, procedural defects painted on "
-                f"the reviewed normals) trains once every reviewed class has {args.k} masks "
-                "outside that hold-out; otherwise the thresholds are recalibrated only. "
+                f"the reviewed normals) trains on the classes with {args.k} masks or more "
+                "outside that hold-out; with none, the thresholds are recalibrated only. "
                 "Pixel metrics on each mask's native grid. Seed 0."
             ),
             page_title="Review loop",

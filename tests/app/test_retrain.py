@@ -106,7 +106,7 @@ def test_segmenter_trains_when_k_masks_per_class(reviewed, tmp_path: Path) -> No
         segmenter_size=64,
         progress=False,
     )
-    assert result["kind"] == "Lite0 U-Net"
+    assert result["kind"] == "Lite0 U-Net (blob)"
     assert (tmp_path / "seg" / "run" / "model.pt").is_file()
     with db.sessions() as session:
         new = session.get(ModelVersion, result["version"])

@@ -4,10 +4,11 @@ that no step of it used.
 Reviewed parts are split by content hash (stable whatever the order of reviews): one in
 :data:`HOLDOUT_EVERY` is the **hold-out**, the rest the **training side**. From the training
 side, (a) the thresholds are recalibrated as ``calibration.method=f1`` does (F1-optimal image
-threshold, Dice-optimal pixel threshold where corrected masks exist); (b) when every reviewed
-defect class has at least K defects with masks, a supervised Lite0 U-Net is trained on them
-(with the reviewed normals, and procedural defects painted on those normals) and calibrated
-the same way. (c) The current and the new version are scored on the hold-out; (d) the new
+threshold, Dice-optimal pixel threshold where corrected masks exist); (b) when a reviewed
+defect class has at least K defects with masks, a supervised Lite0 U-Net is trained on the
+defects of every such class (with the reviewed normals, and procedural defects painted on
+those normals) and calibrated the same way; classes under K wait. (c) The current and the
+new version are scored on the hold-out; (d) the new
 version is recorded with those numbers as a candidate, and becomes active when promoted.
 """
 
@@ -333,26 +334,26 @@ def retrain(
     for part in train_side:
         if part.label == 1 and part.mask_file:
             with_masks[part.defect_class] = with_masks.get(part.defect_class, 0) + 1
-    classes = {p.defect_class for p in train_side if p.label == 1}
+    qualified = sorted(c for c, n in with_masks.items() if n >= min_per_class)
     normals = sum(1 for p in train_side if p.label == 0)
-    enough = (
-        bool(classes)
-        and all(with_masks.get(c, 0) >= min_per_class for c in classes)
-        and normals >= 2  # the segmenter's own split and the painted defects need normals
-    )
+    # the segmenter's own split and the painted defects need normals
+    enough = bool(qualified) and normals >= 2
     run_dir, kind = Path(base.run_dir), "recalibrated"
     if enough:
         folder = Path(out) if out else Path(base.run_dir).parent / f"retrained-from-v{base.id}"
+        teaching = [
+            p for p in train_side if p.label == 0 or (p.mask_file and p.defect_class in qualified)
+        ]
         run_dir = train_segmenter(
             files,
-            train_side,
+            teaching,
             folder,
             image_size=segmenter_size,
             epochs=segmenter_epochs,
             device=device,
             progress=progress,
         ).resolve()
-        kind = "Lite0 U-Net"
+        kind = f"Lite0 U-Net ({', '.join(qualified)})"
     candidate = ModelVersion(
         run_dir=str(run_dir),
         model=base.model,
