@@ -67,6 +67,7 @@ def run_one(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = args.out / f"auto-{name}-{args.image_size}-s{args.seed}"
     # the benchmark measures the synthetic rule whatever auto's default rule is
     overrides = ["selection.rule=synthetic"]
+    overrides += ["selection.ensemble=false"] if args.no_ensemble else []
     overrides += [f"selection.candidates={','.join(args.candidates)}"] if args.candidates else []
     reuse = {}
     if args.reuse_runs is not None:  # benchmarks/detection.py's runs of the same candidates
@@ -154,6 +155,9 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bench-selection"))
     parser.add_argument(
+        "--no-ensemble", action="store_true", help="score the single candidates only"
+    )
+    parser.add_argument(
         "--reuse-runs",
         type=Path,
         help="benchmarks/detection.py --out folder: its runs of the same candidates, size, "
@@ -177,6 +181,8 @@ def main() -> None:
             command += ["--candidates", *args.candidates]
         if args.reuse_runs is not None:
             command += ["--reuse-runs", str(args.reuse_runs)]
+        if args.no_ensemble:
+            command += ["--no-ensemble"]
         rows = job_rows(command, f"selection on {dataset}")
         if rows:
             by_dataset[Path(dataset).name] = rows
