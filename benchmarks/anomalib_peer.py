@@ -667,6 +667,29 @@ def run_in_subprocess(args: argparse.Namespace, model: str) -> dict:
         return {"model": f"anomalib-{model}", "error": f"process exited with code {code}"}
 
 
+def gathered_rows(args: argparse.Namespace) -> list[dict]:
+    """``--rows``: the rows in the given files (JSON lists, or lines starting with ``{``) whose
+    split is this one; for each model the last one found, ordered as ``--models`` after the
+    defectlab row (the one with a ``command``)."""
+    name = json.loads(args.split.read_text(encoding="utf-8"))["name"]
+    found: dict[str, dict] = {}
+    for path in args.rows:
+        text = path.read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        for row in rows:
+            if row.get("split") == name or "error" in row:
+                found[row["model"]] = row
+    wanted = [f"anomalib-{m}" for m in args.models]
+    ordered = [r for m, r in found.items() if "command" in r and m not in wanted]
+    ordered += [found[m] for m in wanted if m in found]
+    missing = [m for m in wanted if m not in found]
+    ordered += [{"model": m, "error": "no row in the given files"} for m in missing]
+    return ordered
+
+
 def fmt(value: object, metric: bool) -> str:
     if value is None:
         return "-"
@@ -740,6 +763,15 @@ def main(argv: list[str] | None = None) -> None:
         help=f"python of defectlab's venv (default {DEFECTLAB_PYTHON.relative_to(REPO)})",
     )
     parser.add_argument(
+        "--rows",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="run nothing: table (and --write-docs) of the rows of earlier invocations on this "
+        "split (their OUT/results.json, or their logs' JSON lines), in --models order with "
+        "defectlab's row first; the section's notes then name those files",
+    )
+    parser.add_argument(
         "--note", action="append", help="a sentence for the --write-docs section (repeatable)"
     )
     parser.add_argument("--one", choices=MODELS, help=argparse.SUPPRESS)
@@ -763,6 +795,13 @@ def main(argv: list[str] | None = None) -> None:
             args.result_file.write_text(json.dumps(row))
         else:
             print(json.dumps(row))
+        return
+
+    if args.rows:
+        rows = gathered_rows(args)
+        print(table(rows), flush=True)
+        if args.write_docs:
+            write_docs(args, rows)
         return
 
     # SIGTERM ends the driver through its finally blocks, which also end the running child.
