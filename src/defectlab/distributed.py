@@ -60,6 +60,7 @@ training to distribute and is refused. When one rank fails, ``torchrun`` stops t
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -154,9 +155,15 @@ def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> Context:
     return Context(rank, world_size, local_rank, backend, torch_device, owns_group=True)
 
 
-def shutdown(context: Context) -> None:
-    """Leave the process group if :func:`init_from_env` created it."""
+def shutdown(context: Context, wait_s: float = 60.0) -> None:
+    """Leave the process group if :func:`init_from_env` created it. On gloo the ranks first
+    wait for one another (at most ``wait_s``), so no rank tears its connections down while
+    another still talks to it; a rank that failed or left only shortens the wait."""
     if context.owns_group and dist.is_initialized():
+        if context.backend == "gloo":
+            # another rank failed or left already: leave anyway
+            with contextlib.suppress(RuntimeError):
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=wait_s))
         dist.destroy_process_group()
 
 

@@ -44,10 +44,13 @@ TINY = {"width": 8, "mask_blocks": 1, "image_blocks": 1, "disc_layers": 2, "obje
 
 def make(channels: int = 1, seed: int | None = 0, **overrides: object) -> MaskGAN:
     """A tiny model; weights come from torch's global generator, seeded here (the API seeds
-    it before building a model)."""
+    it before building a model). Marked fitted: these tests check the mechanics of
+    synthesis at the initial weights."""
     if seed is not None:
         torch.manual_seed(seed)
-    return MaskGAN(MaskGANConfig(**{**TINY, **overrides}), image_size=SIZE, channels=channels)
+    model = MaskGAN(MaskGANConfig(**{**TINY, **overrides}), image_size=SIZE, channels=channels)
+    model.is_fitted = True
+    return model
 
 
 def parts(

@@ -568,6 +568,7 @@ class MaskGAN(GANSynthesizer):
     def synthesize(self, image: np.ndarray, rng: np.random.Generator) -> SynthSample:
         """A defect image and its exact mask for one normal image (any size; the networks run
         at the model size and the result is composed at the input's size)."""
+        self.check_fitted(self.is_fitted, "untrained networks", action="synthesize")
         cfg = self.config
         native = self._channels_last(image, "the normal image")
         x = self._to_tensor(resize_image(native, self.image_size))
