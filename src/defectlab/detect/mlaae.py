@@ -516,7 +516,8 @@ class MLAAE(Detector):
     name: ClassVar[str] = "mlaae"
     description: ClassVar[str] = (
         "multi-level adversarial autoencoder (codes constrained to N(0,I)) on frozen Lite0 "
-        "feature maps; score = α feature + β code-level residuals (seed: --set input=pixels)"
+        "feature maps; score = α feature + β code-level residuals, each term weighted by its "
+        "held-out inverse variance (seed: --set input=pixels)"
     )
     Config = MLAAEConfig
     config: MLAAEConfig
