@@ -200,6 +200,15 @@ def test_reused_runs_are_scored_not_retrained(chosen: Any, data: Path, tmp_path:
     assert [c.status for c in again.candidates] == ["reused", "trained"]
     assert again.candidates[0].synthetic_auroc == first.synthetic_auroc
     assert again.candidates[0].run_dir == first.run_dir
+    only_reused = selection.select(
+        data,
+        tmp_path / "only" / "reused",  # nothing trains into it: the winner's copy creates it
+        image_size=32,
+        overrides=["selection.candidates=pixelstats"],
+        progress=False,
+        reuse={"pixelstats": first.run_dir},
+    )
+    assert (tmp_path / "only" / "reused" / "model.pt").exists() and only_reused.chosen
     with pytest.raises(ConfigError, match="cannot reuse it for pixelstats: it differs in model"):
         selection.select(
             data,

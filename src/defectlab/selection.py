@@ -519,6 +519,7 @@ def _choose(
 def _keep(winner: Scored, out: Path, reason: str) -> None:
     """Copy the winner's run into ``out`` and record the choice in its ``config.json``."""
     assert winner.run_dir is not None
+    out.mkdir(parents=True, exist_ok=True)  # reused candidates alone never create it
     for item in winner.run_dir.iterdir():
         target = out / item.name
         if item.is_dir():
