@@ -869,6 +869,18 @@ MODEL_TITLES = {
 }
 
 
+def without_notes(command: str) -> list[str]:
+    """The words of ``command`` after the interpreter, without ``--note TEXT`` pairs."""
+    words, kept = shlex.split(command)[1:], []
+    while words:
+        word = words.pop(0)
+        if word == "--note":
+            words = words[1:]
+        elif not word.startswith("--note="):
+            kept.append(word)
+    return kept
+
+
 def write_side_by_side(args: argparse.Namespace, rows: list[dict]) -> None:
     """defectlab's run and anomalib's feature models on the same Lite0 weights and split."""
     number = lambda v: fmt(v, True)  # noqa: E731
@@ -934,19 +946,21 @@ def write_side_by_side(args: argparse.Namespace, rows: list[dict]) -> None:
     defectlab = next((row for row in done if "command" in row), None)
     if defectlab:
         notes.append(
-            f"The defectlab row is `{defectlab['command']}`, run by this command (the run was "
+            f"The defectlab row is `{defectlab['command']}`, run by "
+            + ("the `--defectlab` invocation" if args.rows else "this command")
+            + " (the run was "
             f"trained with `defectlab train --model {defectlab['model']} --image-size "
             f"{args.image_size} --seed {args.seed}` on this split; train s from its metrics)."
         )
-    dataset = Path(str(split.get("root", ""))).name or split["name"]
+    dataset = split.get("layout") or Path(str(split.get("root", ""))).name
     path = write_section(
         args.write_docs,
         docs_key("peer-lite0", args.split.parent.name, args.image_size, *args.models),
         f"{dataset}, {args.image_size} px: defectlab against anomalib on the same Lite0 weights",
         markdown_table(done, columns),
         notes="\n\n".join(notes),
-        command="# anomalib 2.7 in its own venv (benchmarks/anomalib/setup.sh)\n"
-        "benchmarks/anomalib/.venv/bin/python " + invocation().split(" ", 1)[1],
+        command="# anomalib 2.7 in its own venv (benchmarks/anomalib/setup.sh); --note: above\n"
+        + shlex.join(["benchmarks/anomalib/.venv/bin/python", *without_notes(invocation())]),
     )
     print(f"results → {path}", file=sys.stderr)
 
