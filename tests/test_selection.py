@@ -20,7 +20,7 @@ from tests.conftest import write_folder_dataset
 
 #: two cheap candidates: a statistics model and a tiny patch memory
 CANDIDATES = "selection.candidates=pixelstats,patchmemory:memory_bank_size=256/coreset_ratio=0.5"
-OPTIONS = [CANDIDATES, "train.batch_size=8"]
+OPTIONS = [CANDIDATES, "train.batch_size=8", "selection.rule=synthetic"]
 
 
 def run_auto(data: Path, out: Path, seed: int = 0, extra: list[str] | None = None) -> Any:
@@ -119,13 +119,14 @@ def test_cli_auto_prints_choice_and_summary(
 ) -> None:
     out = tmp_path / "cli"
     argv = ["train", "--model", "auto", "--data", str(data), "--out", str(out)]
-    argv += ["--image-size", "32", "--set", "selection.candidates=pixelstats"]
+    argv += ["--image-size", "32", "--set", "selection.rule=synthetic"]
+    argv += ["--set", "selection.candidates=pixelstats"]
     assert main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-2].startswith("model=auto → pixelstats: highest synthetic-validation AUROC")
     assert lines[-1].startswith("auto chose pixelstats of 1 candidates")
     assert (out / "model.pt").exists() and (out / "selection.csv").exists()
-    code = main([*argv[:-2], "--set", "blur_sigma=2"])
+    code = main([*argv[:-4], "--set", "blur_sigma=2"])
     assert code == 2 and "model settings belong to a candidate" in capsys.readouterr().err
 
 
@@ -134,7 +135,7 @@ def scored(name: str, value: float) -> Scored:
 
 
 def test_ensemble_wins_only_when_strictly_better() -> None:
-    config = SelectionConfig()
+    config = SelectionConfig(rule="synthetic")
     tie = [scored("a", 0.9), scored("b", 0.8), scored("ensemble-a+b", 0.9)]
     assert selection._choose(tie, config, ("scratch",), 10)[0].name == "a"
     better = [scored("a", 0.9), scored("b", 0.8), scored("ensemble-a+b", 0.91)]
@@ -142,11 +143,15 @@ def test_ensemble_wins_only_when_strictly_better() -> None:
     assert winner.name == "ensemble-a+b" and "0.9100" in reason and "a 0.9000" in reason
 
 
-def test_fixed_rule_trains_only_the_default(data: Path, tmp_path: Path) -> None:
-    chosen = run_auto(
+def test_fixed_rule_is_the_default_and_trains_only_it(data: Path, tmp_path: Path) -> None:
+    assert SelectionConfig().rule == "fixed"
+    assert SelectionConfig().fixed_default.startswith("patchmemory")
+    chosen = selection.select(
         data,
         tmp_path / "fixed",
-        extra=["selection.rule=fixed", "selection.fixed_default=pixelstats"],
+        image_size=32,
+        overrides=[CANDIDATES, "selection.fixed_default=pixelstats"],
+        progress=False,
     )
     assert [c.name for c in chosen.candidates] == ["pixelstats"]
     assert chosen.chosen == "pixelstats" and "rule=fixed" in chosen.reason
@@ -179,6 +184,7 @@ def test_budget_stops_new_candidates(data: Path, tmp_path: Path) -> None:
     budget = [
         "selection.candidates=pixelstats,pixelstats:blur_sigma=2",
         "selection.budget_seconds=1e-6",
+        "selection.rule=synthetic",
     ]
     chosen = selection.select(data, tmp_path / "b", image_size=32, overrides=budget, progress=False)
     assert [c.status for c in chosen.candidates] == ["trained", "skipped: over budget"]
@@ -204,7 +210,7 @@ def test_reused_runs_are_scored_not_retrained(chosen: Any, data: Path, tmp_path:
         data,
         tmp_path / "only" / "reused",  # nothing trains into it: the winner's copy creates it
         image_size=32,
-        overrides=["selection.candidates=pixelstats"],
+        overrides=["selection.candidates=pixelstats", "selection.rule=synthetic"],
         progress=False,
         reuse={"pixelstats": first.run_dir},
     )
