@@ -40,7 +40,7 @@ DOC_COLUMNS = (
     ("images_per_second", "img/s", fmt_number(1)),
     ("size_mb", "size MB", fmt_number(1)),
     ("train_seconds", "train s", fmt_number(0)),
-    ("chosen", "auto's choice", lambda v: "**yes**" if v else ""),
+    ("chosen", "synthetic rule's pick", lambda v: "**yes**" if v else ""),
 )
 
 
@@ -251,10 +251,30 @@ def write_docs(
             "with one procedural defect painted on it; no test image is read by the selection.",
             f"Spearman rank correlation, synthetic-validation vs test image AUROC: "
             f"{fmt_number(2)(rho['spearman_single'])} over the {len(singles)} single "
-            f"candidates, {fmt_number(2)(rho['spearman_all'])} with the ensemble.",
+            "candidates"
+            + (f", {fmt_number(2)(rho['spearman_all'])} with the ensemble." if ensemble else "."),
         ]
+        if any(r["status"] == "reused" for r in rows):
+            notes.append(
+                "Single candidates marked by `--reuse-runs` are `benchmarks/detection.py`'s runs "
+                "with exactly their settings, size, seed and split (checked), scored here; "
+                "their train s is from that benchmark."
+            )
         if chosen:
-            notes.append(f"`auto` keeps **{chosen['candidate']}**: {chosen['reason']}.")
+            notes.append(
+                f"With `selection.rule=synthetic` `auto` keeps **{chosen['candidate']}**: "
+                f"{chosen['reason']}."
+            )
+        notes.append(
+            "At its defaults (`selection.rule=fixed`) `--model auto` keeps `patchmemory`, "
+            "Lite0, whatever this table says; see the verdict."
+        )
+        here_trusted, here = verdict({name: rows}, {name: rho})
+        notes.append(
+            f"On this dataset the synthetic rule {'can' if here_trusted else 'cannot'} be "
+            f"trusted ({here}; required: Spearman of at least {RANKS_THRESHOLD} and a pick at "
+            "least as good as the fixed default `patchmemory`, Lite0, on the test set)."
+        )
         if ensemble and best_single and ensemble.get("image_auroc") is not None:
             wins_synth = ensemble["synthetic_auroc"] > best_single["synthetic_auroc"]
             wins_test = ensemble["image_auroc"] > max(r["image_auroc"] for r in singles)
@@ -277,6 +297,8 @@ def write_docs(
             page_title="Label-free model selection",
         )
         print(f"wrote section {key} of {path}", file=sys.stderr)
+    if len(by_dataset) < 2:  # one dataset: its section says it; the verdict needs all
+        return
     trusted, listed = verdict(by_dataset, summary)
     if trusted:
         text = (
