@@ -13,6 +13,7 @@ from defectlab import registry
 from defectlab.detect.deepsvdd import patch_features
 from defectlab.detect.mlaae import MLAAE, MLAAEConfig
 from defectlab.detect.nuisance import image_statistics
+from defectlab.errors import NotFittedError
 from defectlab.runs import load_checkpoint, restore_model, save_checkpoint
 from defectlab.training import fit
 from tests.conftest import (
@@ -113,6 +114,9 @@ def test_shapes_of_every_level(channels: int) -> None:
     assert [tuple(p.shape) for p in probs] == [(2,), (2,)]
     pixel, feature_terms = model.score_terms(x)
     assert pixel.shape == (2,) and feature_terms.shape == (2, 4)
+    with pytest.raises(NotFittedError, match="mlaae: predict before fit"):
+        model.predict(x)
+    model.training_step({"image": x})
     out = model.predict(x)
     assert out.scores.shape == (2,) and out.maps.shape == (2, 64, 64)
     assert torch.isfinite(out.scores).all() and torch.isfinite(out.maps).all()
@@ -263,9 +267,10 @@ def test_save_and_load_give_identical_scores(trained, tmp_path: Path) -> None:
     model, _ = trained
     path = tmp_path / "model.pt"
     save_checkpoint(path, model)
-    clone = _model()  # different random weights until loaded
+    clone = _model()
     x = to_nchw(_with_square(_normal(4, seed=11)))
-    assert not torch.equal(clone.predict(x).scores, model.predict(x).scores)
+    with pytest.raises(NotFittedError):  # untrained until loaded
+        clone.predict(x)
     restore_model(load_checkpoint(path, "mlaae"), clone, path)
     assert torch.equal(clone.predict(x).scores, model.predict(x).scores)
     assert torch.equal(clone.predict(x).maps, model.predict(x).maps)

@@ -672,8 +672,7 @@ class DeepSVDD(Detector):
     @torch.no_grad()
     def _raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores (B,) before any normalisation, and maps (B, H, W)."""
-        if self.center is None:
-            raise RuntimeError("deepsvdd: predict before fit (the centre c is not set)")
+        self.check_fitted(self.center is not None, "the centre c is not set")
         self._check_size(images)
         self.encoder.eval()
         features = self.embed(images)

@@ -835,6 +835,7 @@ class MLAAE(Detector):
     @torch.no_grad()
     def _raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores (B,) before any normalisation, and maps (B, H, W)."""
+        self.check_fitted(self.steps > 0, "untrained networks")
         cfg = self.config
         pixel, _, levels = self.residuals(images)
         levels = [levels[i - 1] for i in cfg.summed_levels]
