@@ -359,8 +359,11 @@ def write_docs(args: argparse.Namespace, summary: list[dict[str, Any]]) -> None:
             "calibrated pixel threshold; *_oracle: best-Dice threshold on the test masks "
             "(reference only); kid: Lite0-KID of the generator's samples against the held-out "
             "real defects (not Inception KID); mask_diversity: mean 1 − IoU between the "
-            "synthetic masks; dice_whole_image: Dice of the mask 'the whole image is defect'."
+            "synthetic masks; dice_whole_image: Dice of the mask 'the whole image is defect'; "
+            "image_auroc: the U-Net's image score over held-out defect and normal test images. "
+            + args.docs_note
         ),
+        command=args.docs_command or " ".join([".venv/bin/python", *sys.argv]),
     )
     print(f"results → {path}")
 
@@ -406,6 +409,13 @@ def main() -> None:
         help="jobs run at once, each its own process (a GPU has room for several small ones)",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/augmentation"))
+    parser.add_argument("--docs-note", default="", help="text added to the docs section")
+    parser.add_argument("--docs-command", default="", help="command shown in the docs section")
+    parser.add_argument(
+        "--from-results",
+        action="store_true",
+        help="run nothing: print (and --write-docs) the table of OUT/results.json",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     add_write_docs(parser, "augmentation")
     args = parser.parse_args()
@@ -418,6 +428,13 @@ def main() -> None:
 
     if args.one:
         print(json.dumps(run_job(args, args.one, args.k[0], args.seeds[0])))
+        return
+    if args.from_results:
+        # the table of what an earlier invocation (maybe one cut short) wrote to --out
+        summary = aggregate(json.loads((args.out / "results.json").read_text()))
+        print_table(summary)
+        if args.write_docs:
+            write_docs(args, summary)
         return
     from defectlab.data.io import atomic_write_text
 

@@ -4,7 +4,10 @@ Builds the model with the given ``--set`` options, trains on random tiles (timin
 depend on content) in batches of ``--batch`` (half normal, half defect, as the trainer's
 pairing gives them), and prints per configuration: s/step over ``--steps`` steps after two
 warm-up steps, the steps a 30-minute budget allows, the 1-minute load average before and after
-(the machine may be shared), and with ``--profile`` the torch-profiler operators with the most
+(the machine may be shared), the process's CPU seconds per step (on a shared machine
+the better guide to what an unshared one gives: ``steps_in_30_min_unshared`` = 1800 ×
+threads / CPU s per step, an estimate that assumes the threads scale perfectly), and with
+``--profile`` the torch-profiler operators with the most
 self CPU time over ``--profile-steps`` steps.
 
     .venv/bin/python benchmarks/gan_speed.py --image-size 64 128 --steps 5 --profile
@@ -47,7 +50,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -61,10 +64,11 @@ def main() -> None:
         for _ in range(2):
             model.training_step(data)
         load_before = os.getloadavg()[0]
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for _ in range(args.steps):
             model.training_step(data)
         seconds = (time.perf_counter() - started) / args.steps
+        cpu_seconds = (time.process_time() - cpu_started) / args.steps
         row = {
             "model": args.model,
             "image_size": size,
@@ -72,7 +76,9 @@ def main() -> None:
             "batch": args.batch,
             "threads": args.threads,
             "s_per_step": seconds,
+            "cpu_s_per_step": cpu_seconds,
             "steps_in_30_min": int(1800 / seconds),
+            "steps_in_30_min_unshared": int(1800 * args.threads / cpu_seconds),
             "load_before": load_before,
             "load_after": os.getloadavg()[0],
             "parameters": sum(model.parameter_counts().values()),
@@ -85,7 +91,8 @@ def main() -> None:
                     model.training_step(data)
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
             print(
-                f"--- {args.model} {size} px: top operators by self CPU time ({args.profile_steps} steps)"
+                f"--- {args.model} {size} px: top operators by self CPU time "
+                f"({args.profile_steps} steps)"
             )
             print(table)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
@@ -98,6 +105,8 @@ def main() -> None:
             ("batch", "batch", str),
             ("s_per_step", "s/step", fmt_number(2)),
             ("steps_in_30_min", "steps in 30 min", str),
+            ("cpu_s_per_step", "CPU s/step", fmt_number(2)),
+            ("steps_in_30_min_unshared", "steps in 30 min, unshared (CPU-time bound)", str),
             ("load_before", "load (1 min) before", fmt_number(1)),
             ("load_after", "after", fmt_number(1)),
         ]
@@ -107,8 +116,10 @@ def main() -> None:
             f"Training speed: {args.model}, {' '.join(args.set) or 'defaults'}",
             markdown_table(rows, columns),
             notes=(
-                "Random tiles, one channel; s/step after two warm-up steps; load: the 1-minute "
-                "load average of the machine (2 cores), which others share."
+                "Random tiles, one channel; s/step (wall) and CPU s/step of the process after two "
+                "warm-up steps; load: the 1-minute load average of the machine (2 cores), which "
+                "others share, so wall times are upper bounds and the unshared step count is "
+                "estimated from CPU time."
             ),
         )
         print(f"results → {path}")

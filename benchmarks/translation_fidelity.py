@@ -10,6 +10,13 @@ copies everything but the defect. On the run's own normal training images (its
 * ``translated_l1``: L1 between a normal image and its defect version ``G_Y(E^c(x), a)`` with
   ``a`` drawn from the prior (seeded), plus the correlations of the two images' brightness
   (mean) and contrast (std) over the images;
+* from :meth:`synthesize` (the samples a benchmark trains on, prior detail codes seeded by
+  ``--seed``): ``changed_outside_mask``, the share of pixels outside the sample's mask whose
+  value differs at all from the source (0 by construction for ``generator=residual_attention``,
+  where the mask is the thresholded attention map), ``changed_pixels``, the share that differ
+  by more than 1/255, ``mask_area``, the mean mask share, and ``mask_change_iou``, the IoU
+  between the mask and the pixels changed by more than 1/255 (1 = the mask marks exactly
+  what changed);
 * ``autoencoder_l1`` (``--autoencoder-steps N``, 0 = off): the same content encoder and G_X
   architecture trained from scratch as a plain L1 autoencoder on those images for N steps
   (batch 16, the run's Adam settings), then scored like ``self_recon_l1``: what the networks
@@ -68,6 +75,31 @@ def train_autoencoder(model, images: torch.Tensor, steps: int, seed: int) -> flo
         return float(F.l1_loss(autoencoder(images), images))
 
 
+def mask_agreement(model, images: np.ndarray, seed: int) -> dict[str, object]:
+    """Where the synthesized samples changed their source, against their masks (module
+    docstring); ``images`` (N, H, W, C) in [0, 1] at the model's size."""
+    outside, changed_share, areas, ious = [], [], [], []
+    for i, image in enumerate(images):
+        sample = model.synthesize(image, np.random.default_rng([seed, i]))
+        out = sample.image if sample.image.ndim == 3 else sample.image[:, :, None]
+        diff = np.abs(out - image).max(axis=2)
+        mask = sample.mask
+        if (~mask).any():
+            outside.append(float((diff[~mask] > 0).mean()))
+        changed = diff > 1 / 255
+        changed_share.append(float(changed.mean()))
+        areas.append(float(mask.mean()))
+        union = (changed | mask).sum()
+        ious.append(float((changed & mask).sum() / union) if union else 1.0)
+    return {
+        "generator": model.config.generator,
+        "changed_outside_mask": float(np.mean(outside)) if outside else 0.0,
+        "changed_pixels": float(np.mean(changed_share)),
+        "mask_area": float(np.mean(areas)),
+        "mask_change_iou": float(np.mean(ious)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a finished crossgan run folder")
@@ -101,9 +133,9 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
         content = model.content(images)
-        rebuilt = model.to_normal(content)
+        rebuilt = model.to_normal(content, images)
         prior = torch.randn(len(images), model.config.detail_dim, generator=generator)
-        translated = model.to_defect(content, prior)
+        translated = model.to_defect(content, prior, images)
     mean_image = images.mean(dim=0, keepdim=True).expand_as(images)
     row = {
         "run": str(args.run),
@@ -118,6 +150,7 @@ def main() -> None:
             translated.std(dim=(1, 2, 3)), images.std(dim=(1, 2, 3))
         ),
     }
+    row |= mask_agreement(model, loaded.images, args.seed)
     if args.autoencoder_steps:
         row["autoencoder_steps"] = args.autoencoder_steps
         row["autoencoder_l1"] = train_autoencoder(model, images, args.autoencoder_steps, args.seed)
@@ -131,6 +164,11 @@ def main() -> None:
             ("translated_l1", "L1 of the defect version", fmt_number(3)),
             ("brightness_correlation", "brightness correlation", fmt_number(2)),
             ("contrast_correlation", "contrast correlation", fmt_number(2)),
+            ("generator", "generator", str),
+            ("changed_outside_mask", "changed outside the mask", fmt_number(4)),
+            ("changed_pixels", "changed > 1/255", fmt_number(3)),
+            ("mask_area", "mask area", fmt_number(3)),
+            ("mask_change_iou", "IoU(mask, changed > 1/255)", fmt_number(3)),
         ]
         path = write_section(
             args.write_docs,
