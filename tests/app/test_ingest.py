@@ -129,7 +129,7 @@ def test_kill_during_ingest_then_resume_leaves_no_duplicates(
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     db = Database(db_url)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # a loaded machine starts Python and torch slowly
     stored = 0
     while time.monotonic() < deadline and process.poll() is None:
         with db.sessions() as session:
