@@ -34,8 +34,9 @@ timm's, through anomalib's own feature extractor)::
 
 Pixel metrics follow ``defectlab evaluate``: on each mask's native grid (long side capped at
 512 px), maps resized bilinearly to it; the model-grid values are kept as
-``*_model_resolution``. ``images_per_second`` is model time on ``--threads`` threads with the
-test images already decoded at the model size (as defectlab's ``evaluate`` counts it);
+``*_model_resolution``. ``images_per_second`` is model time on ``--threads`` threads over the
+first ``--speed-images`` test images (default 128), already decoded at the model size (as
+defectlab's ``evaluate`` counts it);
 ``images_per_second_end_to_end`` is anomalib's ``Engine.predict`` with decoding.
 ``--defectlab`` also evaluates the defectlab run whose split is used, with defectlab's own
 ``evaluate`` in defectlab's venv on as many threads, as the first row.
@@ -409,8 +410,9 @@ def run_one(args: argparse.Namespace) -> dict:
         test_predictions = engine.predict(model=model, datamodule=test_data)
         predict_seconds = time.perf_counter() - started
         scores, maps = gather(data["test"], *collect(test_predictions, size))
+        speed_samples = data["test"][: args.speed_images or None]
         model_speed = model_images_per_second(
-            model, decoded_images(data["test"], size), args.batch_size
+            model, decoded_images(speed_samples, size), args.batch_size
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -460,6 +462,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "threads": args.threads,
         "train_seconds": round(train_seconds, 1),
         "images_per_second": round(model_speed, 2),
+        "speed_images": len(speed_samples),
         "images_per_second_end_to_end": round(len(labels) / predict_seconds, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
@@ -641,6 +644,8 @@ def run_in_subprocess(args: argparse.Namespace, model: str) -> dict:
             str(args.seed),
             "--threads",
             str(args.threads),
+            "--speed-images",
+            str(args.speed_images),
         ]
         for flag, value in (
             ("--epochs", args.epochs),
@@ -731,6 +736,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=0, help="dataloader workers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true", help="show lightning progress bars")
+    parser.add_argument(
+        "--speed-images",
+        type=int,
+        default=128,
+        help="img/s: model time over the first N test images (default 128; 0 = all)",
+    )
     parser.add_argument(
         "--threads", type=int, default=2, help="torch / OpenMP threads of every model (default 2)"
     )
@@ -928,7 +939,14 @@ def write_side_by_side(args: argparse.Namespace, rows: list[dict]) -> None:
         "anomalib has no `n_features` default for this backbone, so all 152 channels are kept "
         "(no random channel subset).",
         f"img/s: model time on {args.threads} threads (OMP_NUM_THREADS and torch threads) with "
-        "the test images already decoded at the model size, as `defectlab evaluate` counts it, "
+        "the test images already decoded at the model size, as `defectlab evaluate` counts it "
+        "(anomalib rows: over "
+        + ", ".join(
+            f"{row['title']} {row.get('speed_images') or 'all'}"
+            for row in done
+            if row["model"].startswith("anomalib-")
+        )
+        + " test images; defectlab: all), "
         "measured while other jobs shared the 2 cores (load average "
         f"{os.getloadavg()[0]:.0f} on {os.cpu_count()} cores when this section was written): "
         "compare within a table only.",
