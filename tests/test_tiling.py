@@ -56,8 +56,8 @@ def test_auto_size_rules(tmp_path: Path) -> None:
     assert "whole images" in choice.tile_reason
 
     # many images: the training cost, not detail, caps the size (steps of 32 px)
-    many = choose_image_size(small * 120, "auto", "auto", 224, "patchmemory")
-    assert many.image_size == 192 and "lowered to 192 px so that 720 training" in many.size_reason
+    many = choose_image_size(small * 60, "auto", "auto", 224, "patchmemory")
+    assert many.image_size == 192 and "lowered to 192 px so that 360 training" in many.size_reason
 
     large = _images(tmp_path / "large", [(480, 520)] * 6)
     choice = choose_image_size(large, "auto", "auto", 224, "patchmemory")

@@ -125,7 +125,7 @@ TILE_FACTOR = 2
 #: training cost cap of ``data.image_size=auto`` for whole images: training images × side²
 #: (the patches a memory or flow model fits grow with it); the size steps down by
 #: :data:`SIZE_STEP` until it fits, never below :data:`FIXED_SIZE`
-TRAIN_PIXEL_BUDGET = 1 << 25
+TRAIN_PIXEL_BUDGET = 1 << 24
 #: the feature backbones take sides in multiples of this
 SIZE_STEP = 32
 
