@@ -443,7 +443,7 @@ def run_one(args: argparse.Namespace) -> dict:
             f"with an MKL error on {args.threads}); predicted on {args.threads}"
         )
     if name in LITE0_MODELS:
-        extra = {
+        extra |= {
             "backbone": f"{lite0_timm.TIMM_NAME} with defectlab's Lite0 weights",
             "layers": list(lite0_timm.ANOMALIB_LAYERS),
         }
