@@ -18,6 +18,7 @@ never touches them.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -83,9 +84,26 @@ class Model(ABC):
         self.image_size = image_size
         self.channels = channels
         self.device = torch.device(device)
-        #: set by :func:`defectlab.training.fit` when training ends and restored with the
-        #: checkpoint; :meth:`check_fitted` refuses inference before it
+        #: set when :func:`defectlab.training.fit` ends or a state is loaded, and saved with
+        #: the checkpoint (a mid-training checkpoint restores ``False``);
+        #: :meth:`check_fitted` refuses inference before it
         self.is_fitted = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Loading a state loads a trained model: every ``load_state_dict`` marks the model
+        fitted once it succeeds (``runs.restore_model`` then applies the checkpoint's flag)."""
+        super().__init_subclass__(**kwargs)
+        load = cls.__dict__.get("load_state_dict")
+        if load is None or getattr(load, "marks_fitted", False):
+            return
+
+        @functools.wraps(load)
+        def load_and_mark(self: Model, state: dict[str, Any]) -> None:
+            load(self, state)
+            self.is_fitted = True
+
+        load_and_mark.marks_fitted = True  # type: ignore[attr-defined]
+        cls.load_state_dict = load_and_mark  # type: ignore[method-assign]
 
     # --- training protocol (driven by defectlab.training.fit) -------------------------------
     def setup_training(self, n_train: int) -> None:  # noqa: B027 - optional hook

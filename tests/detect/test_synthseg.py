@@ -167,7 +167,6 @@ def test_state_round_trip_gives_identical_predictions(trained, tmp_path: Path) -
     torch.manual_seed(5)
     clone = SynthUNet(SynthSegConfig(**SMALL), image_size=64)
     clone.load_state_dict(torch.load(path, weights_only=True))
-    clone.is_fitted = True  # as runs.restore_model marks a model restored from a trained run
     batch = as_batch(textured(3, seed=8))
     a, b = model.predict(batch), clone.predict(batch)
     assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)

@@ -433,9 +433,10 @@ class AreaRatioGCN(Segmenter):
     # --- inference -------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
+        self.check_fitted(self.is_fitted, "untrained networks")
         images = self._check_images(images)
-        if self.memory_bank is not None and self.memory_bank.memory is None:
-            raise RuntimeError(f"{self.name}: predict before fit (no memory bank)")
+        if self.memory_bank is not None:
+            self.check_fitted(self.memory_bank.memory is not None, "no memory bank")
         self.fcn.eval()
         self.gcn.eval()
         graph, vertex_scores, _ = self.graph_forward(images)
