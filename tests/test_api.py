@@ -263,3 +263,10 @@ def test_area_ratio_segmenter_reads_ratios_from_a_csv(folder_root: Path, tmp_pat
             overrides=[*overrides, f"data.area_ratio_csv={labels}"],
             progress=False,
         )
+
+
+def test_every_public_name_resolves() -> None:
+    """``import defectlab.api as dl`` reaches what the README's tour uses, including the
+    names that live in lower layers (run loading, scoring, a run's data)."""
+    assert {"train", "evaluate", "load_run", "predict_arrays", "dataset_split"} <= set(dl.__all__)
+    assert all(callable(getattr(dl, name)) or name == "MODEL_FILE" for name in dl.__all__)

@@ -1,3 +1,5 @@
+import io
+import struct
 from pathlib import Path
 
 import cv2
@@ -8,6 +10,7 @@ from defectlab.data.io import (
     ImageReadError,
     atomic_write_text,
     decode_image,
+    read_header,
     read_image,
     read_mask,
 )
@@ -116,3 +119,11 @@ def test_decode_image_matches_read_image(tmp_path: Path, channels: int) -> None:
     for content, reason in [(b"", "empty file"), (b"text", "not a decodable image")]:
         with pytest.raises(ImageReadError, match=f"upload.txt: {reason}"):
             decode_image(content, "upload.txt")
+
+
+@pytest.mark.parametrize("offset", [2**62, 2**64 - 1])
+def test_a_bigtiff_directory_offset_beyond_any_file_is_a_read_error(offset: int) -> None:
+    """A 64-bit BigTIFF offset too large to seek to is a broken header, not a crash."""
+    data = b"II" + struct.pack("<HHHQ", 43, 8, 0, offset)
+    with pytest.raises(ImageReadError, match="beyond any file"):
+        read_header(io.BytesIO(data), "huge.tif")

@@ -188,6 +188,8 @@ def _tiff_header(stream: BinaryIO) -> ImageHeader:
     sides: dict[int, int] = {}
     frames, seen = 0, set()
     while offset and offset not in seen and frames < _MAX_SEGMENTS:
+        if offset >= 1 << 62:  # BigTIFF offsets are 64-bit; no file reaches this far
+            raise ValueError(f"TIFF directory offset {offset} beyond any file")
         seen.add(offset)
         stream.seek(offset)
         (count,) = struct.unpack(order + count_fmt, _read_exact(stream, struct.calcsize(count_fmt)))
@@ -234,7 +236,7 @@ def read_header(stream: BinaryIO, name: str | Path) -> ImageHeader:
         if start.startswith(signature):
             try:
                 return reader(stream)
-            except (ValueError, struct.error, OSError) as exc:
+            except (ValueError, struct.error, OSError, OverflowError) as exc:
                 raise ImageReadError(name, f"not a decodable image ({exc})") from exc
     raise ImageReadError(name, f"not a decodable image (not a {_FORMATS} file)")
 
