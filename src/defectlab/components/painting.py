@@ -1,17 +1,18 @@
 """Procedural defect painting: plausible defects on normal images, with exact masks.
 
-Normal-only inspection needs defect examples to train segmenters and to sanity-check
-detectors. This engine is shared: the registered ``procedural`` synthesizer
+Normal-only inspection needs defect examples to train segmenters and to sanity-check detectors.
+This engine is shared: the registered ``procedural`` synthesizer
 (:mod:`defectlab.synth.procedural`) is a thin class over :class:`ProceduralPainter`, and the
 detectors that learn from painted defects use the painter directly. Following the usual
 competition toolbox, we draw random shapes (:mod:`defectlab.components.shapes`: Bezier and
 Gaussian-cloud blobs, scratches, elastically warped lines and circles, thresholded Perlin
-noise, branching cracks, CutPaste patches and scars), place them at a random position inside the object (Otsu region of interest) and off
-the image border, and give them a grey value relative to the local background with an
-optional linear grey-level gradient, faint noise matching the local texture and part of a
-surface texture kept (flat pasted patches look cartoonish). That texture is the surface
-under the defect, or, for CutPaste shapes and with probability ``foreign_texture``, a patch
-cut from elsewhere in the same image or from another normal image.
+noise, branching cracks, CutPaste patches and scars), place them at a random position inside
+the object (Otsu region of interest) and off the image border, and give them a grey value
+relative to the local background with an optional linear grey-level gradient, faint noise
+matching the local texture and part of a surface texture kept (flat pasted patches look
+cartoonish). That texture is the surface under the defect, or, for CutPaste shapes and with
+probability ``foreign_texture``, a patch cut from elsewhere in the same image or from another
+normal image.
 
 Masks are exact. The soft alpha is a Gaussian-blurred shape, cut to where it is at least 0.5:
 the mask is that set, so the label agrees with what is visible, and with ``blend="alpha"``
