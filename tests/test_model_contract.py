@@ -48,6 +48,7 @@ SETTINGS: dict[str, list[str]] = {
     ],
     "flow": ["epochs=2", "flow_steps=4"],
     "patchmemory": ["memory_bank_size=64", "max_memory_mb=0.3"],
+    "padim": ["feature_subset=32"],
     "memseg": ["epochs=2", "width=16", "roi=none", "memory_bank_size=64"],
     "synth-unet": ["epochs=2", "width=8", "cat_channels=8", "roi=none"],
     "synth-unet3plus": ["epochs=2", "width=8", "cat_channels=8", "roi=none"],

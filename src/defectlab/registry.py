@@ -23,6 +23,7 @@ BUILTIN_MODULES = (
     "defectlab.detect.deepsvdd",
     "defectlab.detect.flow",
     "defectlab.detect.patchmemory",
+    "defectlab.detect.padim",
     "defectlab.detect.synthseg",
     "defectlab.detect.memseg",
     "defectlab.detect.ensemble",

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from defectlab.errors import ConfigError, DataError
@@ -349,6 +350,23 @@ class LiteFeatures(nn.Module):
             if index in wanted:
                 out.append(x)
         return out
+
+
+def patch_embedding(maps: list[torch.Tensor], patch_size: int = 1) -> torch.Tensor:
+    """Concatenate feature maps of several strides into one (B, D, h, w) embedding on the
+    finest grid: each map averaged over a ``patch_size`` neighbourhood (stride 1, borders
+    averaged over the pixels inside) and the coarser ones bilinearly up-sampled."""
+    pooled = [
+        F.avg_pool2d(m, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False)
+        if patch_size > 1
+        else m
+        for m in maps
+    ]
+    size = pooled[0].shape[-2:]
+    pooled = [
+        m if m.shape[-2:] == size else F.interpolate(m, size, mode="bilinear") for m in pooled
+    ]
+    return torch.cat(pooled, dim=1)
 
 
 #: the name the Lite0-only extractor had; ``backbone`` picks Lite1 or Lite2

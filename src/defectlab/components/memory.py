@@ -48,6 +48,7 @@ from defectlab.components.features import (
     default_blocks,
     feature_channels,
     get_backbone,
+    patch_embedding,
     validate_blocks,
 )
 from defectlab.ops import gaussian_blur
@@ -256,17 +257,7 @@ class PatchMemoryBank(Scorer):
     # --- features ------------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Locally aggregated, concatenated patch features (B, D, h, w) on the finest grid."""
-        maps = self.features(images.to(self.device))
-        p = self.config.patch_size
-        pooled = [
-            F.avg_pool2d(m, p, stride=1, padding=p // 2, count_include_pad=False) if p > 1 else m
-            for m in maps
-        ]
-        size = pooled[0].shape[-2:]
-        pooled = [
-            m if m.shape[-2:] == size else F.interpolate(m, size, mode="bilinear") for m in pooled
-        ]
-        return torch.cat(pooled, dim=1)
+        return patch_embedding(self.features(images.to(self.device)), self.config.patch_size)
 
     @staticmethod
     def _rows(embedding: torch.Tensor) -> torch.Tensor:
