@@ -73,6 +73,7 @@ class SelectionConfig:
     #: candidates as ``model[:key=value/key=value]``, trained in this order
     candidates: tuple[str, ...] = (
         FIXED_DEFAULT,
+        "padim:backbone=lite0",
         "flow:backbone=lite0",
         "pixelstats",
         "template",
