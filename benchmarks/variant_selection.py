@@ -306,6 +306,23 @@ def write_docs(
         "Spearman rank correlation of synthetic-validation and test image AUROC over the "
         "seed-0 variants: " + ", ".join(f"{d} {fmt_number(2)(v)}" for d, v in rho.items()) + ".",
     ]
+    spreads = [
+        f"{d} `{v}` {max(x) - min(x):.3f}"
+        for d in picks
+        for v in sorted({r["variant"] for r in rows})
+        if len(x := [r["synthetic_auroc"] for r in rows if r["dataset"] == d and r["variant"] == v])
+        > 1
+    ]
+    if spreads:
+        notes.append(
+            "Seed-to-seed difference of synthetic-validation image AUROC where a variant has "
+            f"runs at two seeds: {', '.join(spreads)}; a lead smaller than that is within the "
+            "training noise of one variant."
+        )
+    notes.append(
+        f"`{DEFAULT}` is the model's configuration default when the section was written; "
+        "the other variants are named by the settings in which they differ from it."
+    )
     key = docs_key("variant-selection", model, rows[0]["image_size"])
     path = write_section(
         args.write_docs,
