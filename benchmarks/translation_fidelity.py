@@ -14,9 +14,11 @@ copies everything but the defect. On the run's own normal training images (its
   ``--seed``): ``changed_outside_mask``, the share of pixels outside the sample's mask whose
   value differs at all from the source (0 by construction for ``generator=residual_attention``,
   where the mask is the thresholded attention map), ``changed_pixels``, the share that differ
-  by more than 1/255, ``mask_area``, the mean mask share, and ``mask_change_iou``, the IoU
-  between the mask and the pixels changed by more than 1/255 (1 = the mask marks exactly
-  what changed);
+  by more than 1/255, ``mask_area``, the mean mask share, ``empty_masks``, the share of
+  samples whose mask is empty, and ``mask_change_iou``, the IoU between the mask and the
+  pixels changed by more than 1/255 (1 = the mask marks exactly what changed);
+* ``real_defect_area`` and ``real_defect_area_median``: the mean and median mask share of the
+  run's real training defects (its ``split.json``), what ``mask_area`` should be near;
 * ``autoencoder_l1`` (``--autoencoder-steps N``, 0 = off): the same content encoder and G_X
   architecture trained from scratch as a plain L1 autoencoder on those images for N steps
   (batch 16, the run's Adam settings), then scored like ``self_recon_l1``: what the networks
@@ -78,7 +80,7 @@ def train_autoencoder(model, images: torch.Tensor, steps: int, seed: int) -> flo
 def mask_agreement(model, images: np.ndarray, seed: int) -> dict[str, object]:
     """Where the synthesized samples changed their source, against their masks (module
     docstring); ``images`` (N, H, W, C) in [0, 1] at the model's size."""
-    outside, changed_share, areas, ious = [], [], [], []
+    outside, changed_share, areas, ious, empty = [], [], [], [], []
     for i, image in enumerate(images):
         sample = model.synthesize(image, np.random.default_rng([seed, i]))
         out = sample.image if sample.image.ndim == 3 else sample.image[:, :, None]
@@ -89,6 +91,7 @@ def mask_agreement(model, images: np.ndarray, seed: int) -> dict[str, object]:
         changed = diff > 1 / 255
         changed_share.append(float(changed.mean()))
         areas.append(float(mask.mean()))
+        empty.append(not mask.any())
         union = (changed | mask).sum()
         ious.append(float((changed & mask).sum() / union) if union else 1.0)
     return {
@@ -96,6 +99,7 @@ def mask_agreement(model, images: np.ndarray, seed: int) -> dict[str, object]:
         "changed_outside_mask": float(np.mean(outside)) if outside else 0.0,
         "changed_pixels": float(np.mean(changed_share)),
         "mask_area": float(np.mean(areas)),
+        "empty_masks": float(np.mean(empty)),
         "mask_change_iou": float(np.mean(ious)),
     }
 
@@ -151,6 +155,12 @@ def main() -> None:
         ),
     }
     row |= mask_agreement(model, loaded.images, args.seed)
+    defects = load_samples(
+        split["train_defect"], data.image_size, data.channels, data.mask_threshold, desc="defects"
+    )
+    real_areas = defects.masks.reshape(len(defects.masks), -1).astype(np.float64).mean(axis=1)
+    row["real_defect_area"] = float(real_areas.mean())
+    row["real_defect_area_median"] = float(np.median(real_areas))
     if args.autoencoder_steps:
         row["autoencoder_steps"] = args.autoencoder_steps
         row["autoencoder_l1"] = train_autoencoder(model, images, args.autoencoder_steps, args.seed)
@@ -168,6 +178,9 @@ def main() -> None:
             ("changed_outside_mask", "changed outside the mask", fmt_number(4)),
             ("changed_pixels", "changed > 1/255", fmt_number(3)),
             ("mask_area", "mask area", fmt_number(3)),
+            ("empty_masks", "empty masks", fmt_number(2)),
+            ("real_defect_area", "real defect area (mean)", fmt_number(3)),
+            ("real_defect_area_median", "real defect area (median)", fmt_number(3)),
             ("mask_change_iou", "IoU(mask, changed > 1/255)", fmt_number(3)),
         ]
         path = write_section(

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from defectlab import api
-from defectlab.components.gan_layers import attention_blend, attention_priors
+from defectlab.components.gan_layers import AttentionOutput, attention_blend, attention_priors
 from defectlab.errors import ConfigError
 from defectlab.runs import load_checkpoint, save_checkpoint
 from defectlab.synth.crossgan import CrossGAN
 from defectlab.synth.cyclegan import CycleGAN
-from defectlab.synth.translation import MaskRule, attention_mask
+from defectlab.synth.translation import MaskRule, area_target, attention_mask
 from tests.synth.gan_checks import assert_resume_reproduces_the_uninterrupted_run
 from tests.synth.test_crossgan import SIZE, TINY, batch_of, fit_tiny, make, surfaces
 
@@ -174,3 +174,183 @@ def test_threshold_changes_after_training_the_generator_does_not(
         api.synthesize(
             "crossgan", folder_root, tmp_path / "x", 1, run=out, overrides=["generator=full"]
         )
+
+
+# --- what keeps the map from collapsing (attention priors) --------------------------------------
+
+
+def disc_batch(n_normal: int, n_defect: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Striped normal surfaces and defect surfaces with one bright disc each, the discs'
+    masks as the defect masks (normal masks empty)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    images = list(surfaces(n_normal + n_defect, 0, seed=seed))
+    masks = [np.zeros((SIZE, SIZE), np.float32)] * n_normal
+    for image in images[n_normal:]:
+        cy, cx = rng.integers(10, SIZE - 10, 2)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < 36
+        image[disc] = 0.95
+        masks.append(disc.astype(np.float32))
+    batch = batch_of(np.stack(images), [0] * n_normal + [1] * n_defect)
+    batch["mask"] = torch.from_numpy(np.stack(masks))
+    return batch
+
+
+#: the loss terms switched off to isolate one attention prior
+NO_PRIORS = {
+    "attention_sparsity_weight": 0.0,
+    "attention_tv_weight": 0.0,
+    "attention_area_weight": 0.0,
+    "attention_mask_weight": 0.0,
+}
+
+
+def defect_map(model, images: torch.Tensor) -> torch.Tensor:
+    """The normal → defect generator's attention map on ``images`` (eval mode, prior code 0
+    for CrossGAN)."""
+    model.nets.eval()
+    with torch.no_grad():
+        if isinstance(model, CrossGAN):
+            code = torch.zeros(len(images), model.config.detail_dim)
+            return model.nets["defect_generator"](model.content(images), code)[1]
+        return model.nets["defect_generator"](images)[1]
+
+
+def normal_map(model, images: torch.Tensor) -> torch.Tensor:
+    """The defect → normal generator's attention map on ``images`` (eval mode)."""
+    model.nets.eval()
+    with torch.no_grad():
+        if isinstance(model, CrossGAN):
+            return model.nets["normal_generator"](model.content(images))[1]
+        return model.nets["normal_generator"](images)[1]
+
+
+@pytest.mark.parametrize("cls", [CrossGAN, CycleGAN])
+def test_area_prior_keeps_the_map_from_collapsing(cls: type) -> None:
+    """The reconstruction terms reward an empty map: through the blend (attention_recon=
+    "blend") and without the area prior the normal → defect map shrinks from its start and
+    no pixel passes the threshold; with the area prior some pixels of every normal image
+    pass it and the mean rises towards the discs' area."""
+    batch = disc_batch(4, 4)
+    normals = batch["image"][:4] * 2 - 1
+    target = float(batch["mask"][4:].mean())
+    start = float(defect_map(make(1, cls=cls, **LOCAL), normals).mean())
+    maps = {}
+    for weight in (0.0, 10.0):
+        model = make(
+            1,
+            cls=cls,
+            **LOCAL,
+            **{**NO_PRIORS, "attention_area_weight": weight},
+            attention_recon="blend",
+            lr=1e-3,
+        )
+        torch.manual_seed(0)
+        for _ in range(15):
+            model.training_step(batch)
+        maps[weight] = defect_map(model, normals)
+    assert start < target / 2
+    assert float(maps[0.0].mean()) < start
+    assert not (maps[0.0] > 0.5).any()
+    assert float(maps[10.0].mean()) > target / 2
+    assert (maps[10.0] > 0.5).flatten(1).any(dim=1).all()
+
+
+@pytest.mark.parametrize("cls", [CrossGAN, CycleGAN])
+def test_mask_supervision_makes_the_removal_map_match_the_defect_masks(cls: type) -> None:
+    """With mask supervision the defect → normal map of the training defects is high on
+    their disc masks and low elsewhere; without it the map stays near its empty start."""
+    batch = disc_batch(2, 4)
+    defects, masks = batch["image"][2:] * 2 - 1, batch["mask"][2:, None] > 0.5
+    inside, outside = {}, {}
+    for weight in (0.0, 1.0):
+        model = make(1, cls=cls, **LOCAL, **{**NO_PRIORS, "attention_mask_weight": weight}, lr=1e-3)
+        torch.manual_seed(0)
+        for _ in range(100):
+            model.training_step(batch)
+        found = normal_map(model, defects)
+        inside[weight], outside[weight] = float(found[masks].mean()), float(found[~masks].mean())
+    assert inside[1.0] > 4 * outside[1.0]
+    assert inside[1.0] > 10 * inside[0.0]
+
+
+def test_area_target_marks_the_blurred_maps_top_pixels() -> None:
+    a = torch.full((2, 1, 32, 32), 0.05)
+    a[0, 0, 4:10, 20:26] = 0.3  # a 36-pixel blob
+    a[0, 0, 30, 1] = 0.9  # one stray pixel, outweighed by the blob once blurred
+    target = area_target(a, torch.tensor([36 / 1024, 0.0]))
+    assert target.shape == a.shape and not target.requires_grad
+    assert int(target[0].sum()) == 36 and int(target[1].sum()) == 0
+    assert target[0, 0, 4:10, 20:26].sum() > 20
+    assert target[0, 0, 30, 1] == 0
+
+
+@pytest.mark.parametrize("cls", [CrossGAN, CycleGAN])
+@pytest.mark.parametrize("recon", ["image", "blend"])
+def test_self_reconstruction_on_the_image_leaves_the_map_alone(cls: type, recon: str) -> None:
+    """With every other generator term off, a step of the self-reconstruction (CrossGAN) or
+    identity (CycleGAN) term changes the attention channel's weights only when it is applied
+    to the blend: on the image G alone it cannot reward an empty map."""
+    terms = (
+        {"adv_weight": 0.0, "content_adv_weight": 0.0, "cross_cycle_weight": 0.0}
+        | {"kl_weight": 0.0, "latent_weight": 0.0, "self_recon_weight": 10.0}
+        if cls is CrossGAN
+        else {"adv_weight": 0.0, "cycle_weight": 0.0, "identity_weight": 5.0}
+    )
+    model = make(1, cls=cls, **LOCAL, **NO_PRIORS, **terms, attention_recon=recon, weight_decay=0.0)
+    net = model.nets["normal_generator"]
+    head = next(m for m in net.modules() if isinstance(m, AttentionOutput))
+    before = head.conv.weight[1:].clone()
+    torch.manual_seed(0)
+    model.training_step(disc_batch(2, 2))
+    changed = not torch.equal(before, head.conv.weight[1:])
+    assert changed == (recon == "blend")
+
+
+def test_attention_gain_keeps_the_initial_map_and_speeds_its_logit() -> None:
+    """Gain g: the same map at initialisation, and one plain SGD step on the attention row
+    moves the logit g² times as far (g on the weights' gradient, g on the output)."""
+    torch.manual_seed(0)
+    plain = AttentionOutput(4, 1, gain=1.0)
+    torch.manual_seed(0)
+    fast = AttentionOutput(4, 1, gain=10.0)
+    h = torch.rand(1, 4, 8, 8)
+    torch.testing.assert_close(plain(h)[1], fast(h)[1])
+    moves = []
+    for head in (plain, fast):
+        start = torch.logit(head(h)[1]).mean()
+        head(h)[1].mean().backward()
+        with torch.no_grad():
+            head.conv.bias -= 1e-3 * head.conv.bias.grad
+        moves.append(float((torch.logit(head(h)[1]).mean() - start).detach()))
+    assert moves[1] == pytest.approx(100 * moves[0], rel=1e-3)
+
+
+def test_masks_stay_paired_with_their_defect_images() -> None:
+    """A batch short of defects is topped up from the buffer: every paired defect image
+    still comes with its own mask (the disc is where the image is bright)."""
+    model = make(1, **LOCAL)
+    model.training_step(disc_batch(0, 3, seed=1))  # fills the defect buffer only
+    _, y, y_mask = model._pair(disc_batch(4, 1, seed=2))
+    assert len(y) == 4 and y_mask.shape == (4, 1, SIZE, SIZE)
+    np.testing.assert_array_equal((y > 0.8).numpy(), y_mask.bool().numpy())
+
+
+@pytest.mark.parametrize("cls", [CrossGAN, CycleGAN])
+def test_after_training_with_the_priors_the_source_is_still_copied_outside(cls: type) -> None:
+    model = make(1, cls=cls, **LOCAL, mask_open=0, mask_min_area=1, lr=1e-3)
+    torch.manual_seed(0)
+    for _ in range(3):
+        model.training_step(disc_batch(2, 2))
+    source = surfaces(1, 0, seed=3)[0]
+    half_open(model, source, 1)
+    sample = model.synthesize(source, np.random.default_rng(1))
+    assert 0 < sample.mask.sum() < sample.mask.size
+    np.testing.assert_array_equal(sample.image[~sample.mask], source[~sample.mask])
+
+
+def test_attention_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="attention_recon"):
+        make(1, **LOCAL, attention_recon="both")
+    with pytest.raises(ValueError, match="attention_gain"):
+        make(1, **LOCAL, attention_gain=0.0)

@@ -76,24 +76,34 @@ def to_image_conv(width: int, channels: int) -> nn.Module:
 
 class AttentionOutput(nn.Module):
     """Final 7×7 conv to the image channels (Tanh) plus one attention channel (sigmoid):
-    returns ``(image, attention)``, the image in [-1, 1] and the map in (0, 1), (B, 1, H, W)."""
+    returns ``(image, attention)``, the image in [-1, 1] and the map in (0, 1), (B, 1, H, W).
 
-    def __init__(self, width: int, channels: int) -> None:
+    ``gain`` multiplies the attention logit, and the attention row of the conv starts divided
+    by it, so the initial map is the same for every gain while each optimiser step moves the
+    logit ``gain`` times as far (an equalised learning rate for this one channel): the map
+    has to travel from its near-empty start to above the synthesis threshold, and Adam moves
+    each weight by about the learning rate per step whatever the gradient's size."""
+
+    def __init__(self, width: int, channels: int, gain: float = 1.0) -> None:
         super().__init__()
         self.channels = channels
+        self.gain = float(gain)
         self.conv = nn.Conv2d(width, channels + 1, 7, padding=3, padding_mode="reflect")
         with torch.no_grad():
-            self.conv.bias[channels:].fill_(ATTENTION_INIT_BIAS)
+            self.conv.weight[channels:] /= self.gain
+            self.conv.bias[channels:].fill_(ATTENTION_INIT_BIAS / self.gain)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.conv(h)
-        return torch.tanh(out[:, : self.channels]), torch.sigmoid(out[:, self.channels :])
+        logit = self.gain * out[:, self.channels :]
+        return torch.tanh(out[:, : self.channels]), torch.sigmoid(logit)
 
 
-def output_layer(width: int, channels: int, kind: str) -> nn.Module:
-    """The generator's last layer for ``generator=kind``: an image, or image + attention."""
+def output_layer(width: int, channels: int, kind: str, gain: float = 1.0) -> nn.Module:
+    """The generator's last layer for ``generator=kind``: an image, or image + attention
+    (``gain``: :class:`AttentionOutput`)."""
     if kind == "residual_attention":
-        return AttentionOutput(width, channels)
+        return AttentionOutput(width, channels, gain)
     return to_image_conv(width, channels)
 
 
@@ -151,11 +161,13 @@ class UpDecoder(nn.Sequential):
     """Two up-sampling blocks, one conv, Tanh: (4w, H/4, W/4) → image (``kind="full"``) or
     (image, attention) (``"residual_attention"``). CrossGAN's G_X."""
 
-    def __init__(self, channels: int, width: int, kind: str = "full") -> None:
+    def __init__(
+        self, channels: int, width: int, kind: str = "full", attention_gain: float = 1.0
+    ) -> None:
         super().__init__(
             UpBlock(4 * width, 2 * width),
             UpBlock(2 * width, width),
-            output_layer(width, channels, kind),
+            output_layer(width, channels, kind, attention_gain),
         )
 
 

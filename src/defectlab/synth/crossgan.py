@@ -50,9 +50,13 @@ Image range: networks work in [-1, 1] (inputs ``2x − 1``); both generators end
 Localised edits (``generator="residual_attention"``; ``"full"`` is the seed's design above):
 G_Y and G_X also output an attention map ``m`` (sigmoid) and every image they produce is
 ``m·G + (1 − m)·source``, the source being the image whose content code they decode (``x`` for
-``u``, ``y`` for ``v``, ``u`` for ``x̂``, ``v`` for ``ŷ``); the generator loss adds the sparsity
-and TV priors on every map, and synthesis takes the mask from G_Y's map
-(:mod:`defectlab.synth.translation`). Everything else, losses included, is unchanged.
+``u``, ``y`` for ``v``, ``u`` for ``x̂``, ``v`` for ``ŷ``); the generator loss adds the attention
+priors of :mod:`defectlab.synth.translation`: TV (and sparsity, off by default) on every map,
+the area prior on the maps of ``u`` (target: the mask area of ``y``, whose detail code ``u``
+carries) and ``u_r`` (the batch's mean mask area), and mask supervision of the maps of ``v``
+and ``ŷ`` by ``y``'s mask (both edit exactly ``y``'s defect); with ``attention_recon="image"``
+the self-reconstruction compares G_X's and G_Y's images, not the blends, with ``x`` and ``y``.
+Synthesis takes the mask from G_Y's map. Everything else, losses included, is unchanged.
 
 Synthesis (:meth:`CrossGAN.synthesize`): ``G_Y(E^c(x), a)`` with ``a`` drawn from N(0, I) by
 the sample's rng (``detail="prior"``) or ``a = μ`` of a real defect example given through
@@ -189,13 +193,15 @@ class DefectGenerator(nn.Module):
     """G_Y(content, detail): two residual blocks, two up-sampling blocks, one conv (+Tanh);
     with ``kind="residual_attention"`` the last conv also gives an attention map."""
 
-    def __init__(self, channels: int, width: int, dim: int, kind: str = "full") -> None:
+    def __init__(
+        self, channels: int, width: int, dim: int, kind: str = "full", attention_gain: float = 1.0
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(DetailResidualBlock(4 * width, dim) for _ in range(2))
         self.up = nn.Sequential(
             UpBlock(4 * width, 2 * width),
             UpBlock(2 * width, width),
-            output_layer(width, channels, kind),
+            output_layer(width, channels, kind, attention_gain),
         )
 
     def forward(self, content: torch.Tensor, detail: torch.Tensor) -> Any:
@@ -233,8 +239,10 @@ class CrossGAN(TranslationGAN):
         return {
             "content_encoder": ResidualEncoder(c, w, cfg.content_blocks, cfg.encoder_norm),
             "detail_encoder": DetailEncoder(c, w, cfg.detail_dim),
-            "defect_generator": DefectGenerator(c, w, cfg.detail_dim, cfg.generator),
-            "normal_generator": UpDecoder(c, w, cfg.generator),
+            "defect_generator": DefectGenerator(
+                c, w, cfg.detail_dim, cfg.generator, cfg.attention_gain
+            ),
+            "normal_generator": UpDecoder(c, w, cfg.generator, cfg.attention_gain),
             "content_discriminator": ContentDiscriminator(w),
             "normal_discriminator": MultiScaleDiscriminator(c, w, cfg.disc_layers, cfg.disc_scales),
             "defect_discriminator": MultiScaleDiscriminator(c, w, cfg.disc_layers, cfg.disc_scales),
@@ -255,17 +263,22 @@ class CrossGAN(TranslationGAN):
         return code, kl_divergence(mean, logvar)
 
     def _edit(
-        self, out: Any, source: torch.Tensor | None, maps: list[torch.Tensor] | None
+        self,
+        out: Any,
+        source: torch.Tensor | None,
+        maps: dict[str, torch.Tensor] | None,
+        role: str,
     ) -> torch.Tensor:
         """A generator's output as an image: itself (``generator="full"``) or blended into
-        ``source`` by its attention map, which is appended to ``maps`` (for the priors)."""
+        ``source`` by its attention map, which is stored in ``maps`` under ``role`` (for the
+        priors)."""
         if not self.config.attention:
             return out
         if source is None:
             raise ValueError("generator=residual_attention edits a source image: pass source")
         image, attention = out
         if maps is not None:
-            maps.append(attention)
+            maps[role] = attention
         return attention_blend(source, image, attention)
 
     def to_defect(
@@ -273,41 +286,45 @@ class CrossGAN(TranslationGAN):
         content: torch.Tensor,
         detail: torch.Tensor,
         source: torch.Tensor | None = None,
-        maps: list[torch.Tensor] | None = None,
+        maps: dict[str, torch.Tensor] | None = None,
+        role: str = "",
     ) -> torch.Tensor:
         """G_Y: the defect version of the image whose content code is ``content``
         (``source``: that image, needed by ``generator="residual_attention"``)."""
-        return self._edit(self.nets["defect_generator"](content, detail), source, maps)
+        return self._edit(self.nets["defect_generator"](content, detail), source, maps, role)
 
     def to_normal(
         self,
         content: torch.Tensor,
         source: torch.Tensor | None = None,
-        maps: list[torch.Tensor] | None = None,
+        maps: dict[str, torch.Tensor] | None = None,
+        role: str = "",
     ) -> torch.Tensor:
         """G_X: the defect-free version (``source`` as for :meth:`to_defect`)."""
-        return self._edit(self.nets["normal_generator"](content), source, maps)
+        return self._edit(self.nets["normal_generator"](content), source, maps, role)
 
     # --- training ------------------------------------------------------------------------------
-    def train_pairs(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def train_pairs(
+        self, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None = None
+    ) -> dict[str, float]:
         cfg, nets = self.config, self.nets
         kind = cfg.gan_loss
         d_content, d_normal, d_defect = (nets[n] for n in DISCRIMINATORS)
 
-        # attention maps of the generator-side images (residual_attention only), for priors
-        maps: list[torch.Tensor] = []
+        # attention maps of the generator-side images by role (residual_attention only)
+        maps: dict[str, torch.Tensor] = {}
         # stage 1: forward translation
         z_x, z_y = self.content(torch.cat([x, y])).split([len(x), len(y)])
         a_y, kl = self.sample_detail(y)
-        u = self.to_defect(z_x, a_y, x, maps)
-        v = self.to_normal(z_y, y, maps)
+        u = self.to_defect(z_x, a_y, x, maps, "u")
+        v = self.to_normal(z_y, y, maps, "v")
         a_r = self.randn(len(x), cfg.detail_dim) if cfg.latent_weight > 0 else None
-        u_r = self.to_defect(z_x, a_r, x, maps) if a_r is not None else None
+        u_r = self.to_defect(z_x, a_r, x, maps, "u_r") if a_r is not None else None
         # stage 2: backward (cross) reconstruction, no content discriminator
         z_u, z_v = self.content(torch.cat([u, v])).split([len(u), len(v)])
         a_u, kl_u = self.sample_detail(u)
-        x_hat = self.to_normal(z_u, u, maps)
-        y_hat = self.to_defect(z_v, a_u, v, maps)
+        x_hat = self.to_normal(z_u, u, maps, "x_hat")
+        y_hat = self.to_defect(z_v, a_u, v, maps, "y_hat")
 
         # discriminators on detached codes and images
         c_loss = adversarial_loss(d_content(z_x.detach()), 1.0, "bce") + adversarial_loss(
@@ -342,9 +359,14 @@ class CrossGAN(TranslationGAN):
             )
             losses: dict[str, float] = {}
             if cfg.self_recon_weight > 0:
-                self_recon = F.l1_loss(self.to_normal(z_x, x, maps), x) + F.l1_loss(
-                    self.to_defect(z_y, a_y, y, maps), y
-                )
+                if cfg.attention and cfg.attention_recon == "image":
+                    # on G alone: faithful images without rewarding an empty map
+                    rebuilt_x = nets["normal_generator"](z_x)[0]
+                    rebuilt_y = nets["defect_generator"](z_y, a_y)[0]
+                else:
+                    rebuilt_x = self.to_normal(z_x, x, maps, "self_x")
+                    rebuilt_y = self.to_defect(z_y, a_y, y, maps, "self_y")
+                self_recon = F.l1_loss(rebuilt_x, x) + F.l1_loss(rebuilt_y, y)
                 loss = loss + cfg.self_recon_weight * self_recon
                 losses["self_recon"] = self_recon.item()
             if u_r is not None and a_r is not None:
@@ -352,7 +374,15 @@ class CrossGAN(TranslationGAN):
                 loss = loss + cfg.latent_weight * latent
                 losses["latent"] = latent.item()
             if maps:
-                prior, values = self.attention_loss(maps)
+                if y_mask is None:
+                    raise ValueError("generator=residual_attention trains on the defect masks")
+                # u carries y's detail code: y's mask area; u_r a prior code: the batch mean
+                area = y_mask.mean(dim=(1, 2, 3))
+                areas = {"u": area}
+                if "u_r" in maps:
+                    areas["u_r"] = area.mean().expand_as(area)
+                # v removes y's defect and y_hat puts it back: both edit y's mask
+                prior, values = self.attention_loss(maps, areas, {"v": y_mask, "y_hat": y_mask})
                 loss = loss + prior
                 losses.update(values)
             self.step_optimizers(GENERATOR_SIDE, loss)
@@ -369,7 +399,9 @@ class CrossGAN(TranslationGAN):
             "d_defect": y_loss.item(),
         }
 
-    def sample_rows(self, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
+    def sample_rows(
+        self, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None = None
+    ) -> list[list[torch.Tensor]]:
         """Like the seed's Figure 3: x → u → x̂ and y → v → ŷ (detail codes = means)."""
         z_x, z_y = self.content(x), self.content(y)
         u = self.to_defect(z_x, self.detail(y)[0], x)

@@ -15,8 +15,12 @@ first on detached fakes of the current batch (no history pool of old fakes), the
 generators against the updated, frozen discriminators.
 
 ``generator="residual_attention"``: both generators also output an attention map ``m`` and
-return ``m·G(x) + (1 − m)·x``; the same sparsity and TV priors as CrossGAN's are added, and the
-mask comes from the map (:mod:`defectlab.synth.translation`).
+return ``m·G(x) + (1 − m)·x``; the same attention priors as CrossGAN's are added
+(:mod:`defectlab.synth.translation`): TV (and sparsity, off by default) on every map, the area
+prior on the map of ``G(x)`` (target: the batch's mean defect mask area; no real defect is tied
+to a translation of ``x``), mask supervision of the maps of ``F(y)`` and ``G(F(y))`` by ``y``'s
+mask, and with ``attention_recon="image"`` the identity terms on the generators' images rather
+than the blends. The mask comes from the map.
 
 Synthesis: ``G(x)``; one output per normal image (CycleGAN has no detail code, so
 ``detail="none"`` in the record), the mask from the aligned difference.
@@ -73,10 +77,17 @@ class ResnetGenerator(nn.Sequential):
     with ``kind="residual_attention"``)."""
 
     def __init__(
-        self, channels: int, width: int, blocks: int, norm: str = "instance", kind: str = "full"
+        self,
+        channels: int,
+        width: int,
+        blocks: int,
+        norm: str = "instance",
+        kind: str = "full",
+        attention_gain: float = 1.0,
     ) -> None:
         super().__init__(
-            ResidualEncoder(channels, width, blocks, norm), UpDecoder(channels, width, kind)
+            ResidualEncoder(channels, width, blocks, norm),
+            UpDecoder(channels, width, kind, attention_gain),
         )
 
 
@@ -100,37 +111,53 @@ class CycleGAN(TranslationGAN):
         cfg, c, w = self.config, self.channels, self.config.width
         return {
             "defect_generator": ResnetGenerator(
-                c, w, cfg.res_blocks, cfg.encoder_norm, cfg.generator
+                c, w, cfg.res_blocks, cfg.encoder_norm, cfg.generator, cfg.attention_gain
             ),
             "normal_generator": ResnetGenerator(
-                c, w, cfg.res_blocks, cfg.encoder_norm, cfg.generator
+                c, w, cfg.res_blocks, cfg.encoder_norm, cfg.generator, cfg.attention_gain
             ),
             "normal_discriminator": MultiScaleDiscriminator(c, w, cfg.disc_layers, cfg.disc_scales),
             "defect_discriminator": MultiScaleDiscriminator(c, w, cfg.disc_layers, cfg.disc_scales),
         }
 
-    def _edit(self, name: str, x: torch.Tensor, maps: list[torch.Tensor] | None) -> torch.Tensor:
+    def _edit(
+        self, name: str, x: torch.Tensor, maps: dict[str, torch.Tensor] | None, role: str
+    ) -> torch.Tensor:
         """Generator ``name`` on ``x``: its image, or with ``generator="residual_attention"``
-        its image blended into ``x`` by its attention map (appended to ``maps``)."""
+        its image blended into ``x`` by its attention map (stored in ``maps`` under ``role``)."""
         out = self.nets[name](x)
         if not self.config.attention:
             return out
         image, attention = out
         if maps is not None:
-            maps.append(attention)
+            maps[role] = attention
         return attention_blend(x, image, attention)
 
-    def to_defect(self, x: torch.Tensor, maps: list[torch.Tensor] | None = None) -> torch.Tensor:
-        return self._edit("defect_generator", x, maps)
+    def to_defect(
+        self, x: torch.Tensor, maps: dict[str, torch.Tensor] | None = None, role: str = ""
+    ) -> torch.Tensor:
+        return self._edit("defect_generator", x, maps, role)
 
-    def to_normal(self, y: torch.Tensor, maps: list[torch.Tensor] | None = None) -> torch.Tensor:
-        return self._edit("normal_generator", y, maps)
+    def to_normal(
+        self, y: torch.Tensor, maps: dict[str, torch.Tensor] | None = None, role: str = ""
+    ) -> torch.Tensor:
+        return self._edit("normal_generator", y, maps, role)
 
-    def train_pairs(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def _identity(self, name: str, image: torch.Tensor, maps: dict[str, torch.Tensor]) -> Any:
+        """L1 of generator ``name`` on an image of its target domain to that image: on the
+        generator's image alone for an attention generator with ``attention_recon="image"``
+        (no reward for an empty map), on its output otherwise."""
+        if self.config.attention and self.config.attention_recon == "image":
+            return F.l1_loss(self.nets[name](image)[0], image)
+        return F.l1_loss(self._edit(name, image, maps, f"identity_{name}"), image)
+
+    def train_pairs(
+        self, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None = None
+    ) -> dict[str, float]:
         cfg, kind = self.config, self.config.gan_loss
         d_normal, d_defect = (self.nets[n] for n in DISCRIMINATORS)
-        maps: list[torch.Tensor] = []  # attention maps (residual_attention), for the priors
-        u, v = self.to_defect(x, maps), self.to_normal(y, maps)
+        maps: dict[str, torch.Tensor] = {}  # attention maps by role (residual_attention)
+        u, v = self.to_defect(x, maps, "u"), self.to_normal(y, maps, "v")
 
         x_loss = adversarial_loss(d_normal(x), 1.0, kind) + adversarial_loss(
             d_normal(v.detach()), 0.0, kind
@@ -144,17 +171,24 @@ class CycleGAN(TranslationGAN):
             adv = adversarial_loss(d_defect(u), 1.0, kind) + adversarial_loss(
                 d_normal(v), 1.0, kind
             )
-            cycle = F.l1_loss(self.to_normal(u, maps), x) + F.l1_loss(self.to_defect(v, maps), y)
+            cycle = F.l1_loss(self.to_normal(u, maps, "x_hat"), x) + F.l1_loss(
+                self.to_defect(v, maps, "y_hat"), y
+            )
             loss = cfg.adv_weight * adv + cfg.cycle_weight * cycle
             losses: dict[str, float] = {}
             if cfg.identity_weight > 0:
-                identity = F.l1_loss(self.to_defect(y, maps), y) + F.l1_loss(
-                    self.to_normal(x, maps), x
+                identity = self._identity("defect_generator", y, maps) + self._identity(
+                    "normal_generator", x, maps
                 )
                 loss = loss + cfg.identity_weight * identity
                 losses["identity"] = identity.item()
             if maps:
-                prior, values = self.attention_loss(maps)
+                if y_mask is None:
+                    raise ValueError("generator=residual_attention trains on the defect masks")
+                area = y_mask.mean(dim=(1, 2, 3)).mean().expand(len(x))
+                prior, values = self.attention_loss(
+                    maps, {"u": area}, {"v": y_mask, "y_hat": y_mask}
+                )
                 loss = loss + prior
                 losses.update(values)
             self.step_optimizers(GENERATORS, loss)
@@ -167,7 +201,9 @@ class CycleGAN(TranslationGAN):
             "d_defect": y_loss.item(),
         }
 
-    def sample_rows(self, x: torch.Tensor, y: torch.Tensor) -> list[list[torch.Tensor]]:
+    def sample_rows(
+        self, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None = None
+    ) -> list[list[torch.Tensor]]:
         u, v = self.to_defect(x), self.to_normal(y)
         return [[x, u, self.to_normal(u)], [y, v, self.to_defect(v)]]
 

@@ -23,9 +23,34 @@ The record of each sample states the rule, ``t`` and the mask area.
 **Localised edits** (``generator="residual_attention"``). The generators output an image
 ``G`` and a soft attention map ``a`` in (0, 1); the translation is ``a·G + (1 − a)·x``. This
 form was chosen over ``x + a·r``: a convex combination of two in-range images stays in range,
-so no clipping (and no dead gradient) is needed. Training adds ``attention_sparsity_weight ·
-mean(a)`` and ``attention_tv_weight · TV(a)`` over every map the generator step produces. At
-synthesis the mask comes from the map, not from a difference (:func:`attention_mask`):
+so no clipping (and no dead gradient) is needed.
+
+Every reconstruction term of these models (cross/cycle reconstruction, self-reconstruction,
+identity) is minimised exactly by ``a = 0`` (the blend is then its source), and only the
+adversarial term asks for an edit, so with the reconstruction terms alone the maps shrink
+until nothing is edited and the mask is empty. Training therefore shapes the maps with priors
+(:meth:`TranslationGAN.attention_loss`) over the step's maps, by role:
+
+* ``attention_tv_weight · TV(a)`` on every map (compact edits), ``attention_sparsity_weight ·
+  mean(a)`` on every map (off by default: it pulls every map towards the empty one);
+* the **area prior**, ``attention_area_weight · BCE(a_i, T_i)`` on the maps of normal →
+  defect translations (:func:`area_target`): ``T_i`` marks the ``t_i·H·W`` pixels where the
+  map, box-blurred, is highest, ``t_i`` the mask area of the real defect image the
+  translation is paired with (the one whose detail code CrossGAN uses; the batch's mean area
+  where no real defect is tied to the translation). The edit is as large as real defects
+  are, and it is one region at full strength, not a faint veil: a prior on ``mean(a)``
+  alone is met by ``a = t`` everywhere, which the threshold turns into an empty mask. Where
+  the region goes is the generator's own choice (its current map), moved by the adversarial
+  and TV terms;
+* **mask supervision**, ``attention_mask_weight · BCE(a, m)`` on the maps of the edits of real
+  defect images — defect → normal, and the reconstruction of the defect from that result —
+  against the real defect's mask ``m``, which every training defect image has: the generators
+  learn where a defect is and what shape its region has;
+* with ``attention_recon="image"`` (default) the self-reconstruction (CrossGAN) and identity
+  (CycleGAN) terms compare the generator's image ``G`` with the target, not the blend, so they
+  keep ``G`` faithful without rewarding ``a = 0``; ``"blend"`` applies them to the blend.
+
+At synthesis the mask comes from the map, not from a difference (:func:`attention_mask`):
 ``a > attention_threshold``, then the same opening and minimum area as above; the map is
 zeroed outside the mask and the blend is done in [0, 1] image space, so every pixel outside
 the mask is the source's, bit for bit, and the mask is exactly the support of the edit.
@@ -42,6 +67,7 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from defectlab.base import SynthSample
 from defectlab.components.gan_layers import GENERATOR_KINDS, attention_priors, to_image
@@ -51,6 +77,8 @@ from defectlab.synth.gan import GANSynthesizer, GANTrainingConfig
 
 #: the mask rules of :func:`difference_mask`
 MASK_RULES = ("std", "fixed")
+#: where the self-reconstruction / identity terms of an attention generator apply
+ATTENTION_RECON = ("image", "blend")
 
 
 # --- mask rule -------------------------------------------------------------------------------
@@ -115,6 +143,28 @@ def attention_mask(attention: np.ndarray, threshold: float, rule: MaskRule) -> n
     return clean_mask(np.asarray(attention) > threshold, rule.open_radius, rule.min_area)
 
 
+def mask_bce(attention: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of an attention map in (0, 1) against a {0, 1} mask, the map
+    clamped away from 0 and 1 so a saturated pixel gives a finite loss."""
+    return F.binary_cross_entropy(attention.clamp(1e-6, 1 - 1e-6), mask)
+
+
+def area_target(attention: torch.Tensor, area: torch.Tensor) -> torch.Tensor:
+    """The area prior's target for maps (B, 1, H, W) and areas (B,) in [0, 1]: per map, 1 on
+    the ``round(area·H·W)`` pixels where the map box-blurred over ``2r + 1`` px
+    (``r = max(1, round(H / 32))``) is highest, 0 elsewhere; no gradient. The blur makes the
+    chosen pixels one compact region rather than the map's scattered maxima."""
+    with torch.no_grad():
+        r = max(1, round(attention.shape[-2] / 32))
+        score = F.avg_pool2d(attention, 2 * r + 1, stride=1, padding=r, count_include_pad=False)
+        flat = score.flatten(1)
+        order = flat.argsort(dim=1, descending=True, stable=True)
+        ranks = torch.empty_like(order)
+        ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
+        count = (area.clamp(0, 1) * flat.shape[1]).round().long()
+        return (ranks < count[:, None]).to(attention.dtype).view_as(attention)
+
+
 def localised_edit(
     source: np.ndarray, generated: np.ndarray, attention: np.ndarray, mask: np.ndarray
 ) -> np.ndarray:
@@ -145,9 +195,20 @@ class GANConfig(GANTrainingConfig):
     #: "residual_attention": an image and an attention map a, output a·G + (1 − a)·x, the
     #: mask from a (module docstring)
     generator: str = "full"
-    #: priors on the attention maps (residual_attention only): weight of mean(a) and of TV(a)
-    attention_sparsity_weight: float = 1.0
+    #: priors on the attention maps (residual_attention only; module docstring): weight of
+    #: mean(a) and of TV(a) over every map
+    attention_sparsity_weight: float = 0.0
     attention_tv_weight: float = 1.0
+    #: area prior: weight of BCE(a, the real defect mask area's worth of a's top pixels) on
+    #: the normal → defect maps (:func:`area_target`)
+    attention_area_weight: float = 10.0
+    #: mask supervision: weight of BCE(a, real mask) on the maps of edits of real defects
+    attention_mask_weight: float = 1.0
+    #: self-reconstruction / identity terms on the generator's "image" or on the "blend"
+    attention_recon: str = "image"
+    #: the attention logit's gain (equalised learning rate of the attention channel,
+    #: :class:`~defectlab.components.gan_layers.AttentionOutput`); 1 = a plain conv
+    attention_gain: float = 10.0
     #: synthesis: mask = a > attention_threshold (then opening and minimum area)
     attention_threshold: float = 0.5
 
@@ -155,7 +216,7 @@ class GANConfig(GANTrainingConfig):
         super().__post_init__()
         check_fields(
             self,
-            positive=("mask_k",),
+            positive=("mask_k", "attention_gain"),
             nonnegative=(
                 "mask_min_diff",
                 "mask_blur",
@@ -163,9 +224,12 @@ class GANConfig(GANTrainingConfig):
                 "mask_min_area",
                 "attention_sparsity_weight",
                 "attention_tv_weight",
+                "attention_area_weight",
+                "attention_mask_weight",
             ),
         )
         check_choice("mask_rule", self.mask_rule, MASK_RULES)
+        check_choice("attention_recon", self.attention_recon, ATTENTION_RECON)
         check_choice("generator", self.generator, GENERATOR_KINDS)
         check_fields(self, open_unit=("mask_level", "attention_threshold"))
 
@@ -189,8 +253,9 @@ class GANConfig(GANTrainingConfig):
 class TranslationGAN(GANSynthesizer):
     """Base of the normal → defect translators (CrossGAN, CycleGAN): a step pairs normal
     (label 0) and defect (label ≠ 0) images as :class:`GANSynthesizer` describes and trains on
-    the pair ``(x, y)`` in [-1, 1]; synthesis translates a normal image and takes the mask
-    from the aligned difference (:func:`difference_mask`). Sample grid rows are one
+    the pair ``(x, y)`` in [-1, 1] (and ``y``'s masks with ``generator="residual_attention"``);
+    synthesis translates a normal image and takes the mask from the aligned difference
+    (:func:`difference_mask`) or the attention map. Sample grid rows are one
     direction of one pair each: all pairs of the first row, then of the next."""
 
     Config = GANConfig
@@ -219,20 +284,57 @@ class TranslationGAN(GANSynthesizer):
         version itself (``generator="full"``) or the image G before blending — its attention
         map (1, 1, H, W) (None for ``"full"``) and what to record."""
 
-    def attention_loss(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted sparsity + TV priors of the step's attention maps and their values."""
-        sparsity, tv = attention_priors(maps)
+    def attention_loss(
+        self,
+        maps: dict[str, torch.Tensor],
+        areas: dict[str, torch.Tensor],
+        masks: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The attention priors of one step (module docstring) and their values. ``maps``:
+        role → attention map (B, 1, H, W) of every map the step produced; ``areas``: role of a
+        normal → defect map → target area per image (B,); ``masks``: role of a map of an edit
+        of a real defect → that defect's mask (B, 1, H, W) in {0, 1}. The logged
+        ``attention_above`` is the share of normal → defect map pixels above
+        ``attention_threshold``: the mask area synthesis would give before cleaning."""
         cfg = self.config
+        sparsity, tv = attention_priors(list(maps.values()))
         loss = cfg.attention_sparsity_weight * sparsity + cfg.attention_tv_weight * tv
-        return loss, {"attention_mean": sparsity.item(), "attention_tv": tv.item()}
+        values = {"attention_mean": sparsity.item(), "attention_tv": tv.item()}
+        if areas:
+            area = torch.stack(
+                [mask_bce(maps[k], area_target(maps[k], t)) for k, t in areas.items()]
+            ).mean()
+            loss = loss + cfg.attention_area_weight * area
+            above = torch.stack([(maps[k] > cfg.attention_threshold).float().mean() for k in areas])
+            values |= {"attention_area": area.item(), "attention_above": above.mean().item()}
+        if masks:
+            supervised = torch.stack([mask_bce(maps[k], m) for k, m in masks.items()]).mean()
+            loss = loss + cfg.attention_mask_weight * supervised
+            values["attention_mask_bce"] = supervised.item()
+        return loss, values
 
-    def _pair(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _pair(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...] | None:
+        """``(x, y)`` in [-1, 1]; with ``generator="residual_attention"`` also the defect
+        images' masks (B, 1, H, W) in {0, 1}, paired with them, for the attention priors."""
         images = batch["image"].to(self.device, torch.float32)
         labels = batch["label"].to(self.device)
-        paired = self._pair_kinds({"normal": images[labels == 0], "defect": images[labels != 0]})
+        normal, defect = labels == 0, labels != 0
+        if not self.config.attention:
+            paired = self._pair_kinds({"normal": images[normal], "defect": images[defect]})
+            if paired is None:
+                return None
+            return paired["normal"] * 2 - 1, paired["defect"] * 2 - 1
+        masks = (batch["mask"].to(self.device, torch.float32) > 0.5).float()[:, None]
+        paired = self._pair_kinds(
+            {
+                "normal": images[normal],
+                "defect": {"image": images[defect], "mask": masks[defect]},
+            }
+        )
         if paired is None:
             return None
-        return paired["normal"] * 2 - 1, paired["defect"] * 2 - 1
+        defects = paired["defect"]
+        return paired["normal"] * 2 - 1, defects["image"] * 2 - 1, defects["mask"]
 
     def _as_model_input(self, image: np.ndarray, what: str) -> np.ndarray:
         return resize_image(self._channels_last(image, what), self.image_size)
