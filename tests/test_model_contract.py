@@ -27,7 +27,8 @@ from tests.conftest import interrupt_on_call, write_folder_dataset
 
 SIZE = 64
 COMMON = ["data.defects_per_class=2", "train.batch_size=4", "train.checkpoint_every=1"]
-#: small settings per trainable model (``ensemble`` gets its member runs from a fixture)
+#: small settings per trainable model (``ensemble`` and ``fused`` get their member runs from
+#: a fixture)
 SETTINGS: dict[str, list[str]] = {
     "ae": ["epochs=2", "width=8", "latent_channels=8"],
     "vae": ["epochs=2", "width=8", "latent_channels=8"],
@@ -53,6 +54,7 @@ SETTINGS: dict[str, list[str]] = {
     "synth-unet": ["epochs=2", "width=8", "cat_channels=8", "roi=none"],
     "synth-unet3plus": ["epochs=2", "width=8", "cat_channels=8", "roi=none"],
     "ensemble": [],
+    "fused": [],
     "unet": ["epochs=2", "width=8", "cat_channels=8"],
     "unet3plus": ["epochs=2", "width=8", "cat_channels=8"],
     "cam": ["epochs=2", "width=8", "augment=false"],
@@ -81,17 +83,28 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def member_runs(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """Two trained runs for ``ensemble``."""
+    """Trained runs for ``ensemble`` (two detectors) and ``fused`` (the first detector and a
+    segmenter)."""
     out = tmp_path_factory.mktemp("members")
     runs = []
-    for name in ("pixelstats", "template"):
-        run = api.train(name, dataset, out / name, image_size=SIZE, progress=False)
+    for name, settings in (
+        ("pixelstats", []),
+        ("template", []),
+        ("unet", [*COMMON, *SETTINGS["unet"]]),
+    ):
+        run = api.train(
+            name, dataset, out / name, image_size=SIZE, seed=0, overrides=settings, progress=False
+        )
         runs.append(str(run.run_dir))
     return runs
 
 
 def overrides(name: str, member_runs: list[str] | None = None) -> list[str]:
-    extra = [f"runs={','.join(member_runs)}"] if name == "ensemble" and member_runs else []
+    extra = []
+    if name == "ensemble" and member_runs:
+        extra = [f"runs={','.join(member_runs[:2])}"]
+    if name == "fused" and member_runs:
+        extra = [f"detector_run={member_runs[0]}", f"segmenter_run={member_runs[2]}"]
     return [*COMMON, *SETTINGS[name], *extra]
 
 
@@ -115,7 +128,7 @@ def test_an_unknown_setting_is_named(name: str, dataset: Path) -> None:
         api.build_config(name, dataset, overrides=["model.no_such_setting=1"])
 
 
-@pytest.mark.parametrize("name", sorted(set(TRAINABLE) - {"ensemble"}))
+@pytest.mark.parametrize("name", sorted(set(TRAINABLE) - {"ensemble", "fused"}))
 def test_inference_before_training_is_refused(name: str, dataset: Path) -> None:
     config = api.build_config(name, dataset, image_size=SIZE, overrides=overrides(name))
     cls = registry.get(name)

@@ -30,6 +30,7 @@ BUILTIN_MODULES = (
     "defectlab.segment.unet",
     "defectlab.segment.arearatio",
     "defectlab.segment.cam",
+    "defectlab.segment.fused",
     "defectlab.synth.crossgan",
     "defectlab.synth.cyclegan",
     "defectlab.synth.maskgan",

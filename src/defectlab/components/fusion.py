@@ -1,5 +1,12 @@
-"""Fusion of several trained runs' predictions by majority vote (``ensemble`` detector's
-``combine="vote"`` and the segmentation benchmarks)."""
+"""Fusion of several trained runs' predictions: majority vote (``ensemble`` detector's
+``combine="vote"`` and the segmentation benchmarks), and a detector's anomaly map with a
+segmenter's defect probability (the ``fused`` model the workbench's retrain builds).
+
+A detector's map is on its own scale (a patch distance, a z-score); a segmenter's is a
+probability. :func:`detector_probability` puts the detector's map on [0, 1] with the
+detector's own calibration (its normal map median and its pixel threshold), so the two can
+be multiplied or averaged; :func:`fuse_maps` does it the way :data:`MAP_FUSIONS` names.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from defectlab.base import Prediction
 
@@ -61,3 +69,61 @@ def vote_ensemble(
         score_share >= vote_threshold - 1e-6,
         map_share >= vote_threshold - 1e-6,
     )
+
+
+#: how a detector's map and a segmenter's probability become one map: the segmenter's
+#: probability alone; the probability gated by the detector (their product: defect where
+#: both agree); their mean (either may find it); the detector's map alone (on [0, 1])
+MAP_FUSIONS = ("segmenter", "product", "mean", "detector")
+
+
+def detector_probability(maps: torch.Tensor, median: float, threshold: float) -> torch.Tensor:
+    """A detector's map on [0, 1]: the logistic of its excess over the detector's calibrated
+    pixel ``threshold``, in units of that threshold's distance from the normal map
+    ``median`` (0.5 at the threshold, about 0.27 at the median). Monotone, so the pixel
+    ranking (and pixel AUROC) of the detector is kept."""
+    scale = max(float(threshold) - float(median), 1e-6)
+    return torch.sigmoid((maps - float(threshold)) / scale)
+
+
+def fuse_maps(
+    detector_maps: torch.Tensor,
+    probabilities: torch.Tensor,
+    fusion: str,
+    median: float,
+    threshold: float,
+) -> torch.Tensor:
+    """One map from a detector's maps and a segmenter's probabilities (same shape), as
+    ``fusion`` (one of :data:`MAP_FUSIONS`) says; ``median`` and ``threshold`` are the
+    detector's calibration (:func:`detector_probability`)."""
+    if fusion == "segmenter":
+        return probabilities
+    level = detector_probability(detector_maps, median, threshold)
+    if fusion == "detector":
+        return level
+    if fusion == "product":
+        return probabilities * level
+    if fusion == "mean":
+        return 0.5 * (probabilities + level)
+    raise ValueError(f"fusion must be one of {', '.join(MAP_FUSIONS)}; got {fusion!r}")
+
+
+def adapt_batch(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """A batch (B, C, H, W) resized and converted to what one member run was trained on
+    (grey by luminance, colour by replication; bilinear resize)."""
+    if images.shape[1] != channels:
+        if channels == 1:
+            luminance = torch.tensor([0.299, 0.587, 0.114], device=images.device)
+            images = (images * luminance.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+        else:
+            images = images.expand(-1, 3, -1, -1)
+    if images.shape[-1] != size or images.shape[-2] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return images
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Maps (B, H, W) resized bilinearly to ``size`` (unchanged when already that size)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
