@@ -110,6 +110,7 @@ __all__ = [
     "synthesis_gallery",
     "synthesize",
     "train",
+    "write_pairs",
 ]
 
 # --- configuration ---------------------------------------------------------------------------
@@ -844,16 +845,46 @@ def synthesize(
     if defects is not None and not synthesizer.needs_training:
         raise ConfigError(f"{method} paints defects procedurally and takes no --defects examples")
     sources = _images_for_synthesis(normal, channels, limit=n)
-    images = [resize_image(img, image_size) if image_size else img for _, img in sources]
     if defects is not None:
         examples = _images_for_synthesis(defects, channels, limit=10_000, kind="defect")
         synthesizer.use_defect_examples([img for _, img in examples])
+    write_pairs(synthesizer, sources, out, n, seed=seed, image_size=image_size, progress=progress)
+    write_json(
+        Path(out) / "synth_config.json",
+        {
+            "method": method,
+            "n": n,
+            "seed": seed,
+            "normal": str(normal),
+            "image_size": image_size,
+            "config": asdict(synthesizer.config),
+            "environment": environment_info(),
+        },
+    )
+    return {"n": n, "out": str(out)}
+
+
+def write_pairs(
+    synthesizer: Synthesizer,
+    sources: Sequence[tuple[Path, np.ndarray]],
+    out: str | Path,
+    n: int,
+    *,
+    seed: int = 0,
+    image_size: int | None = None,
+    progress: bool = False,
+) -> None:
+    """Write ``n`` samples of ``synthesizer`` painted on ``sources`` ((path, image) pairs,
+    resized to ``image_size`` when given) as ``defectlab synth`` writes them: ``images/``,
+    ``masks/`` and ``manifest.csv``, which ``data.extra_pairs`` reads back. Synthesizers
+    built in code (copy-paste from real defects) are written the same way."""
+    images = [resize_image(img, image_size) if image_size else img for _, img in sources]
     out = Path(out)
     rows = []
     for i, (source, sample) in tqdm(
         enumerate(synthesizer.generate(images, n, seed)),
         total=n,
-        desc=f"synth {method}",
+        desc=f"synth {synthesizer.name}",
         disable=not progress,
         file=sys.stderr,
     ):
@@ -871,19 +902,6 @@ def synthesize(
             }
         )
     write_csv(out / "manifest.csv", rows)
-    write_json(
-        out / "synth_config.json",
-        {
-            "method": method,
-            "n": n,
-            "seed": seed,
-            "normal": str(normal),
-            "image_size": image_size,
-            "config": asdict(synthesizer.config),
-            "environment": environment_info(),
-        },
-    )
-    return {"n": n, "out": str(out)}
 
 
 def synthesis_gallery(

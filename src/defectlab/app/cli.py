@@ -116,6 +116,8 @@ def cmd_retrain(args: argparse.Namespace) -> str:
             promote=args.promote,
             device=args.device,
             segmenter_epochs=args.epochs,
+            synthesis=tuple(m for m in args.synthesis.split(",") if m),
+            maskgan_epochs=args.maskgan_epochs,
         )
     finally:
         db.close()
@@ -164,7 +166,9 @@ def register(sub: Any) -> None:
         "--from", dest="from_run", help="run of the version to improve (default: active)"
     )
     p.add_argument("--files", help="folder for masks and heat maps (default beside the db)")
-    p.add_argument("--out", help="folder for a retrained segmenter run (default beside the run)")
+    p.add_argument(
+        "--out", help="folder for the new runs: segmenter, fused (default beside the run)"
+    )
     p.add_argument(
         "--min-per-class",
         type=int,
@@ -172,6 +176,16 @@ def register(sub: Any) -> None:
         help="reviewed defects with masks needed per class to train a segmenter (K)",
     )
     p.add_argument("--epochs", type=int, default=30, help="segmenter training epochs")
+    p.add_argument(
+        "--synthesis",
+        default="procedural,copy-paste",
+        help="synthetic defects added to the segmenter's reviewed ones, comma-separated: "
+        "procedural, copy-paste (the reviewed defects pasted on reviewed normals), maskgan "
+        "(trains a MaskGAN on the reviewed defects first: slow on a CPU); empty for none",
+    )
+    p.add_argument(
+        "--maskgan-epochs", type=int, default=20, help="MaskGAN epochs (with --synthesis maskgan)"
+    )
     p.add_argument("--promote", action="store_true", help="make the new version active")
     p.add_argument("--device", default="cpu", help="cpu, auto or cuda[:N]")
     p.set_defaults(func=cmd_retrain)

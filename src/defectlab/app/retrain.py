@@ -1,15 +1,24 @@
 """The loop: reviews in the database → a better model version, measured on reviewed parts
-that no step of it used.
+that no training step used.
 
 Reviewed parts are split by content hash (stable whatever the order of reviews): one in
 :data:`HOLDOUT_EVERY` is the **hold-out**, the rest the **training side**. From the training
 side, (a) the thresholds are recalibrated as ``calibration.method=f1`` does (F1-optimal image
 threshold, Dice-optimal pixel threshold where corrected masks exist); (b) when a reviewed
 defect class has at least K defects with masks, a supervised Lite0 U-Net is trained on the
-defects of every such class (with the reviewed normals, and procedural defects painted on
-those normals) and calibrated the same way; classes under K wait. (c) The current and the
-new version are scored on the hold-out; (d) the new
-version is recorded with those numbers as a candidate, and becomes active when promoted.
+defects of every such class, with the reviewed normals and synthetic defects on those
+normals (procedural painting and copy-paste of the reviewed defects by default, MaskGAN on
+request); classes under K wait. The U-Net does not replace the detector: a segmenter taught
+by a few dozen defects outlines them better than a normal-only detector but ranks whole
+images worse, so the new version is a ``fused`` run (:mod:`defectlab.segment.fused`) that
+keeps the detector's image score and the recalibrated image threshold, and takes its map
+from the U-Net's probability fused with the detector's map. Which fusion (U-Net alone,
+gated by the detector, averaged with it, or the detector alone) and its pixel threshold are
+decided on the hold-out (highest Dice at each fusion's Dice-optimal threshold), so the
+hold-out's Dice for that version is in-sample for this choice, while its image numbers are
+not. (c) The current and the new version are scored on the hold-out; (d) the new version is
+recorded with those numbers and the fusion choice as a candidate, and becomes active when
+promoted.
 """
 
 from __future__ import annotations
@@ -22,11 +31,15 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 from sqlalchemy import select, update
 
 from defectlab.app.db import Database, Image, Inspection, ModelVersion, Review
 from defectlab.app.ingest import ingest_paths, version_inspector
-from defectlab.data.io import read_image, write_png
+from defectlab.components.fusion import MAP_FUSIONS, fuse_maps
+from defectlab.components.gan_layers import min_image_size
+from defectlab.data.io import read_image, read_mask, write_png
+from defectlab.data.transforms import resize_image, resize_mask
 from defectlab.deploy.backends import Inspector, score_images
 from defectlab.errors import DataError
 from defectlab.evaluate.metrics import auroc, best_dice_threshold, best_threshold
@@ -192,6 +205,75 @@ def export_dataset(files: Path, parts: list[Reviewed], folder: Path) -> dict[str
     return counts
 
 
+#: synthetic pair sources the segmenter can add to the reviewed defects (see train_segmenter)
+SYNTHESIS = ("procedural", "copy-paste", "maskgan")
+
+
+def _copy_paste_pairs(
+    data: Path, normals: list[tuple[Path, np.ndarray]], out: Path, n: int, image_size: int
+) -> None:
+    """``n`` copy-paste pairs: the exported reviewed defects' mask components pasted onto
+    the reviewed normals (all at ``image_size``)."""
+    from defectlab import api
+    from defectlab.synth.copypaste import CopyPaste
+
+    images, masks, types = [], [], []
+    for path in sorted((data / "defect").rglob("*.png")):
+        images.append(resize_image(read_image(path, 1), image_size))
+        masks.append(resize_mask(read_mask(data / "masks" / path.name), image_size))
+        types.append(path.parent.name)
+    synthesizer = CopyPaste.from_examples(images, masks, types=types)
+    api.write_pairs(synthesizer, normals, out, n, seed=0, image_size=image_size)
+
+
+def _maskgan_pairs(
+    data: Path,
+    normals: Path,
+    out: Path,
+    n: int,
+    *,
+    image_size: int,
+    per_class: int,
+    epochs: int,
+    device: str,
+    progress: bool,
+) -> None:
+    """``n`` MaskGAN pairs on the reviewed normals, from a MaskGAN trained on the exported
+    reviewed defects (``epochs`` epochs; minutes per epoch on a CPU)."""
+    from defectlab import api
+
+    # the default discriminators (3 scales of 4 layers) need 128 px: fewer for smaller images
+    scales, layers = next(
+        (
+            (s, d)
+            for s, d in ((3, 4), (2, 4), (2, 3), (1, 3), (1, 2))
+            if min_image_size(d, s) <= image_size
+        ),
+        (1, 2),
+    )
+    run = out.parent / "maskgan-run"
+    if run.exists():
+        shutil.rmtree(run)
+    api.train(
+        "maskgan",
+        data,
+        run,
+        image_size=image_size,
+        device=device,
+        seed=0,
+        overrides=[
+            f"epochs={epochs}",
+            f"data.defects_per_class={per_class}",
+            f"disc_scales={scales}",
+            f"disc_layers={layers}",
+        ],
+        progress=progress,
+    )
+    api.synthesize(
+        "maskgan", normals, out, n, run=run, seed=0, image_size=image_size, progress=progress
+    )
+
+
 def train_segmenter(
     files: Path,
     parts: list[Reviewed],
@@ -201,12 +283,21 @@ def train_segmenter(
     epochs: int,
     device: str,
     progress: bool,
+    synthesis: tuple[str, ...] = ("procedural", "copy-paste"),
+    maskgan_epochs: int = 20,
 ) -> Path:
     """Train a Lite0 U-Net on the reviewed training side (every reviewed defect with a mask
-    trains; the reviewed normals split as usual), with procedural defects painted on those
-    normals as extra pairs. Returns the run folder."""
+    trains; the reviewed normals split as usual), with synthetic defects on those normals as
+    extra pairs: ``max(20, 4 × the largest class)`` pairs shared equally by the
+    ``synthesis`` sources — ``procedural`` painting, ``copy-paste`` of the reviewed defects'
+    own mask components, ``maskgan`` (a MaskGAN trained on the reviewed defects first;
+    off by default because its training costs more than the U-Net's on a CPU). Returns the
+    run folder."""
     from defectlab import api
 
+    unknown = sorted(set(synthesis) - set(SYNTHESIS))
+    if unknown:
+        raise DataError(f"synthesis: unknown {', '.join(unknown)}; choose from {SYNTHESIS}")
     data = out / "reviewed-data"
     counts = export_dataset(files, parts, data)
     if counts.get("normal", 0) < 2:
@@ -215,18 +306,39 @@ def train_segmenter(
             "(review some of the audit sample)"
         )
     per_class = max(v for k, v in counts.items() if k != "normal")  # every reviewed defect
-    synth = out / "procedural"
-    if synth.exists():
-        shutil.rmtree(synth)
-    api.synthesize(
-        "procedural",
-        data / "normal",
-        synth,
-        n=max(20, 4 * per_class),
-        seed=0,
-        image_size=image_size,
-        progress=progress,
-    )
+    total = max(20, 4 * per_class)
+    normals = [(p, read_image(p, 1)) for p in sorted((data / "normal").glob("*.png"))]
+    pair_folders = []
+    for i, method in enumerate(synthesis):
+        n = total // len(synthesis) + (i < total % len(synthesis))
+        folder = out / method
+        if folder.exists():
+            shutil.rmtree(folder)
+        if method == "procedural":
+            api.synthesize(
+                "procedural",
+                data / "normal",
+                folder,
+                n=n,
+                seed=0,
+                image_size=image_size,
+                progress=progress,
+            )
+        elif method == "copy-paste":
+            _copy_paste_pairs(data, normals, folder, n, image_size)
+        else:
+            _maskgan_pairs(
+                data,
+                data / "normal",
+                folder,
+                n,
+                image_size=image_size,
+                per_class=per_class,
+                epochs=maskgan_epochs,
+                device=device,
+                progress=progress,
+            )
+        pair_folders.append(str(folder))
     run = out / "run"
     if run.exists():
         shutil.rmtree(run)
@@ -241,11 +353,97 @@ def train_segmenter(
             "encoder=lite0",
             f"epochs={epochs}",
             f"data.defects_per_class={per_class}",
-            f"data.extra_pairs={synth}",
+            *([f"data.extra_pairs={','.join(pair_folders)}"] if pair_folders else []),
         ],
         progress=progress,
     )
     return run
+
+
+def choose_fusion(
+    files: Path,
+    parts: list[Reviewed],
+    detector: Inspector,
+    segmenter: Inspector,
+    level: tuple[float, float],
+) -> dict[str, Any]:
+    """For every fusion of :data:`~defectlab.components.fusion.MAP_FUSIONS`: the detector's
+    and the segmenter's maps on ``parts`` (defects with corrected masks and normals), fused,
+    and the Dice-optimal pixel threshold over them. Returns the fusion with the highest
+    Dice (the first on a tie), its threshold, and every fusion's Dice."""
+    keep = [p for p in parts if p.label == 0 or p.mask_file]
+    detector_out = _score_parts(detector, keep)
+    segmenter_out = _score_parts(segmenter, keep)
+    masks = [_mask(files, p, heat.shape) for p, (_, heat) in zip(keep, detector_out, strict=True)]
+    flat_masks = np.concatenate([m.ravel() for m in masks]).reshape(1, 1, -1)
+    median, threshold = level
+    results = {}
+    for fusion in MAP_FUSIONS:
+        fused = [
+            fuse_maps(
+                torch.from_numpy(d.astype(np.float32)),
+                torch.from_numpy(s.astype(np.float32)),
+                fusion,
+                median,
+                threshold,
+            ).numpy()
+            for (_, d), (_, s) in zip(detector_out, segmenter_out, strict=True)
+        ]
+        flat = np.concatenate([f.ravel() for f in fused]).reshape(1, 1, -1)
+        dice, pixel_threshold = best_dice_threshold(flat_masks, flat)
+        results[fusion] = {"dice": float(dice), "pixel_threshold": float(pixel_threshold)}
+    best = max(MAP_FUSIONS, key=lambda f: (results[f]["dice"], -MAP_FUSIONS.index(f)))
+    return {
+        "fusion": best,
+        "pixel_threshold": results[best]["pixel_threshold"],
+        "dice": results[best]["dice"],
+        "candidates": results,
+        "n_parts": len(keep),
+        "n_masks": sum(p.label for p in keep),
+    }
+
+
+def build_fused_run(
+    detector_run: Path,
+    segmenter_run: Path,
+    data: Path,
+    out: Path,
+    *,
+    fusion: str,
+    image_threshold: float,
+    pixel_threshold: float,
+    device: str,
+    progress: bool,
+) -> Path:
+    """The ``fused`` run: the detector's image score, its map fused with the segmenter's
+    probability as ``fusion`` says, deciding at the given thresholds. It scores images as
+    the detector run does (its image size, channels and tiling); ``data`` (the exported
+    reviewed data) only gives it a split and the normal map median of its display range."""
+    from defectlab import api
+    from defectlab.runs import load_run
+
+    detector = load_run(detector_run, "cpu").config.data
+    if out.exists():
+        shutil.rmtree(out)
+    api.train(
+        "fused",
+        data,
+        out,
+        image_size=detector.image_size,
+        device=device,
+        seed=0,
+        overrides=[
+            f"detector_run={detector_run}",
+            f"segmenter_run={segmenter_run}",
+            f"fusion={fusion}",
+            f"image_threshold={image_threshold!r}",
+            f"pixel_threshold={pixel_threshold!r}",
+            f"data.channels={detector.channels}",
+            f"data.tile={detector.tile}",
+        ],
+        progress=progress,
+    )
+    return out
 
 
 def derive_inspections(db: Database, files: Path, parent: ModelVersion, child: ModelVersion) -> int:
@@ -307,6 +505,8 @@ def retrain(
     device: str = "cpu",
     segmenter_epochs: int = 30,
     segmenter_size: int = 128,
+    synthesis: tuple[str, ...] = ("procedural", "copy-paste"),
+    maskgan_epochs: int = 20,
     progress: bool = True,
 ) -> dict[str, Any]:
     """One turn of the loop (see the module); returns the new version's numbers and a
@@ -339,21 +539,6 @@ def retrain(
     # the segmenter's own split and the painted defects need normals
     enough = bool(qualified) and normals >= 2
     run_dir, kind = Path(base.run_dir), "recalibrated"
-    if enough:
-        folder = Path(out) if out else Path(base.run_dir).parent / f"retrained-from-v{base.id}"
-        teaching = [
-            p for p in train_side if p.label == 0 or (p.mask_file and p.defect_class in qualified)
-        ]
-        run_dir = train_segmenter(
-            files,
-            teaching,
-            folder,
-            image_size=segmenter_size,
-            epochs=segmenter_epochs,
-            device=device,
-            progress=progress,
-        ).resolve()
-        kind = f"Lite0 U-Net ({', '.join(qualified)})"
     candidate = ModelVersion(
         run_dir=str(run_dir),
         model=base.model,
@@ -362,22 +547,68 @@ def retrain(
         map_low=base.map_low,
         map_high=base.map_high,
     )
+    fusion: dict[str, Any] | None = None
     if enough:
-        from defectlab.deploy.backends import open_inspector
+        from defectlab.deploy.backends import torch_inspector
 
-        inspector = open_inspector(run_dir, "torch", device)
-        seg_cal = recalibrate_outputs(
-            files, train_side, _score_parts(inspector, train_side), inspector
+        folder = Path(out) if out else Path(base.run_dir).parent / f"retrained-from-v{base.id}"
+        teaching = [
+            p for p in train_side if p.label == 0 or (p.mask_file and p.defect_class in qualified)
+        ]
+        segmenter_run = train_segmenter(
+            files,
+            teaching,
+            folder,
+            image_size=segmenter_size,
+            epochs=segmenter_epochs,
+            device=device,
+            progress=progress,
+            synthesis=synthesis,
+            maskgan_epochs=maskgan_epochs,
+        ).resolve()
+        detector = torch_inspector(base.run_dir, device)
+        level = (
+            float(detector.trained.calibration["map_median"]),
+            float(detector.trained.pixel_threshold),
         )
+        # the hold-out decides; without a reviewed defect mask there, the training side
+        judged_on_holdout = any(p.label == 1 and p.mask_file for p in holdout)
+        fusion = choose_fusion(
+            files,
+            holdout if judged_on_holdout else train_side,
+            detector,
+            torch_inspector(segmenter_run, device),
+            level,
+        )
+        fusion["chosen_on"] = (
+            "hold-out"
+            if judged_on_holdout
+            else "training side (no reviewed defect with a mask in the hold-out)"
+        )
+        fusion["segmenter_run"] = str(segmenter_run)
+        run_dir = build_fused_run(
+            Path(base.run_dir),
+            segmenter_run,
+            folder / "reviewed-data",
+            folder / "fused",
+            fusion=fusion["fusion"],
+            image_threshold=calibration["image_threshold"],
+            pixel_threshold=fusion["pixel_threshold"],
+            device=device,
+            progress=progress,
+        ).resolve()
+        kind = f"fused ({fusion['fusion']}) with a Lite0 U-Net ({', '.join(qualified)})"
+        inspector = torch_inspector(run_dir, device)
+        candidate.run_dir = str(run_dir)
         candidate.model = inspector.model
-        candidate.image_threshold = seg_cal["image_threshold"]
-        candidate.pixel_threshold = seg_cal["pixel_threshold"]
+        candidate.pixel_threshold = fusion["pixel_threshold"]
         low, high = inspector.map_range
         candidate.map_low, candidate.map_high = float(low), float(high)
-        calibration = seg_cal | {
-            "n_defect": calibration["n_defect"],
-            "n_normal": calibration["n_normal"],
+        calibration = calibration | {
+            "pixel_threshold": fusion["pixel_threshold"],
+            "pixel_threshold_on": fusion["chosen_on"],
         }
+        calibration.pop("val_dice", None)  # that was the detector's own map on the training side
         inspector.image_threshold = candidate.image_threshold
         inspector.pixel_threshold = candidate.pixel_threshold
         new = measure(
@@ -401,6 +632,7 @@ def retrain(
             "with_masks_per_class": with_masks,
             "min_per_class": min_per_class,
             "trained": kind,
+            "fusion": fusion,
         }
         session.add(candidate)
         session.flush()
@@ -441,32 +673,6 @@ def retrain(
         "current": current,
         "new": new,
         "calibration": calibration,
+        "fusion": fusion,
         "summary": summary,
     }
-
-
-def recalibrate_outputs(
-    files: Path,
-    parts: list[Reviewed],
-    outputs: list[tuple[float, np.ndarray]],
-    inspector: Inspector,
-) -> dict[str, Any]:
-    """As :func:`recalibrate`, on a new model's outputs for the parts."""
-    labels = np.array([p.label for p in parts])
-    scores = np.array([s for s, _ in outputs])
-    f1, image_threshold = best_threshold(labels, scores)
-    result: dict[str, Any] = {
-        "image_threshold": image_threshold,
-        "pixel_threshold": inspector.pixel_threshold,
-        "val_f1": f1,
-    }
-    keep = [i for i, p in enumerate(parts) if p.label == 0 or p.mask_file]
-    if any(parts[i].label == 1 for i in keep):
-        heats = [outputs[i][1] for i in keep]
-        masks = [_mask(files, parts[i], h.shape) for i, h in zip(keep, heats, strict=True)]
-        dice, pixel_threshold = best_dice_threshold(
-            np.concatenate([m.ravel() for m in masks]).reshape(1, 1, -1),
-            np.concatenate([h.ravel() for h in heats]).reshape(1, 1, -1),
-        )
-        result |= {"pixel_threshold": pixel_threshold, "val_dice": dice}
-    return result
