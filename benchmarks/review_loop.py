@@ -16,25 +16,38 @@ model. Every version is measured on the fixed test part, which no step touches.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import sqlite3
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import DEFAULT_DATA, add_write_docs, fmt_number, markdown_table, write_section
+from _common import (
+    DEFAULT_DATA,
+    add_write_docs,
+    fmt_number,
+    job_rows,
+    markdown_table,
+    write_section,
+)
 from sqlalchemy import delete, select
 
 from defectlab import api
 from defectlab.app.db import Database, Image, Inspection, ModelVersion, Review
 from defectlab.app.ingest import ingest_folder, register_version, version_inspector
 from defectlab.app.retrain import retrain
+from defectlab.components.fusion import MAP_FUSIONS
 from defectlab.data.io import read_image, read_mask, write_png
 from defectlab.deploy.backends import score_images
 from defectlab.evaluate.metrics import auroc, dice_iou, pixel_auroc
 
 CLASSES = ("Blowhole", "Break", "Crack", "Fray", "Uneven")
+#: the segmenter's synthetic pairs by default (retrain's default); MaskGAN is a setting
+SYNTHESIS_DEFAULT = "procedural,copy-paste"
 
 
 def shuffled(paths: list[Path]) -> list[Path]:
@@ -137,6 +150,59 @@ def review(db: Database, files: Path, n: int, audit: int) -> dict[str, int]:
     return counts
 
 
+def round_copy(work: Path, n: int) -> tuple[Database, Path]:
+    """Round ``n``'s own database and files: copies of the inspected stream before any review
+    (so rounds are independent and may run at once; reviews of N include those of smaller N
+    anyway, since the reviewer takes the top-N of the same base scores)."""
+    folder = work / f"N{n}"
+    folder.mkdir(parents=True, exist_ok=True)
+    db_file = folder / "workbench.db"
+    db_file.unlink(missing_ok=True)
+    source = sqlite3.connect(work / "workbench.db")
+    target = sqlite3.connect(db_file)
+    source.backup(target)
+    source.close()
+    target.close()
+    files = folder / "workbench-files"
+    shutil.rmtree(files, ignore_errors=True)
+    shutil.copytree(work / "workbench-files", files)
+    return Database(f"sqlite:///{db_file.resolve()}"), files
+
+
+def run_round(args: argparse.Namespace, n: int, test: list[Path]) -> dict[str, Any]:
+    """Review the top-``n`` flagged parts plus the audit parts, retrain, measure on ``test``."""
+    work = Path(args.work)
+    db, files = round_copy(work, n)
+    counts = review(db, files, n, args.audit)
+    result = retrain(
+        db,
+        files,
+        from_run=work / "base",
+        out=work / f"N{n}" / "retrain",
+        min_per_class=args.k,
+        segmenter_epochs=args.epochs,
+        segmenter_size=args.image_size,
+        synthesis=tuple(m for m in args.synthesis.split(",") if m),
+        maskgan_epochs=args.maskgan_epochs,
+    )
+    print(result["summary"], file=sys.stderr, flush=True)
+    with db.sessions() as session:
+        version = session.get(ModelVersion, result["version"])
+    fusion = result["fusion"] or {}
+    candidates = fusion.get("candidates", {})
+    row = {
+        "n": n,
+        "reviewed": f"{counts['defect']} defects, {counts['normal']} normals",
+        "kind": result["kind"],
+        "fusion": fusion.get("fusion", "none"),
+        "holdout": f"{fusion.get('n_masks', 0)} of {fusion.get('n_parts', 0)}" if fusion else "n/a",
+        **{f"holdout_{name}": candidates.get(name, {}).get("dice") for name in MAP_FUSIONS},
+        **measure(version, test),
+    }
+    db.close()
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=DEFAULT_DATA)
@@ -147,6 +213,14 @@ def main() -> None:
     parser.add_argument("--audit", type=int, default=30, help="audit-sample parts reviewed")
     parser.add_argument("--k", type=int, default=3, help="masks a class needs to train the U-Net")
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument(
+        "--synthesis",
+        default=SYNTHESIS_DEFAULT,
+        help="the segmenter's synthetic defects (retrain --synthesis); maskgan is slow on a CPU",
+    )
+    parser.add_argument("--maskgan-epochs", type=int, default=20)
+    parser.add_argument("--jobs", type=int, default=1, help="rounds run at once, as child jobs")
+    parser.add_argument("--round", type=int, help=argparse.SUPPRESS)  # a child job: one round
     add_write_docs(parser, "review_loop")
     args = parser.parse_args()
     work = Path(args.work)
@@ -154,6 +228,10 @@ def main() -> None:
     if not data.is_dir():
         sys.exit(f"{data}: magnetic tile not found (see ../shared/data/README.md)")
     parts = split(data)
+    test = parts["test_normal"] + parts["test_defect"]
+    if args.round is not None:  # a child job: its row as one JSON line
+        print(json.dumps(run_round(args, args.round, test)), flush=True)
+        return
     base_data = work / "base-data"
     if not (work / "base" / "model.pt").exists():
         shutil.rmtree(base_data, ignore_errors=True)
@@ -171,38 +249,45 @@ def main() -> None:
         later = select(ModelVersion.id).where(ModelVersion.id != base.id)
         session.execute(delete(Inspection).where(Inspection.model_version_id.in_(later)))
         session.execute(delete(ModelVersion).where(ModelVersion.id != base.id))
-    test = parts["test_normal"] + parts["test_defect"]
+
+    def child_command(n: int) -> list[str]:
+        command = [sys.executable, __file__, "--round", str(n)]
+        for key in ("data", "work", "model", "image_size", "audit", "k", "epochs"):
+            command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        command += ["--synthesis", args.synthesis, "--maskgan-epochs", str(args.maskgan_epochs)]
+        return command
+
     started = time.perf_counter()
-    rows = [
-        {"n": 0, "reviewed": "none", "kind": f"{args.model} (normal-only)", **measure(base, test)}
-    ]
-    print(rows[-1], flush=True)
-    for n in args.n:
-        counts = review(db, files, n, args.audit)
-        result = retrain(
-            db,
-            files,
-            from_run=work / "base",
-            out=work / f"N{n}",
-            min_per_class=args.k,
-            segmenter_epochs=args.epochs,
-            segmenter_size=args.image_size,
-        )
-        with db.sessions() as session:
-            version = session.get(ModelVersion, result["version"])
-        rows.append(
+    todo = sorted(args.n, reverse=True)  # the longest round first
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        if args.jobs > 1:  # rounds as child jobs, while this process measures the base
+            futures = {n: pool.submit(job_rows, child_command(n), f"N={n}") for n in todo}
+        rows = [
             {
-                "n": n,
-                "reviewed": f"{counts['defect']} defects, {counts['normal']} normals",
-                "kind": result["kind"],
-                **measure(version, test),
+                "n": 0,
+                "reviewed": "none",
+                "kind": f"{args.model} (normal-only)",
+                "fusion": "n/a",
+                "holdout": "n/a",
+                **measure(base, test),
             }
-        )
-        print(rows[-1], flush=True)
+        ]
+        print(rows[-1], file=sys.stderr, flush=True)
+        if args.jobs > 1:
+            found = {n: got[0] for n, f in futures.items() if (got := f.result())}
+        else:
+            found = {n: run_round(args, n, test) for n in todo}
+    missing = [n for n in args.n if n not in found]
+    if missing:
+        sys.exit(f"rounds N={missing} failed; see the messages above")
+    rows += [found[n] for n in sorted(found)]
     columns = [
         ("n", "top-N flagged reviewed", str),
         ("reviewed", "reviews (with audit)", str),
         ("kind", "new version", str),
+        ("fusion", "map (hold-out choice)", str),
+        ("holdout", "hold-out: defects with masks of parts", str),
+        *((f"holdout_{name}", f"hold-out Dice, {name}", fmt_number()) for name in MAP_FUSIONS),
         ("image_auroc", "image AUROC", fmt_number()),
         ("pixel_auroc", "pixel AUROC", fmt_number()),
         ("dice", "Dice at its threshold", fmt_number()),
@@ -210,21 +295,36 @@ def main() -> None:
     table = markdown_table(rows, columns)
     print(table)
     print(f"review loop: {len(args.n)} rounds in {time.perf_counter() - started:.0f} s")
+    for row in rows[1:]:
+        print(f"N={row['n']}: {row['kind']}", file=sys.stderr)
+    # the default synthesis owns the main section; another one gets its own
+    variant = title = ""
+    if args.synthesis != SYNTHESIS_DEFAULT:
+        variant = "-" + (args.synthesis.replace(",", "+") or "no-synthesis")
+        title = f", synthesis {args.synthesis or 'none'}"
     if args.write_docs:
         write_section(
             args.write_docs,
-            f"review-loop-{args.model}-{args.image_size}",
-            f"Magnetic tile, review loop from {args.model} at {args.image_size} px",
+            f"review-loop-{args.model}-{args.image_size}{variant}",
+            f"Magnetic tile, review loop from {args.model} at {args.image_size} px{title}",
             table,
             notes=(
                 f"Split MT-review-loop v1 (see the script): test = {len(parts['test_normal'])} "
                 f"normals + {len(parts['test_defect'])} defects, never reviewed nor trained on. "
                 f"Each round reviews the top-N flagged stream parts plus {args.audit} audit "
                 f"parts with their real labels and masks; one review in 4 is the retrain's own "
-                f"hold-out. A Lite0 U-Net ({args.epochs} epochs, procedural defects painted on "
-                f"the reviewed normals) trains on the classes with {args.k} masks or more "
-                "outside that hold-out; with none, the thresholds are recalibrated only. "
-                "Pixel metrics on each mask's native grid. Seed 0."
+                f"hold-out. A Lite0 U-Net ({args.epochs} epochs) trains on the classes with "
+                f"{args.k} masks or more outside that hold-out, with synthetic defects on the "
+                f"reviewed normals ({args.synthesis or 'none'}: max(20, 4 × the largest "
+                "class) pairs shared equally); with no such class, the thresholds are "
+                "recalibrated only. The new version is a `fused` run: the normal-only "
+                "model's image score with the image threshold recalibrated on the reviews, "
+                "and a map fused from the U-Net's probability and the detector's map; the "
+                "fusion and its pixel threshold are those with the highest Dice on the "
+                "retrain's own hold-out (the hold-out Dice columns, each at its Dice-optimal "
+                "threshold, so in-sample), never on the test part. Image and pixel AUROC "
+                "and Dice are on the test part; pixel metrics on each mask's native grid. "
+                "Seed 0."
             ),
             page_title="Review loop",
         )
