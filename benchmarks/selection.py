@@ -266,8 +266,8 @@ def write_docs(
                 f"{chosen['reason']}."
             )
         notes.append(
-            "At its defaults (`selection.rule=fixed`) `--model auto` keeps `patchmemory`, "
-            "Lite0, whatever this table says; see the verdict."
+            "`selection.rule=synthetic` is `--model auto`'s default; with "
+            "`selection.rule=fixed` it keeps `patchmemory`, Lite0, whatever this table says."
         )
         here_trusted, here = verdict({name: rows}, {name: rho})
         notes.append(

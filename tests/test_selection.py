@@ -103,6 +103,36 @@ def test_same_seed_same_choice(chosen: Any, data: Path, tmp_path: Path) -> None:
     ]
 
 
+def test_interrupted_selection_resumes_to_the_same_choice(
+    chosen: Any, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    original = selection._train_and_score
+    calls = {"n": 0}
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:  # Ctrl-C while the second candidate trains
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(selection, "_train_and_score", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_auto(data, out)
+    monkeypatch.setattr(selection, "_train_and_score", original)
+    assert (out / selection.CANDIDATES_DIR / "pixelstats" / "model.pt").exists()
+    with pytest.raises(ConfigError, match="--resume"):
+        run_auto(data, out)
+    resumed = selection.select(
+        data, out, image_size=32, overrides=OPTIONS, progress=False, resume=True
+    )
+    assert [c.status for c in resumed.candidates][:2] == ["reused", "trained"]
+    assert resumed.chosen == chosen.chosen
+    assert [c.synthetic_auroc for c in resumed.candidates] == [
+        c.synthetic_auroc for c in chosen.candidates
+    ]
+
+
 def test_too_few_normal_images_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     few = write_folder_dataset(tmp_path / "few", np.random.default_rng(0), 8, 2, size=32)
     with pytest.raises(DataError, match="needs at least 8 normal training images"):
@@ -143,14 +173,16 @@ def test_ensemble_wins_only_when_strictly_better() -> None:
     assert winner.name == "ensemble-a+b" and "0.9100" in reason and "a 0.9000" in reason
 
 
-def test_fixed_rule_is_the_default_and_trains_only_it(data: Path, tmp_path: Path) -> None:
-    assert SelectionConfig().rule == "fixed"
+def test_fixed_rule_trains_only_the_fixed_default(data: Path, tmp_path: Path) -> None:
+    assert SelectionConfig().rule == "synthetic"
     assert SelectionConfig().fixed_default.startswith("patchmemory")
+    first_two = ("patchmemory:backbone=lite0", "padim:backbone=lite0")
+    assert SelectionConfig().candidates[:2] == first_two
     chosen = selection.select(
         data,
         tmp_path / "fixed",
         image_size=32,
-        overrides=[CANDIDATES, "selection.fixed_default=pixelstats"],
+        overrides=[CANDIDATES, "selection.rule=fixed", "selection.fixed_default=pixelstats"],
         progress=False,
     )
     assert [c.name for c in chosen.candidates] == ["pixelstats"]

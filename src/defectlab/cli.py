@@ -164,8 +164,8 @@ def cmd_train(args: argparse.Namespace) -> str:
 def _train_auto(args: argparse.Namespace) -> str:
     from defectlab import selection
 
-    if args.resume or args.distributed:
-        raise ConfigError("--model auto trains its candidates afresh: drop --resume/--distributed")
+    if args.distributed:
+        raise ConfigError("--model auto trains its candidates one by one: drop --distributed")
     chosen = selection.select(
         args.data,
         args.out,
@@ -174,6 +174,7 @@ def _train_auto(args: argparse.Namespace) -> str:
         device=args.device,
         seed=args.seed,
         overrides=args.set,
+        resume=args.resume,
     )
     print(f"model=auto → {chosen.chosen}: {chosen.reason}")
     return chosen.summary()

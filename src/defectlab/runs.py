@@ -45,6 +45,8 @@ from defectlab.data.io import atomic_path, atomic_write_text
 from defectlab.errors import CheckpointError, ConfigError, DataError
 
 CHECKPOINT_FORMAT = "defectlab-checkpoint"
+#: a run's resumable training state, relative to the run directory
+LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
 CHECKPOINT_FORMAT_VERSION = 1
 
 
@@ -296,7 +298,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
     if not path.exists():
         hint = (
             " (training was interrupted: resume it with --resume)"
-            if (run_dir / "checkpoints" / "last.pt").exists()
+            if (run_dir / LAST_CHECKPOINT).exists()
             else ""
         )
         raise CheckpointError(f"{path}: no trained model in this run{hint}")

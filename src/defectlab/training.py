@@ -26,7 +26,7 @@ from defectlab import distributed as dist
 from defectlab.base import Model
 from defectlab.data.io import remove_temporaries, write_csv
 from defectlab.errors import CheckpointError, ConfigError, TrainingError
-from defectlab.runs import load_checkpoint, restore_model, save_checkpoint
+from defectlab.runs import LAST_CHECKPOINT, load_checkpoint, restore_model, save_checkpoint
 
 
 def _batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
@@ -102,7 +102,7 @@ def fit(
     for name, values in extra_tensors.items():
         if len(values) != n:
             raise TrainingError(f"{name}: {len(values)} values for {n} training images")
-    checkpoint = run_dir / "checkpoints" / "last.pt"
+    checkpoint = run_dir / LAST_CHECKPOINT
     log_path = run_dir / "train_log.csv"
     epochs = int(model.config.epochs)
     if epochs < 1:
