@@ -136,6 +136,7 @@ def test_retrained_version_fuses_a_segmenter_into_the_detector(reviewed, tmp_pat
     assert fusion["chosen_on"] == "hold-out" and fusion["fusion"] in MAP_FUSIONS
     assert fusion["dice"] == max(c["dice"] for c in fusion["candidates"].values())
     assert new.pixel_threshold == fusion["pixel_threshold"]
+    assert "in-sample" in result["summary"] and "in-sample" in new.note  # said where shown
     stored = json.loads((fused_run / "calibration.json").read_text())
     assert stored["image_threshold"] == new.image_threshold
     assert stored["pixel_threshold"] == new.pixel_threshold

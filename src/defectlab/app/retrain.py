@@ -46,6 +46,8 @@ from defectlab.evaluate.metrics import auroc, best_dice_threshold, best_threshol
 
 #: one reviewed part in this many (by SHA-256) is held out to measure versions
 HOLDOUT_EVERY = 4
+#: said of a fused version's hold-out Dice: the hold-out chose its map and pixel threshold
+IN_SAMPLE = " (new Dice in-sample: the hold-out chose the map fusion)"
 
 
 def is_holdout(sha: str) -> bool:
@@ -625,6 +627,7 @@ def retrain(
         candidate.parent_id = base.id
         candidate.note = (
             f"{kind} from v{base.id} on {len(train_side)} reviewed parts; hold-out {len(holdout)}"
+            + (f"{IN_SAMPLE}" if fusion and fusion["chosen_on"] == "hold-out" else "")
         )
         candidate.metrics = {
             "calibration": calibration,
@@ -663,7 +666,8 @@ def retrain(
     summary = (
         f"retrain: v{new_id} ({kind}, {state})"
         f" — hold-out of {new['n']} reviewed parts: F1 {fmt(current, 'f1')} → {fmt(new, 'f1')}, "
-        f"Dice {fmt(current, 'dice')} → {fmt(new, 'dice')}, image AUROC "
+        f"Dice {fmt(current, 'dice')} → {fmt(new, 'dice')}"
+        f"{IN_SAMPLE if fusion and fusion['chosen_on'] == 'hold-out' else ''}, image AUROC "
         f"{fmt(current, 'image_auroc')} → {fmt(new, 'image_auroc')} "
         f"[{time.perf_counter() - started:.0f} s of training and scoring]"
     )
