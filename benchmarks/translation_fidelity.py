@@ -1,5 +1,5 @@
-"""How faithfully a trained CrossGAN copies its source image: the diagnosis behind
-"why the translation GANs stay blurred" in docs/models/crossgan.md.
+"""How faithfully a trained CrossGAN (or CycleGAN) copies its source image: the diagnosis
+behind "why the translation GANs stay blurred" in docs/models/crossgan.md.
 
 A translated defect image is only useful with a difference-derived mask if the generator
 copies everything but the defect. On the run's own normal training images (its
@@ -16,13 +16,17 @@ copies everything but the defect. On the run's own normal training images (its
   where the mask is the thresholded attention map), ``changed_pixels``, the share that differ
   by more than 1/255, ``mask_area``, the mean mask share, ``empty_masks``, the share of
   samples whose mask is empty, and ``mask_change_iou``, the IoU between the mask and the
-  pixels changed by more than 1/255 (1 = the mask marks exactly what changed);
+  pixels changed by more than 1/255 (1 = the mask marks exactly what changed), and
+  ``change_in_mask``, the mean absolute change inside non-empty masks (image range [0, 1]): how
+  strong the edits are;
 * ``real_defect_area`` and ``real_defect_area_median``: the mean and median mask share of the
   run's real training defects (its ``split.json``), what ``mask_area`` should be near;
-* ``autoencoder_l1`` (``--autoencoder-steps N``, 0 = off): the same content encoder and G_X
-  architecture trained from scratch as a plain L1 autoencoder on those images for N steps
-  (batch 16, the run's Adam settings), then scored like ``self_recon_l1``: what the networks
-  can reach without the adversarial terms.
+* for a CycleGAN run (no content codes) only ``translated_l1``, the correlations (``G(x)``
+  against ``x``), the synthesis measures and the real defect area;
+* ``autoencoder_l1`` (``--autoencoder-steps N``, 0 = off, CrossGAN only): the same content
+  encoder and G_X architecture trained from scratch as a plain L1 autoencoder on those images
+  for N steps (batch 16, the run's Adam settings), then scored like ``self_recon_l1``: what
+  the networks can reach without the adversarial terms.
 
     .venv/bin/python benchmarks/translation_fidelity.py \\
         runs/augmentation-64/gen-crossgan-k5-64-s0-g20 --autoencoder-steps 200
@@ -80,7 +84,7 @@ def train_autoencoder(model, images: torch.Tensor, steps: int, seed: int) -> flo
 def mask_agreement(model, images: np.ndarray, seed: int) -> dict[str, object]:
     """Where the synthesized samples changed their source, against their masks (module
     docstring); ``images`` (N, H, W, C) in [0, 1] at the model's size."""
-    outside, changed_share, areas, ious, empty = [], [], [], [], []
+    outside, changed_share, areas, ious, empty, strength = [], [], [], [], [], []
     for i, image in enumerate(images):
         sample = model.synthesize(image, np.random.default_rng([seed, i]))
         out = sample.image if sample.image.ndim == 3 else sample.image[:, :, None]
@@ -92,6 +96,8 @@ def mask_agreement(model, images: np.ndarray, seed: int) -> dict[str, object]:
         changed_share.append(float(changed.mean()))
         areas.append(float(mask.mean()))
         empty.append(not mask.any())
+        if mask.any():
+            strength.append(float(diff[mask].mean()))
         union = (changed | mask).sum()
         ious.append(float((changed & mask).sum() / union) if union else 1.0)
     return {
@@ -101,12 +107,13 @@ def mask_agreement(model, images: np.ndarray, seed: int) -> dict[str, object]:
         "mask_area": float(np.mean(areas)),
         "empty_masks": float(np.mean(empty)),
         "mask_change_iou": float(np.mean(ious)),
+        "change_in_mask": float(np.mean(strength)) if strength else 0.0,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="a finished crossgan run folder")
+    parser.add_argument("run", type=Path, help="a finished crossgan or cyclegan run folder")
     parser.add_argument("--autoencoder-steps", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     add_write_docs(parser, "synthesis")
@@ -125,8 +132,10 @@ def main() -> None:
     except (DefectlabError, OSError) as error:
         sys.exit(f"{args.run}: not a finished run ({error})")
     model = run.model
-    if model.name != "crossgan":
-        sys.exit(f"{args.run} holds a {model.name} run; this diagnosis reads CrossGAN's codes")
+    if model.name not in ("crossgan", "cyclegan"):
+        sys.exit(f"{args.run} holds a {model.name} run; this diagnosis reads translators")
+    if model.name == "cyclegan" and args.autoencoder_steps:
+        sys.exit("--autoencoder-steps rebuilds CrossGAN's content encoder: CrossGAN runs only")
     data = run.config.data
     loaded = load_samples(
         split["train"], data.image_size, data.channels, data.mask_threshold, desc="normals"
@@ -135,16 +144,19 @@ def main() -> None:
     images = images * 2 - 1
     model.nets.eval()
     generator = torch.Generator().manual_seed(args.seed)
+    row: dict[str, object] = {"run": str(args.run), "n_images": len(images)}
     with torch.no_grad():
-        content = model.content(images)
-        rebuilt = model.to_normal(content, images)
-        prior = torch.randn(len(images), model.config.detail_dim, generator=generator)
-        translated = model.to_defect(content, prior, images)
+        if model.name == "crossgan":
+            content = model.content(images)
+            rebuilt = model.to_normal(content, images)
+            prior = torch.randn(len(images), model.config.detail_dim, generator=generator)
+            translated = model.to_defect(content, prior, images)
+            row["self_recon_l1"] = float(F.l1_loss(rebuilt, images))
+        else:
+            translated = model.to_defect(images)
     mean_image = images.mean(dim=0, keepdim=True).expand_as(images)
-    row = {
-        "run": str(args.run),
-        "n_images": len(images),
-        "self_recon_l1": float(F.l1_loss(rebuilt, images)),
+    row |= {
+        "model": model.name,
         "mean_image_l1": float(F.l1_loss(mean_image, images)),
         "translated_l1": float(F.l1_loss(translated, images)),
         "brightness_correlation": correlation(
@@ -167,6 +179,7 @@ def main() -> None:
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
     if args.write_docs:
         columns = [
+            ("model", "model", str),
             ("n_images", "normal training tiles", str),
             ("self_recon_l1", "L1, rebuilt from its content code", fmt_number(3)),
             ("mean_image_l1", "L1 of the mean tile", fmt_number(3)),
@@ -182,11 +195,13 @@ def main() -> None:
             ("real_defect_area", "real defect area (mean)", fmt_number(3)),
             ("real_defect_area_median", "real defect area (median)", fmt_number(3)),
             ("mask_change_iou", "IoU(mask, changed > 1/255)", fmt_number(3)),
+            ("change_in_mask", "mean change in the mask", fmt_number(3)),
         ]
         path = write_section(
             args.write_docs,
             docs_key("translation-fidelity", args.run.name),
-            f"How well CrossGAN copies its source: {args.run.name}",
+            f"How well {'CrossGAN' if model.name == 'crossgan' else 'CycleGAN'} copies its "
+            f"source: {args.run.name}",
             markdown_table([row], columns),
             notes="Images in [-1, 1], eval mode; correlations between source and defect version.",
         )

@@ -48,7 +48,10 @@ until nothing is edited and the mask is empty. Training therefore shapes the map
   learn where a defect is and what shape its region has;
 * with ``attention_recon="image"`` (default) the self-reconstruction (CrossGAN) and identity
   (CycleGAN) terms compare the generator's image ``G`` with the target, not the blend, so they
-  keep ``G`` faithful without rewarding ``a = 0``; ``"blend"`` applies them to the blend.
+  keep ``G`` faithful without rewarding ``a = 0``; ``"blend"`` applies them to the blend;
+* ``attention_gain`` speeds up the attention channel alone
+  (:class:`~defectlab.components.gan_layers.AttentionOutput`): the map starts near empty and
+  has to cross the threshold within the run.
 
 At synthesis the mask comes from the map, not from a difference (:func:`attention_mask`):
 ``a > attention_threshold``, then the same opening and minimum area as above; the map is
