@@ -1,9 +1,11 @@
 """``make demo``: the main job on the bundled real default, ELPV solar cells.
 
-Fits the feature-memory detector (``patchmemory``: frozen ImageNet EfficientNet-Lite0 patch
-features, shipped offline) on the ELPV v1 normal training split, calibrates it on held-out
-normal cells, evaluates on held-out normal + defective cells, and writes one report with
-procedural synthesis samples next to the heat maps. Then the deployment path: the run is
+Runs ``train --model auto`` on the ELPV v1 normal training split with a two-candidate
+shortlist that fits the demo's time (``patchmemory`` and ``padim``, both on frozen ImageNet
+EfficientNet-Lite0 patch features shipped offline): each is scored on procedural defects
+painted onto held-out normal cells and the better one is kept and calibrated. Then it
+evaluates on held-out normal + defective cells and writes one report with procedural
+synthesis samples next to the heat maps. Then the deployment path: the run is
 exported to ONNX (thresholds baked in, checked against PyTorch) and a folder of test cells
 is inspected with ONNX Runtime (``results.jsonl``, ``scores.csv``, masks, overlays). Runs
 in a few minutes on 2 CPU cores.
@@ -21,11 +23,16 @@ from defectlab.data.io import read_image
 from defectlab.data.splits import Split
 from defectlab.data.transforms import resize_image
 from defectlab.deploy.onnx import export_onnx
+from defectlab.selection import CANDIDATES_DIR, select
 
 #: test cells copied into a folder and inspected through the ONNX export
 INSPECT_CELLS = 48
 
-DEMO_MODEL = "patchmemory"
+#: ``--model auto``'s two strongest candidates on the benchmark data, without the ensemble
+DEMO_SELECTION = (
+    "selection.candidates=patchmemory:backbone=lite0,padim:backbone=lite0",
+    "selection.ensemble=false",
+)
 DEMO_SYNTH = "procedural"
 
 
@@ -36,7 +43,22 @@ def run_demo(out: Path, device: str = "auto", progress: bool = True) -> dict[str
         run = api.load_run(run_dir, device)
         print(f"reusing the trained demo run in {run_dir} (delete {out} to retrain)")
     else:
-        run = api.train(DEMO_MODEL, "elpv", run_dir, device=device, progress=progress)
+        chosen = select(
+            "elpv",
+            run_dir,
+            device=device,
+            overrides=DEMO_SELECTION,
+            progress=progress,
+            resume=(run_dir / CANDIDATES_DIR).exists(),
+        )
+        for candidate in chosen.candidates:
+            auroc = candidate.synthetic_auroc
+            print(
+                f"  candidate {candidate.name}: "
+                + (f"painted-defect AUROC {auroc:.3f}" if auroc is not None else candidate.status)
+            )
+        print(f"model=auto → {chosen.chosen}: {chosen.reason}")
+        run = chosen.run
     split = Split.load(run_dir / "split.json")
     size = run.config.data.image_size
     normals = [resize_image(read_image(s.path), size) for s in split["train"][:12]]
@@ -61,7 +83,7 @@ def run_demo(out: Path, device: str = "auto", progress: bool = True) -> dict[str
         out / "export", folder, out / "inspect", backend="onnx", progress=progress
     )
     return {
-        "model": DEMO_MODEL,
+        "model": run.config.model,
         "image_auroc": metrics["image_auroc"],
         "image_ap": metrics["image_ap"],
         "report": str(eval_dir / "report.html"),

@@ -398,6 +398,7 @@ def select(
                 (category, image_size, device, seed),
                 validation,
                 resume=resume and (run_dir / LAST_CHECKPOINT).exists(),
+                progress=progress,
             )
         )
     bar.close()
@@ -417,6 +418,7 @@ def select(
                 [*shared, f"runs={members}"],
                 (category, image_size, device, seed),
                 validation,
+                progress=progress,
             )
         )
     winner, reason = _choose(scored, config, shapes, len(validation.paths))
@@ -484,6 +486,7 @@ def _train_and_score(
     options: tuple[str | None, int | None, str, int | None],
     validation: ValidationSet,
     resume: bool = False,
+    progress: bool = False,
 ) -> Scored:
     category, image_size, device, seed = options
     started = time.perf_counter()
@@ -499,7 +502,7 @@ def _train_and_score(
         seed=seed,
         overrides=overrides,
         resume=resume,
-        progress=False,
+        progress=progress,
     )
     seconds = time.perf_counter() - started
     result = score_run(run, *validation.arrays(run.config.data))

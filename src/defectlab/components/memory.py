@@ -34,11 +34,13 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from defectlab.base import ModelConfig, Prediction, Scorer
 from defectlab.components.features import (
@@ -56,6 +58,8 @@ from defectlab.ops import gaussian_blur
 SCORES = ("reweighted", "max")
 #: bytes a cdist chunk at inference may use (query rows × memory rows × 4 bytes)
 _CDIST_BYTES = 64 * 2**20
+#: coreset searches of at least this many picks show a progress bar on a terminal
+_PROGRESS_PICKS = 2048
 
 
 @dataclass
@@ -190,10 +194,22 @@ def greedy_coreset(
     picks = torch.empty(k, dtype=torch.long, device=features.device)
     picks[0] = start
     min_dist = sq_dist(start)
+    # minutes on a busy CPU for a large bank: a bar on an interactive terminal only
+    bar = tqdm(
+        total=k,
+        desc=f"coreset of {n} patches",
+        disable=None if k >= _PROGRESS_PICKS else True,
+        leave=False,
+        file=sys.stderr,
+        mininterval=1.0,
+    )
     for i in range(1, k):  # greedy: each pick depends on the previous ones
         index = torch.argmax(min_dist)
         picks[i] = index
         torch.minimum(min_dist, sq_dist(index), out=min_dist)
+        if i % 256 == 0:
+            bar.update(256)
+    bar.close()
     return picks
 
 
