@@ -81,6 +81,12 @@ def train_autoencoder(model, images: torch.Tensor, steps: int, seed: int) -> flo
         return float(F.l1_loss(autoencoder(images), images))
 
 
+def generator_key(generator: str) -> str:
+    """The docs-key part of a generator: none for the seed's ``full`` (the keys of earlier
+    sections), the name otherwise."""
+    return "" if generator == "full" else generator
+
+
 def mask_agreement(model, images: np.ndarray, seed: int) -> dict[str, object]:
     """Where the synthesized samples changed their source, against their masks (module
     docstring); ``images`` (N, H, W, C) in [0, 1] at the model's size."""
@@ -199,11 +205,16 @@ def main() -> None:
         ]
         path = write_section(
             args.write_docs,
-            docs_key("translation-fidelity", args.run.name),
+            # runs of both generators share benchmark folder names: the key tells them apart
+            docs_key("translation-fidelity", args.run.name, generator_key(model.config.generator)),
             f"How well {'CrossGAN' if model.name == 'crossgan' else 'CycleGAN'} copies its "
-            f"source: {args.run.name}",
+            f"source: {args.run.parent.name}/{args.run.name}",
             markdown_table([row], columns),
-            notes="Images in [-1, 1], eval mode; correlations between source and defect version.",
+            notes=(
+                "L1 columns: images in [-1, 1], eval mode; correlations between source and defect "
+                "version; the synthesis columns (changed pixels, masks, mean change) on the "
+                "synthesized samples in [0, 1]; areas are shares of the tile."
+            ),
         )
         print(f"results → {path}")
 
