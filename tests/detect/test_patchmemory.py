@@ -80,6 +80,17 @@ def test_greedy_picks_are_a_deterministic_function_of_seed_and_data(tmp_path: Pa
     assert not torch.equal(a.memory, d.memory)
 
 
+def test_greedy_picks_do_not_depend_on_the_thread_count() -> None:
+    generator = torch.Generator().manual_seed(1)
+    points = torch.randn(5000, 40, generator=generator)
+    projection = torch.randn(40, 16, generator=generator)
+    one = greedy_coreset(points, 50, projection=projection, start=3)
+    torch.set_num_threads(2)  # the module's one_thread fixture restores the count after
+    two = greedy_coreset(points, 50, projection=projection, start=3)
+    assert torch.get_num_threads() == 2  # the search's own single thread is undone
+    assert torch.equal(one, two)
+
+
 # --- budget and bounded memory ------------------------------------------------------------------
 def test_coreset_size_respects_ratio_and_budget(tmp_path: Path) -> None:
     images = striped_normals(16)  # 1024 patches

@@ -181,7 +181,10 @@ def greedy_coreset(
 
     Each step adds the row farthest (Euclidean, on ``features @ projection`` when given) from
     the rows picked so far; ties go to the lowest index. Workspace: the projected copy (N, d)
-    and three length-N vectors; time O(N·k·d) in k sequential, vectorised steps."""
+    and three length-N vectors; time O(N·k·d) in k sequential, vectorised steps. On a CPU the
+    steps run on one thread: each is a short memory-bound pass, and on a shared machine the
+    hand-offs between threads cost several times what they save (and picks then do not
+    depend on the thread count)."""
     n = features.shape[0]
     if k >= n:
         return torch.arange(n, device=features.device)
@@ -203,13 +206,19 @@ def greedy_coreset(
         file=sys.stderr,
         mininterval=1.0,
     )
-    for i in range(1, k):  # greedy: each pick depends on the previous ones
-        index = torch.argmax(min_dist)
-        picks[i] = index
-        torch.minimum(min_dist, sq_dist(index), out=min_dist)
-        if i % 256 == 0:
-            bar.update(256)
-    bar.close()
+    threads = torch.get_num_threads()
+    if features.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        for i in range(1, k):  # greedy: each pick depends on the previous ones
+            index = torch.argmax(min_dist)
+            picks[i] = index
+            torch.minimum(min_dist, sq_dist(index), out=min_dist)
+            if i % 256 == 0:
+                bar.update(256)
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
     return picks
 
 
