@@ -131,6 +131,17 @@ def test_interrupted_selection_resumes_to_the_same_choice(
     assert [c.synthetic_auroc for c in resumed.candidates] == [
         c.synthetic_auroc for c in chosen.candidates
     ]
+    # with data.image_size=auto the finished candidate is recognised at its resolved size
+    auto = tmp_path / "auto"
+    options = ["selection.candidates=pixelstats,template", "selection.ensemble=false"]
+    monkeypatch.setattr(selection, "_train_and_score", interrupted)
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        selection.select(data, auto, overrides=options, progress=False)
+    monkeypatch.setattr(selection, "_train_and_score", original)
+    again = selection.select(data, auto, overrides=options, progress=False, resume=True)
+    assert [c.status for c in again.candidates] == ["reused", "trained"]
+    assert again.run.config.data.image_size == 128  # pixel models' auto size
 
 
 def test_too_few_normal_images_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

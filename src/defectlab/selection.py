@@ -32,7 +32,7 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -435,16 +435,21 @@ def _check_reusable(run_dir: Path, candidate: Candidate, base: RunConfig, split:
     """Refuse a run to reuse unless it is ``candidate`` trained on ``split`` at ``base``'s
     data settings."""
     stored = RunConfig.from_dict(read_json(run_dir / "config.json"))
+    size = base.data.image_size
     wanted = api.build_config(
         candidate.model,
         base.data.path,
-        image_size=base.data.image_size,
+        image_size=None if size == "auto" else int(size),
         overrides=list(candidate.settings),
     )
     same_model = stored.model == candidate.model and json.dumps(
         stored.model_config, sort_keys=True, default=list
     ) == json.dumps(wanted.model_config, sort_keys=True, default=list)
-    same_data = stored.data.image_size == base.data.image_size
+    # "auto" settings as the candidate's training resolved them from this split
+    size = api.resolve_auto_settings(
+        replace(base, model=candidate.model, model_config=dict(wanted.model_config)), split
+    ).data.image_size
+    same_data = stored.data.image_size == size
     theirs = Split.load(run_dir / "split.json")
     same_split = all(
         [str(x.path) for x in theirs[part]] == [str(x.path) for x in split[part]]
