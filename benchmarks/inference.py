@@ -251,7 +251,8 @@ def write_docs_speed(args: argparse.Namespace, results: list[dict], names: list[
         markdown_table(table, columns),
         notes=(
             "Images/s of one `Inspector.score` call on real ELPV cells (decoded beforehand) and "
-            "its p50 latency; runs trained 1 epoch on a small share of the normal cells."
+            f"its p50 latency; runs trained on {args.train_fraction:.0%} of the normal cells "
+            "(one epoch where a model has epochs)."
         ),
     )
     print(f"results → {path}")
