@@ -174,6 +174,7 @@ def run_round(args: argparse.Namespace, n: int, test: list[Path]) -> dict[str, A
     work = Path(args.work)
     db, files = round_copy(work, n)
     counts = review(db, files, n, args.audit)
+    started = time.perf_counter()
     result = retrain(
         db,
         files,
@@ -185,6 +186,7 @@ def run_round(args: argparse.Namespace, n: int, test: list[Path]) -> dict[str, A
         synthesis=tuple(m for m in args.synthesis.split(",") if m),
         maskgan_epochs=args.maskgan_epochs,
     )
+    seconds = time.perf_counter() - started
     print(result["summary"], file=sys.stderr, flush=True)
     with db.sessions() as session:
         version = session.get(ModelVersion, result["version"])
@@ -197,6 +199,7 @@ def run_round(args: argparse.Namespace, n: int, test: list[Path]) -> dict[str, A
         "fusion": fusion.get("fusion", "none"),
         "holdout": f"{fusion.get('n_masks', 0)} of {fusion.get('n_parts', 0)}" if fusion else "n/a",
         **{f"holdout_{name}": candidates.get(name, {}).get("dice") for name in MAP_FUSIONS},
+        "retrain_seconds": round(seconds),
         **measure(version, test),
     }
     db.close()
@@ -291,6 +294,7 @@ def main() -> None:
         ("image_auroc", "image AUROC", fmt_number()),
         ("pixel_auroc", "pixel AUROC", fmt_number()),
         ("dice", "Dice at its threshold", fmt_number()),
+        ("retrain_seconds", "retrain s", fmt_number()),
     ]
     table = markdown_table(rows, columns)
     print(table)
@@ -302,6 +306,11 @@ def main() -> None:
     if args.synthesis != SYNTHESIS_DEFAULT:
         variant = "-" + (args.synthesis.replace(",", "+") or "no-synthesis")
         title = f", synthesis {args.synthesis or 'none'}"
+    maskgan = (
+        f"; MaskGAN trained {args.maskgan_epochs} epochs on the same reviewed defects first"
+        if "maskgan" in args.synthesis
+        else ""
+    )
     if args.write_docs:
         write_section(
             args.write_docs,
@@ -316,7 +325,7 @@ def main() -> None:
                 f"hold-out. A Lite0 U-Net ({args.epochs} epochs) trains on the classes with "
                 f"{args.k} masks or more outside that hold-out, with synthetic defects on the "
                 f"reviewed normals ({args.synthesis or 'none'}: max(20, 4 × the largest "
-                "class) pairs shared equally); with no such class, the thresholds are "
+                f"class) pairs shared equally{maskgan}); with no such class, the thresholds are "
                 "recalibrated only. The new version is a `fused` run: the normal-only "
                 "model's image score with the image threshold recalibrated on the reviews, "
                 "and a map fused from the U-Net's probability and the detector's map; the "
@@ -324,7 +333,8 @@ def main() -> None:
                 "retrain's own hold-out (the hold-out Dice columns, each at its Dice-optimal "
                 "threshold, so in-sample), never on the test part. Image and pixel AUROC "
                 "and Dice are on the test part; pixel metrics on each mask's native grid. "
-                "Seed 0."
+                "Retrain s: wall time of the retrain (training, choice, inspecting the stream "
+                f"again), {max(1, args.jobs)} round(s) at once. Seed 0."
             ),
             page_title="Review loop",
         )
