@@ -354,3 +354,23 @@ def test_attention_settings_are_checked() -> None:
         make(1, **LOCAL, attention_recon="both")
     with pytest.raises(ValueError, match="attention_gain"):
         make(1, **LOCAL, attention_gain=0.0)
+
+
+def test_the_gain_travels_with_the_weights() -> None:
+    """The gain is saved with the weights: a state trained at gain 10 loads into a head built
+    with gain 1 and gives the same map; a state saved before the gain existed (no ``gain``
+    key) loads as the plain conv it was trained as."""
+    torch.manual_seed(0)
+    trained = AttentionOutput(4, 1, gain=10.0)
+    with torch.no_grad():
+        trained.conv.bias[1:] += 0.2  # as if trained: no longer the shared initial map
+    h = torch.rand(1, 4, 8, 8)
+    other = AttentionOutput(4, 1, gain=1.0)
+    other.load_state_dict(trained.state_dict())
+    torch.testing.assert_close(other(h)[1], trained(h)[1])
+    legacy = {k: v for k, v in trained.state_dict().items() if k != "gain"}
+    old = AttentionOutput(4, 1, gain=10.0)
+    old.load_state_dict(legacy)
+    assert float(old.gain) == 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(old(h)[1], torch.sigmoid(trained.conv(h)[:, 1:]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,16 +83,26 @@ class AttentionOutput(nn.Module):
     by it, so the initial map is the same for every gain while each optimiser step moves the
     logit ``gain`` times as far (an equalised learning rate for this one channel): the map
     has to travel from its near-empty start to above the synthesis threshold, and Adam moves
-    each weight by about the learning rate per step whatever the gradient's size."""
+    each weight by about the learning rate per step whatever the gradient's size.
+
+    The gain is a buffer, saved with the weights it was trained with, so a checkpoint keeps its
+    function whatever the config says; a checkpoint from before the gain loads as gain 1 (the
+    plain conv it was trained as)."""
+
+    gain: torch.Tensor
 
     def __init__(self, width: int, channels: int, gain: float = 1.0) -> None:
         super().__init__()
         self.channels = channels
-        self.gain = float(gain)
+        self.register_buffer("gain", torch.tensor(float(gain)))
         self.conv = nn.Conv2d(width, channels + 1, 7, padding=3, padding_mode="reflect")
         with torch.no_grad():
-            self.conv.weight[channels:] /= self.gain
-            self.conv.bias[channels:].fill_(ATTENTION_INIT_BIAS / self.gain)
+            self.conv.weight[channels:] /= float(gain)
+            self.conv.bias[channels:].fill_(ATTENTION_INIT_BIAS / float(gain))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        state_dict.setdefault(prefix + "gain", torch.tensor(1.0))  # saved before the gain
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.conv(h)
