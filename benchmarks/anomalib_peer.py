@@ -872,6 +872,7 @@ def write_docs(args: argparse.Namespace, rows: list[dict]) -> None:
 #: how each model of the side-by-side table is described in its first column
 MODEL_TITLES = {
     "patchmemory": "defectlab `patchmemory` (Lite0 blocks 4 + 10)",
+    "padim": "defectlab `padim` (Lite0 blocks 4 + 10, 152 channels)",
     "anomalib-patchcore": "anomalib `Patchcore` (Lite0 `blocks.2` + `blocks.4`)",
     "anomalib-padim": "anomalib `Padim` (Lite0 `blocks.2` + `blocks.4`, 152 channels)",
     "anomalib-fastflow": "anomalib `Fastflow`",
@@ -937,7 +938,8 @@ def write_side_by_side(args: argparse.Namespace, rows: list[dict]) -> None:
         "`patchmemory`: coreset ratio 0.1 capped at 16,384 rows (greedy k-center on a 64-d "
         "Gaussian projection), 3×3 pooling over the pixels inside, 9 neighbours, σ 4. Padim: "
         "anomalib has no `n_features` default for this backbone, so all 152 channels are kept "
-        "(no random channel subset).",
+        "(no random channel subset); defectlab's `padim` keeps them too (0.01·I ridge, stride-16 "
+        "block up-sampled bilinearly, σ 4).",
         f"img/s: model time on {args.threads} threads (OMP_NUM_THREADS and torch threads) with "
         "the test images already decoded at the model size, as `defectlab evaluate` counts it "
         "(anomalib rows: over "
@@ -961,11 +963,10 @@ def write_side_by_side(args: argparse.Namespace, rows: list[dict]) -> None:
         notes.append(f"Not in the table: {row['model']} failed: {row['error']}")
     notes += [f"{row['title']}: {row['note']}." for row in done if row.get("note")]
     notes += args.note or []
-    defectlab = next((row for row in done if "command" in row), None)
-    if defectlab:
+    for defectlab in (row for row in done if "command" in row):
         notes.append(
-            f"The defectlab row is `{defectlab['command']}`, run by "
-            + ("the `--defectlab` invocation" if args.rows else "this command")
+            f"The defectlab `{defectlab['model']}` row is `{defectlab['command']}`, run by "
+            + ("a `--defectlab` invocation" if args.rows else "this command")
             + " (the run was "
             f"trained with `defectlab train --model {defectlab['model']} --image-size "
             f"{args.image_size} --seed {args.seed}` on this split; train s from its metrics)."
