@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from defectlab import registry
-from defectlab.detect.deepsvdd import patch_features
+from defectlab.components.features import patch_embedding
 from defectlab.detect.mlaae import MLAAE, MLAAEConfig
 from defectlab.detect.nuisance import image_statistics
 from defectlab.errors import NotFittedError
@@ -415,7 +415,7 @@ def test_features_standardisation_is_fixed_by_the_first_batch() -> None:
     model.training_step({"image": first})
     mean, std = model.feature_mean.clone(), model.feature_std.clone()
     with torch.no_grad():
-        maps = patch_features(model.backbone(first), 3)
+        maps = patch_embedding(model.backbone(first), 3)
     assert torch.allclose(mean[0, :, 0, 0], maps.mean(dim=(0, 2, 3)), atol=1e-5)
     model.training_step({"image": second})
     assert torch.equal(model.feature_mean, mean) and torch.equal(model.feature_std, std)

@@ -102,6 +102,7 @@ from defectlab.components.features import (
     check_image_size,
     default_blocks,
     feature_channels,
+    patch_embedding,
     validate_blocks,
 )
 from defectlab.config import check_choice
@@ -350,22 +351,6 @@ class _EvalBlocks(nn.ModuleList):
         return super().train(False)
 
 
-def patch_features(maps: list[torch.Tensor], patch_size: int) -> torch.Tensor:
-    """Backbone maps, each averaged over a ``patch_size`` neighbourhood, up-sampled to the
-    finest grid and concatenated: (B, Σ C_i, h, w)."""
-    pooled = [
-        F.avg_pool2d(m, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False)
-        if patch_size > 1
-        else m
-        for m in maps
-    ]
-    size = pooled[0].shape[-2:]
-    pooled = [
-        m if m.shape[-2:] == size else F.interpolate(m, size, mode="bilinear") for m in pooled
-    ]
-    return torch.cat(pooled, dim=1)
-
-
 def _hist_quantile(hist: torch.Tensor, q: float) -> float:
     """The ``q`` quantile of values histogrammed in log10-spaced bins (linear in log within a
     bin)."""
@@ -465,9 +450,9 @@ class DeepSVDD(Detector):
             return self.encoder(images)
         if self.tuned is None:
             with torch.no_grad():
-                frozen = patch_features(self.backbone(images), self.config.patch_size)
+                frozen = patch_embedding(self.backbone(images), self.config.patch_size)
             return self.encoder(frozen)
-        return self.encoder(patch_features(self.backbone_maps(images), self.config.patch_size))
+        return self.encoder(patch_embedding(self.backbone_maps(images), self.config.patch_size))
 
     def backbone_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's maps of the used blocks, the last ``finetune_blocks`` blocks run by

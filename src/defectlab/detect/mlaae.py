@@ -127,11 +127,11 @@ from defectlab.components.features import (
     check_image_size,
     default_blocks,
     feature_channels,
+    patch_embedding,
     validate_blocks,
 )
 from defectlab.config import check_choice
 from defectlab.detect.base import Detector
-from defectlab.detect.deepsvdd import patch_features
 from defectlab.detect.nuisance import ScoreNormalizer, image_statistics
 from defectlab.ops import gaussian_blur
 from defectlab.registry import register
@@ -568,7 +568,7 @@ class MLAAE(Detector):
         if self.backbone is None:
             return images
         with torch.no_grad():
-            maps = patch_features(self.backbone(images), self.config.patch_size)
+            maps = patch_embedding(self.backbone(images), self.config.patch_size)
             if self.feature_mean is None or self.feature_std is None:
                 raise RuntimeError("mlaae: predict before fit (no feature standardisation yet)")
             return (maps - self.feature_mean) / self.feature_std
@@ -578,7 +578,7 @@ class MLAAE(Detector):
         first training batch."""
         assert self.backbone is not None
         with torch.no_grad():
-            maps = patch_features(self.backbone(images), self.config.patch_size)
+            maps = patch_embedding(self.backbone(images), self.config.patch_size)
             rows = maps.transpose(0, 1).flatten(1)
             self.feature_mean = rows.mean(dim=1).view(1, -1, 1, 1)
             std = rows.var(dim=1, unbiased=False).sqrt()
