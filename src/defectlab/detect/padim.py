@@ -167,9 +167,7 @@ class Padim(Detector):
         if self._sum is None or self._outer is None:
             positions, dim = rows.shape[1:]
             self._sum = torch.zeros(positions, dim, dtype=torch.float64, device=self.device)
-            self._outer = torch.zeros(
-                positions, dim, dim, dtype=torch.float64, device=self.device
-            )
+            self._outer = torch.zeros(positions, dim, dim, dtype=torch.float64, device=self.device)
         self._sum += rows.sum(dim=0)
         by_position = rows.transpose(0, 1)  # (L, B, D)
         self._outer += by_position.transpose(1, 2) @ by_position
