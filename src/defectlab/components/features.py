@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from defectlab.base import Model, ModelConfig
 from defectlab.errors import ConfigError, DataError
 
 MODEL_PACKAGE = "efficientnet_lite_pytorch"
@@ -350,6 +351,42 @@ class LiteFeatures(nn.Module):
             if index in wanted:
                 out.append(x)
         return out
+
+
+@dataclass
+class LiteFeatureConfig(ModelConfig):
+    """Settings shared by the models on frozen EfficientNet-Lite patch features: which
+    backbone and which of its blocks."""
+
+    #: the pretrained ImageNet backbone: lite0, lite1 or lite2 (EfficientNet-Lite)
+    backbone: str = "lite0"
+    #: backbone blocks whose outputs are used; empty = the backbone's last stride-8 and last
+    #: stride-16 blocks (Lite0: 4, 10; Lite1 and Lite2: 6, 14)
+    feature_blocks: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        get_backbone(self.backbone)
+        self.feature_blocks = tuple(int(b) for b in self.feature_blocks)
+        validate_blocks(self.blocks, backbone_name=self.backbone)
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """The backbone blocks used: ``feature_blocks``, or the backbone's defaults."""
+        return self.feature_blocks or default_blocks(self.backbone)
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels of the blocks' outputs concatenated."""
+        return feature_channels(self.blocks, self.backbone)
+
+
+def model_features(model: Model, config: LiteFeatureConfig) -> LiteFeatures:
+    """The frozen extractor of ``config``'s backbone and blocks for ``model``, after checking
+    that its image size suits the feature stages and its images are grey or RGB."""
+    check_image_size(model.name, model.image_size)
+    if model.channels not in (1, 3):
+        raise ValueError(f"{model.name}: images must have 1 or 3 channels, got {model.channels}")
+    return LiteFeatures(config.blocks, model.device, backbone=config.backbone)
 
 
 def patch_embedding(maps: list[torch.Tensor], patch_size: int = 1) -> torch.Tensor:

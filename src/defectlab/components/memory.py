@@ -42,16 +42,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from defectlab.base import ModelConfig, Prediction, Scorer
+from defectlab.base import Prediction, Scorer
 from defectlab.components.features import (
-    LiteFeatures,
+    LiteFeatureConfig,
     check_identity,
-    check_image_size,
-    default_blocks,
-    feature_channels,
-    get_backbone,
+    model_features,
     patch_embedding,
-    validate_blocks,
 )
 from defectlab.ops import gaussian_blur
 
@@ -63,15 +59,10 @@ _PROGRESS_PICKS = 2048
 
 
 @dataclass
-class MemoryBankConfig(ModelConfig):
+class MemoryBankConfig(LiteFeatureConfig):
     """The coreset memory of normal patch features: which features, how many rows, and the
     RAM budget of building it (shared by ``patchmemory`` and the models built on it)."""
 
-    #: the pretrained ImageNet backbone: lite0, lite1 or lite2 (EfficientNet-Lite)
-    backbone: str = "lite0"
-    #: backbone blocks whose outputs form the patch feature; empty = the backbone's last
-    #: stride-8 and last stride-16 blocks (Lite0: 4, 10; Lite1 and Lite2: 6, 14)
-    feature_blocks: tuple[int, ...] = ()
     #: side of the local average-pooling neighbourhood (odd; 1 = none)
     patch_size: int = 3
     #: final memory bank = min(memory_bank_size, ceil(coreset_ratio × training patches)) rows
@@ -85,9 +76,7 @@ class MemoryBankConfig(ModelConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        get_backbone(self.backbone)
-        self.feature_blocks = tuple(int(b) for b in self.feature_blocks)
-        validate_blocks(self.blocks, backbone_name=self.backbone)
+        super().__post_init__()
         if self.patch_size < 1 or self.patch_size % 2 == 0:
             raise ValueError(f"patch_size must be a positive odd number, got {self.patch_size}")
         if not 0 < self.coreset_ratio <= 1:
@@ -108,15 +97,6 @@ class MemoryBankConfig(ModelConfig):
         """These memory settings as a ``patchmemory`` config (for a model built on one)."""
         names = [f.name for f in fields(MemoryBankConfig) if f.name != "epochs"]
         return PatchMemoryConfig(**{name: getattr(self, name) for name in names})
-
-    @property
-    def blocks(self) -> tuple[int, ...]:
-        """The backbone blocks used: ``feature_blocks``, or the backbone's defaults."""
-        return self.feature_blocks or default_blocks(self.backbone)
-
-    @property
-    def feature_dim(self) -> int:
-        return feature_channels(self.blocks, self.backbone)
 
     @property
     def row_bytes(self) -> int:
@@ -254,11 +234,8 @@ class PatchMemoryBank(Scorer):
 
     def __init__(self, config: PatchMemoryConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
-        check_image_size(self.name, self.image_size)
-        if self.channels not in (1, 3):
-            raise ValueError(f"patchmemory: images must have 1 or 3 channels, got {self.channels}")
         cfg = self.config
-        self.features = LiteFeatures(cfg.blocks, self.device, backbone=cfg.backbone)
+        self.features = model_features(self, cfg)
         self.feature_dim = cfg.feature_dim
         self.pool_rows = cfg.pool_rows
         generator = torch.Generator().manual_seed(cfg.seed)

@@ -42,14 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectlab.base import ModelConfig, Prediction
+from defectlab.base import Prediction
 from defectlab.components.features import (
-    LiteFeatures,
+    LiteFeatureConfig,
     check_identity,
-    check_image_size,
-    default_blocks,
-    get_backbone,
-    validate_blocks,
+    model_features,
 )
 from defectlab.detect.base import Detector
 from defectlab.ops import gaussian_blur, top_fraction_mean
@@ -61,14 +58,9 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass
-class FlowConfig(ModelConfig):
+class FlowConfig(LiteFeatureConfig):
     #: passes over the normal training images
     epochs: int = 8
-    #: the pretrained ImageNet backbone: lite0, lite1 or lite2 (EfficientNet-Lite)
-    backbone: str = "lite0"
-    #: backbone blocks whose outputs are modelled, one flow each; empty = the backbone's
-    #: last stride-8 and last stride-16 blocks (Lite0: 4, 10; Lite1 and Lite2: 6, 14)
-    feature_blocks: tuple[int, ...] = ()
     #: flow steps (ActNorm + affine coupling + permutation) per scale
     flow_steps: int = 8
     #: hidden channels of each coupling subnet = hidden_ratio × feature channels
@@ -93,9 +85,7 @@ class FlowConfig(ModelConfig):
     permutation_seed: int = 0
 
     def __post_init__(self) -> None:
-        get_backbone(self.backbone)
-        self.feature_blocks = tuple(int(b) for b in self.feature_blocks)
-        validate_blocks(self.blocks, backbone_name=self.backbone)
+        super().__post_init__()
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.flow_steps < 1:
@@ -118,11 +108,6 @@ class FlowConfig(ModelConfig):
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
         if not 0 < self.score_top_fraction <= 1:
             raise ValueError(f"score_top_fraction must be in (0, 1], got {self.score_top_fraction}")
-
-    @property
-    def blocks(self) -> tuple[int, ...]:
-        """The backbone blocks used: ``feature_blocks``, or the backbone's defaults."""
-        return self.feature_blocks or default_blocks(self.backbone)
 
 
 # --- flow building blocks ------------------------------------------------------------------------
@@ -270,11 +255,8 @@ class Flow(Detector):
 
     def __init__(self, config: FlowConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
-        check_image_size(self.name, self.image_size)
-        if self.channels not in (1, 3):
-            raise ValueError(f"flow: images must have 1 or 3 channels, got {self.channels}")
         cfg = self.config
-        self.features = LiteFeatures(cfg.blocks, self.device, backbone=cfg.backbone)
+        self.features = model_features(self, cfg)
         generator = torch.Generator().manual_seed(cfg.permutation_seed)
         self.flows = nn.ModuleList(
             ScaleFlow(c, cfg.flow_steps, cfg.hidden_ratio, cfg.kernels, cfg.clamp, generator)

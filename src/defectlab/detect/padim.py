@@ -30,16 +30,13 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from defectlab.base import ModelConfig, Prediction
+from defectlab.base import Prediction
 from defectlab.components.features import (
-    LiteFeatures,
+    LiteFeatureConfig,
     check_identity,
-    check_image_size,
-    default_blocks,
     feature_channels,
-    get_backbone,
+    model_features,
     patch_embedding,
-    validate_blocks,
 )
 from defectlab.detect.base import Detector
 from defectlab.ops import gaussian_blur, top_fraction_mean
@@ -51,14 +48,9 @@ MAX_STATISTICS_BYTES = 2 * 2**30
 
 
 @dataclass
-class PadimConfig(ModelConfig):
+class PadimConfig(LiteFeatureConfig):
     #: one streaming pass over the normal images
     epochs: int = 1
-    #: the pretrained ImageNet backbone: lite0, lite1 or lite2 (EfficientNet-Lite)
-    backbone: str = "lite0"
-    #: backbone blocks whose outputs form the patch feature; empty = the backbone's last
-    #: stride-8 and last stride-16 blocks (Lite0: 4, 10; Lite1 and Lite2: 6, 14)
-    feature_blocks: tuple[int, ...] = ()
     #: channels kept: 0 = all; n > 0 = a random subset of n (fixed by ``seed``)
     feature_subset: int = 0
     #: added to every covariance's diagonal, so it stays invertible
@@ -72,9 +64,7 @@ class PadimConfig(ModelConfig):
     score_top_fraction: float = 0.01
 
     def __post_init__(self) -> None:
-        get_backbone(self.backbone)
-        self.feature_blocks = tuple(int(b) for b in self.feature_blocks)
-        validate_blocks(self.blocks, backbone_name=self.backbone)
+        super().__post_init__()
         if self.epochs != 1:
             raise ValueError("padim makes a single pass over the data: epochs must be 1")
         available = feature_channels(self.blocks, self.backbone)
@@ -93,12 +83,8 @@ class PadimConfig(ModelConfig):
             raise ValueError(f"score_top_fraction must be in (0, 1], got {self.score_top_fraction}")
 
     @property
-    def blocks(self) -> tuple[int, ...]:
-        """The backbone blocks used: ``feature_blocks``, or the backbone's defaults."""
-        return self.feature_blocks or default_blocks(self.backbone)
-
-    @property
     def feature_dim(self) -> int:
+        """Channels modelled: the subset's, or all the blocks'."""
         return self.feature_subset or feature_channels(self.blocks, self.backbone)
 
 
@@ -114,11 +100,8 @@ class Padim(Detector):
 
     def __init__(self, config: PadimConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
-        check_image_size(self.name, self.image_size)
-        if self.channels not in (1, 3):
-            raise ValueError(f"padim: images must have 1 or 3 channels, got {self.channels}")
         cfg = self.config
-        self.features = LiteFeatures(cfg.blocks, self.device, backbone=cfg.backbone)
+        self.features = model_features(self, cfg)
         stride = min(self.features.strides)
         self.grid = (self.image_size // stride, self.image_size // stride)
         positions, dim = self.grid[0] * self.grid[1], cfg.feature_dim
