@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from defectlab.base import ModelConfig, Prediction
-from defectlab.components.fusion import vote_ensemble
+from defectlab.components.fusion import adapt_batch, resize_maps, vote_ensemble
 from defectlab.data.loading import load_samples
 from defectlab.data.splits import Split
 from defectlab.detect.base import Detector
@@ -76,23 +76,6 @@ def image_type_descriptor(images: torch.Tensor) -> torch.Tensor:
     bins = (grey.flatten(1).clamp(0, 1) * (HISTOGRAM_BINS - 1e-6)).long()
     histogram = F.one_hot(bins, HISTOGRAM_BINS).float().mean(dim=1)
     return torch.cat([thumbnail, histogram], dim=1)
-
-
-def _adapt(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
-    """Resize/convert an ensemble batch to what one member was trained on."""
-    if images.shape[1] != channels:
-        if channels == 1:
-            luminance = torch.tensor([0.299, 0.587, 0.114], device=images.device)
-            images = (images * luminance.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
-        else:
-            images = images.expand(-1, 3, -1, -1)
-    if images.shape[-1] != size or images.shape[-2] != size:
-        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    return images
-
-
-def _resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
 @register
@@ -181,7 +164,7 @@ class Ensemble(Detector):
 
     def _member_outputs(self, images: torch.Tensor) -> list[Prediction]:
         return [
-            member.predict(_adapt(images, member.image_size, member.channels))
+            member.predict(adapt_batch(images, member.image_size, member.channels))
             for member in self.members
         ]
 
@@ -222,7 +205,7 @@ class Ensemble(Detector):
         self.check_fitted(self.stats is not None, "no member score statistics")
         size = (images.shape[-2], images.shape[-1])
         outputs = [
-            Prediction(out.scores, _resize_maps(out.maps, size))
+            Prediction(out.scores, resize_maps(out.maps, size))
             for out in self._member_outputs(images.to(self.device))
         ]
         if self.config.combine == "vote":
