@@ -1,5 +1,5 @@
 """Deep SVDD: the seed's bias-free CNN (features=pixels) and the version on frozen Lite
-patch features (the default, Lite2): fixed centre, both objectives, collapse guard, maps, score
+patch features (the default, Lite0): fixed centre, both objectives, collapse guard, maps, score
 normaliser, state, resume and ONNX export."""
 
 from __future__ import annotations
@@ -218,11 +218,11 @@ def test_predict_before_fit_and_bad_image_sizes() -> None:
         ({"score_normalization": "zscore"}, "score_normalization must be one of"),
         ({"normalization_samples": 2}, "normalization_samples must be at least"),
         ({"finetune_blocks": -1}, "finetune_blocks must be >= 0"),
+        ({"finetune_blocks": 12}, "finetune_blocks=12 exceeds the 11 backbone blocks"),
         (
-            {"features": "lite0", "finetune_blocks": 12},
-            "finetune_blocks=12 exceeds the 11 backbone blocks",
+            {"features": "lite2", "finetune_blocks": 16},
+            "finetune_blocks=16 exceeds the 15 backbone blocks",
         ),
-        ({"finetune_blocks": 16}, "finetune_blocks=16 exceeds the 15 backbone blocks"),
         ({"features": "pixels", "finetune_blocks": 1}, "pretrained features only"),
         ({"finetune_lr": 0.0}, "finetune_lr must be positive"),
         ({"anchor_weight": -1.0}, "anchor_weight must be >= 0"),
@@ -272,9 +272,8 @@ def test_resume_after_interruption_reproduces_the_run(
 
 # --- the version on frozen pretrained features ------------------------------------------------
 FSIZE = 64
-# the mechanism tests below run on Lite0, the backbone their tolerances were set on; the
-# default backbone (Lite2) is checked by test_the_default_is_... and end to end through the
-# API (test_features_version_trains_evaluates_predicts_and_exports)
+# the mechanism tests below run on Lite0, the default backbone and the one their tolerances
+# were set on
 FEAT = {"features": "lite0", "rep_dim": 16, "head_width": 32, "lr": 3e-3}
 DEFAULT_FEAT = {k: v for k, v in FEAT.items() if k != "features"}
 SQUARE = (36, 16, 12)  # top, left, side of the synthetic defect
@@ -304,7 +303,7 @@ def _initial_std(model: DeepSVDD) -> torch.Tensor:
 
 def test_the_default_is_the_frozen_backbone_with_a_bias_free_head() -> None:
     model = DeepSVDD(DeepSVDDConfig(**DEFAULT_FEAT), image_size=FSIZE)
-    assert model.config.features == "lite2" and model.config.per_position
+    assert model.config.features == "lite0" and model.config.per_position
     assert model.backbone is not None
     assert not any(p.requires_grad for p in model.backbone.parameters())
     names = [n for n, _ in model.encoder.named_parameters()]

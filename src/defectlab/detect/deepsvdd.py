@@ -2,11 +2,11 @@
 
 Two versions share the objectives, the centre pass, the map and the score:
 
-* ``features="lite2"`` (the default; ``lite0`` and ``lite1`` too, the backbones of
-  :mod:`defectlab.components.features`; Lite2 is the variant that a rule on procedural
-  defects painted onto normal validation images chose, ``benchmarks/variant_selection.py``):
-  the PANDA-style variant (Reiss et al., CVPR 2021) on *pretrained* patch features. The
-  frozen ImageNet backbone gives the stride-8 and stride-16 maps (``feature_blocks``,
+* ``features="lite0"`` (the default; ``lite1`` and ``lite2`` too, the backbones of
+  :mod:`defectlab.components.features`; kept by a rule on procedural defects painted onto
+  normal validation images, ``benchmarks/variant_selection.py``): the PANDA-style variant
+  (Reiss et al., CVPR 2021) on *pretrained* patch features. The frozen ImageNet backbone
+  gives the stride-8 and stride-16 maps (``feature_blocks``,
   default the backbone's last of each), each averaged over a ``patch_size`` neighbourhood,
   the coarser one up-sampled, concatenated (as in ``patchmemory``); a bias-free projection
   head φ (non-affine BatchNorm of the frozen features, 1×1 convolution, non-affine
@@ -131,11 +131,11 @@ _HIST_LOG_MIN, _HIST_LOG_MAX, _HIST_BINS = -12.0, 6.0, 4096
 class DeepSVDDConfig(ModelConfig):
     #: total trainer epochs: pretrain_epochs AE epochs + 1 centre pass + SVDD epochs
     epochs: int = 12
-    #: "lite2" (or "lite0", "lite1"): frozen pretrained patch features + trained bias-free
+    #: "lite0" (or "lite1", "lite2"): frozen pretrained patch features + trained bias-free
     #: head (see the module docstring); "pixels": the seed's CNN trained from the image.
-    #: Lite2: the variant a rule on painted normal validation images chose
+    #: Lite0: kept by a rule on painted normal validation images
     #: (benchmarks/variant_selection.py, docs/results/variant_selection.md)
-    features: str = "lite2"
+    features: str = "lite0"
     #: "one-class" (mean distance) or "soft-boundary" (radius R with outlier share ν)
     objective: str = "one-class"
     #: soft boundary: share of training distances allowed outside the sphere, in (0, 1]
@@ -386,7 +386,7 @@ class DeepSVDD(Detector):
 
     name: ClassVar[str] = "deepsvdd"
     description: ClassVar[str] = (
-        "Deep SVDD on frozen Lite2 patch features: bias-free head pulled to a centre, variance "
+        "Deep SVDD on frozen Lite0 patch features: bias-free head pulled to a centre, variance "
         "floor against collapse; map = patch distance to c (seed CNN: --set features=pixels)"
     )
     Config = DeepSVDDConfig
