@@ -34,10 +34,10 @@ from defectlab.base import Prediction
 from defectlab.components.features import (
     LiteFeatureConfig,
     check_identity,
-    feature_channels,
     model_features,
     patch_embedding,
 )
+from defectlab.config import check_choice, check_fields
 from defectlab.detect.base import Detector
 from defectlab.ops import gaussian_blur, top_fraction_mean
 from defectlab.registry import register
@@ -67,25 +67,21 @@ class PadimConfig(LiteFeatureConfig):
         super().__post_init__()
         if self.epochs != 1:
             raise ValueError("padim makes a single pass over the data: epochs must be 1")
-        available = feature_channels(self.blocks, self.backbone)
+        available = super().feature_dim
         if not 0 <= self.feature_subset <= available:
             raise ValueError(
                 f"feature_subset must be in 0-{available} (0 = all channels), "
                 f"got {self.feature_subset}"
             )
-        if self.covariance_ridge <= 0:
-            raise ValueError(f"covariance_ridge must be positive, got {self.covariance_ridge}")
-        if self.map_sigma < 0:
-            raise ValueError(f"map_sigma must be >= 0, got {self.map_sigma}")
-        if self.score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        check_fields(self, positive=("covariance_ridge",), nonnegative=("map_sigma",))
+        check_choice("score", self.score, SCORES)
         if not 0 < self.score_top_fraction <= 1:
             raise ValueError(f"score_top_fraction must be in (0, 1], got {self.score_top_fraction}")
 
     @property
     def feature_dim(self) -> int:
         """Channels modelled: the subset's, or all the blocks'."""
-        return self.feature_subset or feature_channels(self.blocks, self.backbone)
+        return self.feature_subset or super().feature_dim
 
 
 @register
@@ -111,7 +107,7 @@ class Padim(Detector):
                 f"{MAX_STATISTICS_BYTES // 2**30} GiB; lower data.image_size, set "
                 "feature_subset, or tile the images (data.tile=on)"
             )
-        total = feature_channels(cfg.blocks, cfg.backbone)
+        total = sum(self.features.channels)
         generator = torch.Generator().manual_seed(cfg.seed)
         subset = (
             torch.randperm(total, generator=generator)[: cfg.feature_subset].sort().values
