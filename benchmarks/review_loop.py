@@ -86,25 +86,39 @@ def truth_of(path: Path) -> tuple[str, np.ndarray | None]:
 
 
 def measure(version: ModelVersion, test: list[Path], batch: int = 16) -> dict[str, Any]:
-    """Image AUROC, pixel AUROC and micro Dice at the version's thresholds on ``test``."""
+    """Image AUROC, pixel AUROC and micro Dice at the version's thresholds on ``test``, and
+    the micro Dice over each defect class's test images (``dice_<class>``): a segmenter
+    trained on the reviewed classes can only help on those."""
     inspector = version_inspector(version)
-    labels, scores, masks, maps = [], [], [], []
+    labels, scores, masks, maps, classes = [], [], [], [], []
     for start in range(0, len(test), batch):
         chunk = test[start : start + batch]
         images = [read_image(p, inspector.channels) for p in chunk]
         for path, (score, heat) in zip(chunk, score_images(inspector, images), strict=True):
             cls, mask = truth_of(path)
             labels.append(int(cls != "normal"))
+            classes.append(cls)
             scores.append(score)
             masks.append((mask if mask is not None else np.zeros(heat.shape, bool)).ravel())
             maps.append(heat.astype(np.float32).ravel())
+
+    def dice_over(keep: list[int]) -> float:
+        flat_masks = np.concatenate([masks[i] for i in keep]).reshape(1, 1, -1)
+        flat_maps = np.concatenate([maps[i] for i in keep]).reshape(1, 1, -1)
+        return dice_iou(flat_masks, flat_maps >= version.pixel_threshold)[0]
+
     flat_masks = np.concatenate(masks).reshape(1, 1, -1)
     flat_maps = np.concatenate(maps).reshape(1, 1, -1)
-    dice, _ = dice_iou(flat_masks, flat_maps >= version.pixel_threshold)
+    by_class = {
+        f"dice_{cls}": dice_over([i for i, c in enumerate(classes) if c == cls])
+        for cls in CLASSES
+        if cls in classes
+    }
     return {
         "image_auroc": auroc(labels, scores),
         "pixel_auroc": pixel_auroc(flat_masks, flat_maps),
-        "dice": dice,
+        "dice": dice_over(list(range(len(classes)))),
+        **by_class,
         "image_threshold": version.image_threshold,
     }
 
@@ -297,6 +311,13 @@ def main() -> None:
         ("retrain_seconds", "retrain s", fmt_number()),
     ]
     table = markdown_table(rows, columns)
+    class_columns = [
+        ("n", "top-N flagged reviewed", str),
+        ("kind", "new version", str),
+        *((f"dice_{cls}", f"Dice, {cls}", fmt_number()) for cls in CLASSES),
+    ]
+    table += "\n\nDice at each version's threshold over each defect class's test images:\n\n"
+    table += markdown_table(rows, class_columns)
     print(table)
     print(f"review loop: {len(args.n)} rounds in {time.perf_counter() - started:.0f} s")
     for row in rows[1:]:
