@@ -27,7 +27,9 @@ from tests.synth.gan_checks import (
 )
 
 SIZE = 32
-TINY = {"width": 4, "content_blocks": 1, "detail_dim": 4, "disc_layers": 2}
+#: the seed's whole-image generators (difference masks); tests/synth/test_localised.py
+#: covers the default residual_attention generator
+TINY = {"width": 4, "content_blocks": 1, "detail_dim": 4, "disc_layers": 2, "generator": "full"}
 
 
 def make(channels: int = 1, cls: type = CrossGAN, seed: int | None = 0, **overrides: object):
@@ -107,7 +109,7 @@ def test_network_shapes(channels: int) -> None:
 
 
 def test_seed_architecture_at_default_size() -> None:
-    model = CrossGAN(CrossGANConfig(), image_size=128, channels=1)
+    model = CrossGAN(CrossGANConfig(generator="full"), image_size=128, channels=1)
     counts = model.parameter_counts()
     print("crossgan parameters (128 px, width 32):", counts, sum(counts.values()))
     assert set(counts) == {

@@ -47,7 +47,8 @@ One training step on paired normal ``x`` and defect ``y`` (see
 
 Image range: networks work in [-1, 1] (inputs ``2x − 1``); both generators end in Tanh.
 
-Localised edits (``generator="residual_attention"``; ``"full"`` is the seed's design above):
+Localised edits (``generator="residual_attention"``, the default; ``"full"`` is the seed's
+design above):
 G_Y and G_X also output an attention map ``m`` (sigmoid) and every image they produce is
 ``m·G + (1 − m)·source``, the source being the image whose content code they decode (``x`` for
 ``u``, ``y`` for ``v``, ``u`` for ``x̂``, ``v`` for ``ŷ``); the generator loss adds the attention
@@ -61,7 +62,8 @@ Synthesis takes the mask from G_Y's map. Everything else, losses included, is un
 Synthesis (:meth:`CrossGAN.synthesize`): ``G_Y(E^c(x), a)`` with ``a`` drawn from N(0, I) by
 the sample's rng (``detail="prior"``) or ``a = μ`` of a real defect example given through
 :meth:`use_defect_examples`, one chosen per sample by the rng (``detail="encode"``). The mask is
-the shared difference rule of :mod:`defectlab.synth.translation`. ``detail`` and the mask
+G_Y's thresholded attention map (``generator="full"``: the shared difference rule of
+:mod:`defectlab.synth.translation`). ``detail`` and the mask
 settings can change after training (:meth:`configure_synthesis`).
 
 Optimisers: one Adam per network — seven, where the seed counts six (it lists two content
@@ -222,8 +224,8 @@ class CrossGAN(TranslationGAN):
     name: ClassVar[str] = "crossgan"
     description: ClassVar[str] = (
         "learned normal→defect translation (shared content + defect detail codes, two-stage "
-        "cross reconstruction); trains on normal + a few defect images; masks from the "
-        "aligned difference"
+        "cross reconstruction); trains on normal + a few defect images; edits inside a learned "
+        "attention map, which is the mask (generator=full: masks from the aligned difference)"
     )
     Config = CrossGANConfig
     config: CrossGANConfig

@@ -14,16 +14,18 @@ Losses (Zhu et al. 2017): least-squares adversarial loss by default (``gan_loss`
 first on detached fakes of the current batch (no history pool of old fakes), then the
 generators against the updated, frozen discriminators.
 
-``generator="residual_attention"``: both generators also output an attention map ``m`` and
-return ``m·G(x) + (1 − m)·x``; the same attention priors as CrossGAN's are added
-(:mod:`defectlab.synth.translation`): TV (and sparsity, off by default) on every map, the area
-prior on the map of ``G(x)`` (target: the batch's mean defect mask area; no real defect is tied
-to a translation of ``x``), mask supervision of the maps of ``F(y)`` and ``G(F(y))`` by ``y``'s
-mask, and with ``attention_recon="image"`` the identity terms on the generators' images rather
-than the blends. The mask comes from the map.
+``generator="residual_attention"`` (the default; ``"full"`` is the classic CycleGAN): both
+generators also output an attention map ``m`` and return ``m·G(x) + (1 − m)·x``; the same
+attention priors as CrossGAN's are added (:mod:`defectlab.synth.translation`): TV (and
+sparsity, off by default) on every map, the area prior on the map of ``G(x)`` (target: the
+batch's mean defect mask area; no real defect is tied to a translation of ``x``), mask
+supervision of the maps of ``F(y)`` and ``G(F(y))`` by ``y``'s mask, and with
+``attention_recon="image"`` the identity terms on the generators' images rather than the
+blends. The mask comes from the map.
 
 Synthesis: ``G(x)``; one output per normal image (CycleGAN has no detail code, so
-``detail="none"`` in the record), the mask from the aligned difference.
+``detail="none"`` in the record), the mask from the attention map (``generator="full"``: from
+the aligned difference).
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ class CycleGAN(TranslationGAN):
     name: ClassVar[str] = "cyclegan"
     description: ClassVar[str] = (
         "CycleGAN baseline: unpaired normal→defect translation with cycle consistency; "
-        "trains on normal + a few defect images; masks from the aligned difference"
+        "trains on normal + a few defect images; edits inside a learned attention map, "
+        "which is the mask (generator=full: masks from the aligned difference)"
     )
     Config = CycleGANConfig
     config: CycleGANConfig

@@ -57,7 +57,8 @@ At synthesis the mask comes from the map, not from a difference (:func:`attentio
 ``a > attention_threshold``, then the same opening and minimum area as above; the map is
 zeroed outside the mask and the blend is done in [0, 1] image space, so every pixel outside
 the mask is the source's, bit for bit, and the mask is exactly the support of the edit.
-``generator="full"`` keeps the seed's whole-image generators and the difference rule.
+This is the default; ``generator="full"`` keeps the seed's whole-image generators and the
+difference rule (its masks follow texture changes all over the tile, not a defect).
 """
 
 from __future__ import annotations
@@ -194,10 +195,11 @@ class GANConfig(GANTrainingConfig):
     mask_blur: float = 1.0
     mask_open: int = 1
     mask_min_area: int = 8
-    #: "full": the seed's generators output a whole image (mask from the difference);
-    #: "residual_attention": an image and an attention map a, output a·G + (1 − a)·x, the
-    #: mask from a (module docstring)
-    generator: str = "full"
+    #: "residual_attention" (default): an image and an attention map a, output
+    #: a·G + (1 − a)·x, the mask from a, the source kept exactly outside it (module
+    #: docstring); "full": the seed's generators output a whole image (mask from the
+    #: difference), the seed's exact design
+    generator: str = "residual_attention"
     #: priors on the attention maps (residual_attention only; module docstring): weight of
     #: mean(a) and of TV(a) over every map
     attention_sparsity_weight: float = 0.0
