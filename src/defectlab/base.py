@@ -56,6 +56,9 @@ class Model(ABC):
     Config: ClassVar[type[ModelConfig]] = ModelConfig
     #: bump when the checkpoint state changes meaning; old checkpoints are then refused
     state_version: ClassVar[int] = 1
+    #: settings whose default changed after runs were saved without them: a saved config that
+    #: lacks the key predates the field and was trained with this value (``runs.load_run``)
+    former_defaults: ClassVar[dict[str, Any]] = {}
     #: why inference cannot be an ONNX graph (``None``: it can); see :meth:`export_blocker`
     onnx_blocker: ClassVar[str | None] = None
 

@@ -30,7 +30,7 @@ import random
 import re
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +304,8 @@ def load_run(run_dir: str | Path, device: str = "auto") -> TrainedRun:
         raise CheckpointError(f"{path}: no trained model in this run{hint}")
     payload = load_checkpoint(path)
     config = RunConfig.from_dict(payload["run_config"])
+    former = trainable_class(config.model).former_defaults
+    config = replace(config, model_config={**former, **config.model_config})
     net = make_model(config, resolve_device(device))
     restore_model(payload, net, path)
     return TrainedRun(run_dir, config, net, dict(payload["calibration"]))

@@ -13,7 +13,7 @@ import torch
 from defectlab import api
 from defectlab.components.gan_layers import AttentionOutput, attention_blend, attention_priors
 from defectlab.errors import ConfigError
-from defectlab.runs import load_checkpoint, save_checkpoint
+from defectlab.runs import load_checkpoint, load_run, save_checkpoint
 from defectlab.synth.crossgan import CrossGAN
 from defectlab.synth.cyclegan import CycleGAN
 from defectlab.synth.translation import MaskRule, area_target, attention_mask
@@ -180,6 +180,28 @@ def test_threshold_changes_after_training_the_generator_does_not(
         api.synthesize(
             "crossgan", folder_root, tmp_path / "x", 1, run=out, overrides=["generator=full"]
         )
+
+
+def test_a_run_saved_before_the_generator_setting_loads_as_the_seed_design(
+    folder_root: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    overrides = [
+        "data.defects_per_class=2",
+        "model.epochs=1",
+        "train.batch_size=8",
+        "width=4",
+        "disc_layers=2",
+        "generator=full",
+    ]
+    api.train("cyclegan", folder_root, out, image_size=SIZE, overrides=overrides, progress=False)
+    payload = load_checkpoint(out / "model.pt")
+    del payload["run_config"]["model_config"]["generator"]  # as saved before the setting
+    torch.save(payload, out / "model.pt")
+    run = load_run(out)
+    assert run.model.config.generator == "full"
+    sample = run.model.synthesize(surfaces(1, 0)[0], np.random.default_rng(0))
+    assert "|g-x|" in sample.record["mask_rule"]
 
 
 # --- what keeps the map from collapsing (attention priors) --------------------------------------

@@ -266,6 +266,8 @@ class TranslationGAN(GANSynthesizer):
     Config = GANConfig
     config: GANConfig
     buffers: dict[str, torch.Tensor]
+    #: runs saved before ``generator`` existed trained the seed's whole-image generators
+    former_defaults: ClassVar[dict[str, Any]] = {"generator": "full"}
     synthesis_fields: ClassVar[tuple[str, ...]] = (
         "mask_rule",
         "mask_k",
