@@ -118,17 +118,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectlab.base import ModelConfig, Prediction
+from defectlab.base import Prediction
 from defectlab.components.features import (
-    BACKBONES,
+    LiteFeatureConfig,
     LiteFeatures,
     block_layout,
     check_identity,
     check_image_size,
-    default_blocks,
-    feature_channels,
     patch_embedding,
-    validate_blocks,
 )
 from defectlab.config import check_choice
 from defectlab.detect.base import Detector
@@ -161,14 +158,13 @@ _GOLDEN = 0.6180339887498949
 
 
 @dataclass
-class MLAAEConfig(ModelConfig):
+class MLAAEConfig(LiteFeatureConfig):
+    """``backbone`` and ``feature_blocks`` (from :class:`LiteFeatureConfig`) apply to
+    input=features only."""
+
     epochs: int = 20
     #: "features": reconstruct frozen pretrained feature maps; "pixels": the seed's version
     input: str = "features"
-    #: input=features: the pretrained backbone (lite0, lite1, lite2) and its blocks; empty =
-    #: the backbone's last stride-8 and stride-16 blocks
-    backbone: str = "lite0"
-    feature_blocks: tuple[int, ...] = ()
     #: input=features: side of the local average-pooling neighbourhood of each map (odd)
     patch_size: int = 3
     #: channel multiplier of the encoder/decoder (seed: 1.0 → 64/128/256/512)
@@ -223,8 +219,8 @@ class MLAAEConfig(ModelConfig):
     holdout_share: float = 0.1
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # backbone and blocks
         check_choice("input", self.input, INPUTS)
-        check_choice("backbone", self.backbone, tuple(BACKBONES))
         check_choice("score_normalization", self.score_normalization, SCORE_NORMALIZATIONS)
         if self.term_weighting is not None:
             check_choice("term_weighting", self.term_weighting, TERM_WEIGHTINGS)
@@ -233,8 +229,6 @@ class MLAAEConfig(ModelConfig):
                 f"holdout_share must be in (0, 0.5): the share of training images held out to "
                 f"weigh the score's terms, got {self.holdout_share}"
             )
-        self.feature_blocks = tuple(int(b) for b in self.feature_blocks)
-        validate_blocks(self.blocks, backbone_name=self.backbone)
         if self.patch_size < 1 or self.patch_size % 2 == 0:
             raise ValueError(f"patch_size must be a positive odd number, got {self.patch_size}")
         if self.input == "features" and self.ssim_weight > 0:
@@ -321,16 +315,6 @@ class MLAAEConfig(ModelConfig):
     def adversarial_weight(self) -> float:
         """``adv_weight``, or its default for the input."""
         return self.adv_weight if self.adv_weight is not None else _ADV_WEIGHT[self.input]
-
-    @property
-    def blocks(self) -> tuple[int, ...]:
-        """The backbone blocks used (input=features): ``feature_blocks`` or the defaults."""
-        return self.feature_blocks or default_blocks(self.backbone)
-
-    @property
-    def feature_dim(self) -> int:
-        """Channels of the concatenated backbone maps (input=features)."""
-        return feature_channels(self.blocks, self.backbone)
 
 
 def _conv_down(c_in: int, c_out: int) -> nn.Module:
