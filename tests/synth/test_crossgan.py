@@ -45,6 +45,12 @@ def make(channels: int = 1, cls: type = CrossGAN, seed: int | None = 0, **overri
     return model
 
 
+def train_tiny_run(model: str, folder_root: Path, out: Path, *settings: str) -> api.TrainedRun:
+    """One epoch of a tiny translator through the API on the folder fixture."""
+    overrides = ["data.defects_per_class=2", "model.epochs=1", "train.batch_size=8", *settings]
+    return api.train(model, folder_root, out, image_size=SIZE, overrides=overrides, progress=False)
+
+
 def surfaces(n_normal: int, n_defect: int, channels: int = 1, seed: int = 0) -> np.ndarray:
     """Striped normal surfaces; defect ones carry a bright disc. (N, H, W, C) float32."""
     rng = np.random.default_rng(seed)
@@ -392,15 +398,8 @@ def test_bad_image_size(size: int) -> None:
 
 def test_train_and_synthesize_through_the_api(folder_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    overrides = [
-        "data.defects_per_class=2",
-        "model.epochs=1",
-        "train.batch_size=8",
-        *(f"{k}={v}" for k, v in TINY.items()),  # bare keys go to the model
-    ]
-    run = api.train(
-        "crossgan", folder_root, out, image_size=SIZE, overrides=overrides, progress=False
-    )
+    # bare keys go to the model
+    run = train_tiny_run("crossgan", folder_root, out, *(f"{k}={v}" for k, v in TINY.items()))
     assert isinstance(run.model, CrossGAN) and run.calibration == {}
     with pytest.raises(ConfigError, match="synthesizer"):
         api.predict(out, folder_root / "normal", tmp_path / "pred")

@@ -18,7 +18,15 @@ from defectlab.synth.crossgan import CrossGAN
 from defectlab.synth.cyclegan import CycleGAN
 from defectlab.synth.translation import MaskRule, area_target, attention_mask
 from tests.synth.gan_checks import assert_resume_reproduces_the_uninterrupted_run
-from tests.synth.test_crossgan import SIZE, TINY, batch_of, fit_tiny, make, surfaces
+from tests.synth.test_crossgan import (
+    SIZE,
+    TINY,
+    batch_of,
+    fit_tiny,
+    make,
+    surfaces,
+    train_tiny_run,
+)
 
 LOCAL = {"generator": "residual_attention"}
 
@@ -153,15 +161,12 @@ def test_threshold_changes_after_training_the_generator_does_not(
     folder_root: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    overrides = [
-        "data.defects_per_class=2",
-        "model.epochs=1",
-        "train.batch_size=8",
+    run = train_tiny_run(
+        "crossgan",
+        folder_root,
+        out,
         *(f"{k}={v}" for k, v in TINY.items()),
         "generator=residual_attention",  # after TINY, which holds the seed's generator
-    ]
-    run = api.train(
-        "crossgan", folder_root, out, image_size=SIZE, overrides=overrides, progress=False
     )
     assert run.model.config.generator == "residual_attention"
     synth = tmp_path / "synth"
@@ -186,15 +191,7 @@ def test_a_run_saved_before_the_generator_setting_loads_as_the_seed_design(
     folder_root: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    overrides = [
-        "data.defects_per_class=2",
-        "model.epochs=1",
-        "train.batch_size=8",
-        "width=4",
-        "disc_layers=2",
-        "generator=full",
-    ]
-    api.train("cyclegan", folder_root, out, image_size=SIZE, overrides=overrides, progress=False)
+    train_tiny_run("cyclegan", folder_root, out, "width=4", "disc_layers=2", "generator=full")
     payload = load_checkpoint(out / "model.pt")
     del payload["run_config"]["model_config"]["generator"]  # as saved before the setting
     torch.save(payload, out / "model.pt")
